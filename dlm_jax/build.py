@@ -1,0 +1,71 @@
+"""Everything a run needs, built from a config: tokenizer, process, model definition, mesh and shardings.
+
+`dlm-train`, `dlm-eval`, `dlm-sample`, the benchmarks and the tests all start here, so they agree on shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dlm_jax import model as model_lib
+from dlm_jax import sharding as sharding_lib
+from dlm_jax.config import to_dict
+from dlm_jax.data import Tokenizer, make_tokenizer
+from dlm_jax.processes import Process, make_process
+
+
+@dataclasses.dataclass
+class Run:
+  cfg: Any
+  tokenizer: Tokenizer
+  process: Process
+  model_config: model_lib.ModelConfig
+  graphdef: Any
+  abstract_params: Any
+  param_axes: Any
+  mesh: Mesh
+
+  @functools.cached_property
+  def apply_fn(self):
+    return model_lib.make_apply(self.graphdef)
+
+  @functools.cached_property
+  def param_shardings(self):
+    return sharding_lib.param_shardings(self.param_axes, self.mesh)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+    return sharding_lib.batch_sharding(self.mesh, ndim)
+
+  def jitted(self, name: str, fn):
+    """`jax.jit(fn)`, compiled once per Run and name (the loop calls eval and sampling repeatedly)."""
+    cache = self.__dict__.setdefault("_jit_cache", {})
+    if name not in cache:
+      cache[name] = jax.jit(fn)
+    return cache[name]
+
+  def config_dict(self) -> dict:
+    return to_dict(self.cfg)
+
+
+def build(cfg, devices=None) -> Run:
+  tokenizer = make_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
+  process = make_process(cfg, tokenizer.vocab_size)
+  mc = model_lib.ModelConfig.from_config(cfg, process.vocab_in, process.vocab_out)
+  graphdef, abstract_params, axes = model_lib.abstract(mc)
+  mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+  return Run(cfg, tokenizer, process, mc, graphdef, abstract_params, axes, mesh)
+
+
+def init_params(run: Run, seed: int):
+  """Parameters created directly with their shardings (no full copy on one device first)."""
+  init = jax.jit(lambda: model_lib.init(run.model_config, seed)[1], out_shardings=run.param_shardings)
+  return init()

@@ -1,0 +1,77 @@
+"""The Orbax adapter: the only module that talks to orbax-checkpoint.
+
+A checkpoint is one step directory under `<workdir>/checkpoints/` with three items: `state` (params, optimizer state,
+EMA, step, process state), `data` (the grain iterator state, JSON) and `config` (the run's config, JSON). Orbax writes to
+a temporary directory and renames it when complete, so an interrupted save never leaves a half-written step; saves are
+asynchronous and the last `keep` steps are kept. Restores take abstract arrays with shardings, so a checkpoint restores
+onto any mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from dlm_jax.errors import DLMError
+
+for _name in ("absl", "orbax"):
+  logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """save / restore / latest_step over an Orbax CheckpointManager."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    self.directory = checkpoint_dir(workdir)
+    if read_only and not os.path.isdir(self.directory):
+      self._mngr = None
+      return
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=not read_only, read_only=read_only))
+
+  def latest_step(self) -> int | None:
+    return None if self._mngr is None else self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict, config: dict, wait: bool = False) -> None:
+    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(data_state),
+                                                   config=ocp.args.JsonSave(config)), force=True)
+    if wait:
+      self._mngr.wait_until_finished()
+
+  def wait(self) -> None:
+    if self._mngr is not None:
+      self._mngr.wait_until_finished()
+
+  def _fail(self, step: int, what: str, e: Exception) -> DLMError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return DLMError(f"checkpoint step {step} in {self.directory} is unreadable or corrupt ({what}: {first}); "
+                    f"move that step directory away to resume from an earlier one, or use a new --workdir")
+
+  def restore_config(self, step: int) -> dict:
+    try:
+      return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:  # orbax raises many exception types for unreadable files
+      raise self._fail(step, "config", e) from None
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                              data=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise self._fail(step, "state", e) from None
+    return out["state"], out["data"]
+
+  def close(self) -> None:
+    if self._mngr is not None:
+      self._mngr.wait_until_finished()
+      self._mngr.close()

@@ -1,0 +1,135 @@
+"""Command-line entry points: dlm-train, dlm-eval, dlm-sample.
+
+  dlm-train  --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
+  dlm-eval   --workdir DIR [--config.KEY=VALUE ...]          prints one JSON line with the validation bound
+  dlm-sample --workdir DIR --num_samples N --output FILE.jsonl [--prompt TEXT] [--config.KEY=VALUE ...]
+
+User errors print one line `dlm-<cmd>: error: ...` and exit with status 2; SIGTERM during training saves a checkpoint and
+exits with 143. Multi-host runs call jax.distributed.initialize when JAX_COORDINATOR_ADDRESS (or a cluster environment
+JAX detects) is set; see launch/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from dlm_jax import config as config_lib
+from dlm_jax.errors import DLMError
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):
+    raise DLMError(f"{message}; see --help")
+
+
+def _maybe_distributed():
+  import jax
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]),
+        initialization_timeout=int(os.environ.get("JAX_INIT_TIMEOUT", "1800")))
+
+
+def _main(prog: str, body, argv):
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    overrides = config_lib.parse_override_args(argv)
+    rest = config_lib.strip_override_args(argv)
+    body(rest, overrides)
+    return 0
+  except DLMError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
+
+
+def _train(rest, overrides):
+  p = _Parser(prog="dlm-train", description="Train a diffusion language model (resumes if --workdir has a checkpoint).")
+  p.add_argument("--config", required=True, help="config file, e.g. configs/quickstart.py")
+  p.add_argument("--workdir", required=True, help="where checkpoints, metrics.jsonl and TensorBoard files go")
+  p.add_argument("--no_progress", action="store_true", help="no progress bar")
+  a = p.parse_args(rest)
+  cfg = config_lib.load(a.config, overrides)
+  _maybe_distributed()
+  from dlm_jax.train import train
+  train(cfg, a.workdir, progress=not a.no_progress)
+
+
+def _eval(rest, overrides):
+  p = _Parser(prog="dlm-eval", description="Likelihood bound on the validation split of a trained workdir.")
+  p.add_argument("--workdir", required=True)
+  a = p.parse_args(rest)
+  _maybe_distributed()
+  from dlm_jax.data import load_corpus
+  from dlm_jax.evaluate import evaluate_bound
+  from dlm_jax.train import load_for_inference
+  cfg, run, params, pstate = load_for_inference(a.workdir, overrides)
+  corpus = load_corpus(cfg, run.tokenizer)
+  res = evaluate_bound(run, params, corpus.val, pstate, batch_size=cfg.eval.batch_size,
+                       max_batches=cfg.eval.max_batches, seed=cfg.eval.seed)
+  res.update(process=cfg.diffusion.process, schedule=cfg.diffusion.schedule, seed=cfg.eval.seed,
+             num_sequences=int(min(len(corpus.val), (cfg.eval.max_batches or 10**12) * cfg.eval.batch_size)))
+  print(json.dumps(res))
+
+
+def _sample(rest, overrides):
+  p = _Parser(prog="dlm-sample", description="Write samples of a trained workdir as JSON lines.")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--num_samples", type=int, required=True)
+  p.add_argument("--output", required=True, help="FILE.jsonl; one {'tokens': [...], 'text': ...} per sample")
+  p.add_argument("--prompt", default=None, help="text every sample starts with")
+  a = p.parse_args(rest)
+  if a.num_samples < 1:
+    raise DLMError(f"--num_samples must be >= 1, got {a.num_samples}")
+  out_dir = os.path.dirname(os.path.abspath(a.output))
+  if not os.path.isdir(out_dir):
+    raise DLMError(f"the directory of --output ({out_dir}) does not exist; create it or choose another path")
+  _maybe_distributed()
+  import numpy as np
+  from dlm_jax.evaluate import generate
+  from dlm_jax.train import load_for_inference
+  cfg, run, params, pstate = load_for_inference(a.workdir, overrides)
+  length = cfg.sampler.length or cfg.data.seq_len
+  prompt_ids = None
+  if a.prompt:
+    prompt_ids = np.asarray(run.tokenizer.encode(a.prompt), np.int32)
+  tokens, stats = generate(run, params, pstate, num_samples=a.num_samples, length=length, seed=cfg.sampler.seed,
+                           prompt_ids=prompt_ids)
+  tmp = a.output + ".tmp"
+  with open(tmp, "w") as f:
+    for row in tokens:
+      f.write(json.dumps({"tokens": [int(x) for x in row], "text": run.tokenizer.decode(row),
+                          "sampler": cfg.sampler.name, "steps": cfg.sampler.steps,
+                          "temperature": cfg.sampler.temperature, "seed": cfg.sampler.seed}) + "\n")
+  os.replace(tmp, a.output)
+  print(json.dumps({"output": a.output, "num_samples": int(len(tokens)), "length": length, **stats}), file=sys.stderr)
+
+
+def train_main(argv=None) -> int:
+  return _main("dlm-train", _train, argv)
+
+
+def eval_main(argv=None) -> int:
+  return _main("dlm-eval", _eval, argv)
+
+
+def sample_main(argv=None) -> int:
+  return _main("dlm-sample", _sample, argv)
+
+
+def _exit(fn):
+  def wrapped():
+    sys.exit(fn())
+  return wrapped
+
+
+train_entry = _exit(train_main)
+eval_entry = _exit(eval_main)
+sample_entry = _exit(sample_main)

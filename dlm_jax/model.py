@@ -1,0 +1,212 @@
+"""The transformer for diffusion language models (Flax NNX) and its pure `apply` boundary.
+
+A LLaMA-style bidirectional trunk: token embedding, RoPE (rotate-half, computed in float32), RMSNorm, SwiGLU MLP,
+grouped-query attention through `dlm_jax.attention.attention`, an untied output head, and optional adaLN time conditioning
+(DiT-style shift / scale / gate per block from a sinusoidal embedding of the noise level, zero-initialised so that a
+conditioned model starts as the unconditioned one).
+
+Every parameter carries `logical_axes` metadata (embed, mlp, heads, kv, vocab, cond) that `dlm_jax.sharding` maps onto the
+mesh. Training and sampling never touch the module: they call `apply(graphdef, params, tokens, ...)` with `params` a plain
+nested dict of arrays (`init()` returns both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dlm_jax.attention import attention
+from dlm_jax.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_in: int  # input ids (the processes add their own tokens, e.g. the mask id, on top of the tokenizer's)
+  vocab_out: int  # output classes
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  time_conditioning: bool = False
+  init_std: float = 0.02
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+  attention_impl: str = "xla"
+  cond_dim: int = 256
+
+  @classmethod
+  def from_config(cls, cfg, vocab_in: int, vocab_out: int) -> "ModelConfig":
+    m = cfg.model
+    return cls(vocab_in=vocab_in, vocab_out=vocab_out, num_layers=m.num_layers, d_model=m.d_model,
+               num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
+               head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim, max_seq_len=m.max_seq_len,
+               rope_theta=m.rope_theta, norm_eps=m.norm_eps, time_conditioning=m.time_conditioning,
+               init_std=m.init_std, dtype=jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32,
+               attention_impl=m.attention)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float | None):
+  value = jnp.zeros(shape, jnp.float32) if std is None else std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value, logical_axes=axes)
+
+
+def _ones(shape, axes):
+  return nnx.Param(jnp.ones(shape, jnp.float32), logical_axes=axes)
+
+
+def rms_norm(x, scale, eps):
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * scale).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention. x: [B, L, H, D]; positions: [B, L]."""
+  d = x.shape[-1]
+  freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  ang = positions.astype(jnp.float32)[..., None] * freqs  # [B, L, D/2]
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features of the noise level t in [0, 1] (scaled by 1000 as in DiT / MDLM)."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+    d, h, k, hd, f, s = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim, c.init_std
+    self.c = c
+    self.attn_norm = _ones((d,), ("embed",))
+    self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "kv"), s)
+    self.wk = _param(rngs, (d, k, hd), ("embed", "heads", "kv"), s)
+    self.wv = _param(rngs, (d, k, hd), ("embed", "heads", "kv"), s)
+    self.wo = _param(rngs, (h, hd, d), ("heads", "kv", "embed"), s / (2 * c.num_layers) ** 0.5)
+    self.mlp_norm = _ones((d,), ("embed",))
+    self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), s)
+    self.w_up = _param(rngs, (d, f), ("embed", "mlp"), s)
+    self.w_down = _param(rngs, (f, d), ("mlp", "embed"), s / (2 * c.num_layers) ** 0.5)
+    if c.time_conditioning:
+      self.ada = _param(rngs, (c.cond_dim, 6 * d), ("cond", "embed"), None)  # zero init: starts unconditioned
+      self.ada_b = _param(rngs, (6 * d,), ("embed",), None)
+
+  def __call__(self, x, positions, cond, q_seg, kv_seg, mask):
+    c, dt = self.c, self.c.dtype
+    if c.time_conditioning:
+      mod = (cond @ self.ada[...] + self.ada_b[...]).astype(dt)[:, None, :]
+      sh1, sc1, g1, sh2, sc2, g2 = jnp.split(mod, 6, axis=-1)
+    h = rms_norm(x, self.attn_norm[...], c.norm_eps)
+    if c.time_conditioning:
+      h = h * (1 + sc1) + sh1
+    q = jnp.einsum("bld,dhk->blhk", h, self.wq[...].astype(dt))
+    k = jnp.einsum("bld,dhk->blhk", h, self.wk[...].astype(dt))
+    v = jnp.einsum("bld,dhk->blhk", h, self.wv[...].astype(dt))
+    q = rope(q, positions, c.rope_theta)
+    k = rope(k, positions, c.rope_theta)
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    o = attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask, implementation=c.attention_impl)
+    o = jnp.einsum("blhk,hkd->bld", o, self.wo[...].astype(dt))
+    x = x + (g1 * o if c.time_conditioning else o)
+    x = constrain(x, ("batch", "length", "embed"))
+    h = rms_norm(x, self.mlp_norm[...], c.norm_eps)
+    if c.time_conditioning:
+      h = h * (1 + sc2) + sh2
+    g = h @ self.w_gate[...].astype(dt)
+    u = h @ self.w_up[...].astype(dt)
+    y = (jax.nn.silu(g) * u) @ self.w_down[...].astype(dt)
+    x = x + (g2 * y if c.time_conditioning else y)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class Transformer(nnx.Module):
+  """Bidirectional transformer over token ids; returns float32 logits [B, L, vocab_out]."""
+
+  def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+    self.c = c
+    self.embed = _param(rngs, (c.vocab_in, c.d_model), ("vocab", "embed"), c.init_std)
+    for i in range(c.num_layers):
+      setattr(self, f"layer_{i}", Block(c, rngs))
+    self.final_norm = _ones((c.d_model,), ("embed",))
+    self.head = _param(rngs, (c.d_model, c.vocab_out), ("embed", "vocab"), c.init_std)
+    if c.time_conditioning:
+      self.t_mlp1 = _param(rngs, (c.cond_dim, c.cond_dim), ("cond", "cond"), c.init_std)
+      self.t_mlp1_b = _param(rngs, (c.cond_dim,), ("cond",), None)
+      self.t_mlp2 = _param(rngs, (c.cond_dim, c.cond_dim), ("cond", "cond"), c.init_std)
+      self.t_mlp2_b = _param(rngs, (c.cond_dim,), ("cond",), None)
+      self.final_ada = _param(rngs, (c.cond_dim, 2 * c.d_model), ("cond", "embed"), None)
+
+  def __call__(self, tokens, *, t=None, positions=None, segment_ids=None, kv_segment_ids=None, mask=None):
+    c = self.c
+    b, l = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
+    x = constrain(x, ("batch", "length", "embed"))
+    cond = None
+    if c.time_conditioning:
+      if t is None:
+        t = jnp.zeros((b,), jnp.float32)
+      e = timestep_embedding(jnp.broadcast_to(t, (b,)), c.cond_dim)
+      e = jax.nn.silu(e @ self.t_mlp1[...] + self.t_mlp1_b[...])
+      cond = jax.nn.silu(e @ self.t_mlp2[...] + self.t_mlp2_b[...])
+    for i in range(c.num_layers):
+      x = getattr(self, f"layer_{i}")(x, positions, cond, segment_ids, kv_segment_ids, mask)
+    x = rms_norm(x, self.final_norm[...], c.norm_eps)
+    if c.time_conditioning:
+      sh, sc = jnp.split((cond @ self.final_ada[...]).astype(c.dtype)[:, None, :], 2, axis=-1)
+      x = x * (1 + sc) + sh
+    logits = (x @ self.head[...].astype(c.dtype)).astype(jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+def init(c: ModelConfig, seed: int) -> tuple[nnx.GraphDef, dict]:
+  """Builds the model; returns (graphdef, params) with params a plain nested dict of float32 arrays."""
+  model = Transformer(c, nnx.Rngs(params=seed))
+  graphdef, state = nnx.split(model, nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract(c: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
+  """(graphdef, params as ShapeDtypeStructs, params' (shape, logical_axes)) without allocating anything."""
+  model = nnx.eval_shape(lambda: Transformer(c, nnx.Rngs(params=0)))
+  graphdef, state = nnx.split(model, nnx.Param)
+  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+  axes = jax.tree.map(lambda v: (tuple(v.shape), v.get_metadata()["logical_axes"]), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  axes = nnx.to_pure_dict(axes) if not isinstance(axes, dict) else axes
+  return graphdef, shapes, axes
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, **kwargs) -> jax.Array:
+  """Pure forward: logits = f(params, tokens; t, positions, segment_ids, kv_segment_ids, mask)."""
+  return nnx.merge(graphdef, params)(tokens, **kwargs)
+
+
+def make_apply(graphdef: nnx.GraphDef):
+  return functools.partial(apply, graphdef)
+
+
+def num_params(params: dict, exclude_embeddings: bool = False) -> int:
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = jax.tree_util.keystr(path)
+    if exclude_embeddings and ("'embed'" in name and "layer" not in name or "'head'" in name):
+      continue
+    total += leaf.size
+  return total

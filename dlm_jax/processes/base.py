@@ -1,0 +1,49 @@
+"""The process interface: what the one training loop, the evaluator and `dlm-sample` need from a diffusion family.
+
+A process is a frozen dataclass (hashable, so it is static under jit) of pure functions of arrays:
+
+  vocab_in / vocab_out          the model's input and output vocabulary for a tokenizer of `vocab_size` tokens
+  time_conditioned              whether the network receives the noise level
+  init_state(key)               non-gradient state carried by the loop and saved in checkpoints (schedule tables,
+                                buffers); {} for families without any
+  loss(apply_fn, params, batch, key, state) -> (loss, metrics, new_state)
+                                the training objective for one batch, corruption included (runs on device, in jit)
+  bound(apply_fn, params, batch, key, state) -> (nats [B], tokens [B])
+                                an upper bound on -log p(x) per sequence, for bits-per-token evaluation
+  sample(apply_fn, params, key, canvas, sampler_cfg, state) -> (tokens, stats)
+                                the family's default sampler on a canvas with `mask_id`/free positions
+
+`apply_fn(params, tokens_or_inputs, t=..., segment_ids=...)` is the model's pure forward. `batch` is a dict with
+'tokens' [B, L] int32 and optionally 'segment_ids' [B, L]. Block diffusion and the continuous families (flow, embedding
+flow, bitstream) implement the same methods; the loop never branches on the family.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import jax
+
+ApplyFn = Callable[..., jax.Array]
+
+
+class Process(Protocol):
+  name: str
+  vocab_size: int
+
+  @property
+  def vocab_in(self) -> int: ...
+
+  @property
+  def vocab_out(self) -> int: ...
+
+  @property
+  def time_conditioned(self) -> bool: ...
+
+  def init_state(self, key: jax.Array) -> Any: ...
+
+  def loss(self, apply_fn: ApplyFn, params, batch: dict, key: jax.Array, state) -> tuple[jax.Array, dict, Any]: ...
+
+  def bound(self, apply_fn: ApplyFn, params, batch: dict, key: jax.Array, state) -> tuple[jax.Array, jax.Array]: ...
+
+  def sample(self, apply_fn: ApplyFn, params, key: jax.Array, canvas: jax.Array, sampler_cfg, state) -> tuple[jax.Array, dict]: ...

@@ -1,0 +1,144 @@
+"""Masked (absorbing-state) diffusion: MDLM / MD4 objective, the LLaDA form, and its likelihood bound.
+
+Sahoo et al. 2024 (MDLM), Shi et al. 2024 (MD4), Nie et al. 2025 (LLaDA).
+
+Forward: every token is independently replaced by the mask id with probability 1 - alpha_t.
+Network: SUBS parameterisation - the output head has no class for the mask token (its logit is -inf) and clean input
+positions are carried over, so they contribute no loss.
+Continuous-time NELBO per sequence:  int_0^1 -alpha'_t / (1 - alpha_t) E_q[ sum_{masked i} -log p(x_i | z_t) ] dt.
+Training estimates it with t ~ U[t_min, 1] (antithetic over the batch, Kingma et al. 2021) and divides by the number of
+tokens (never by the number of masked tokens). The "llada" objective draws p_mask = (1 - t_min) u + t_min and weights
+1 / p_mask (this is the linear schedule on [t_min, 1]).
+
+`bound()` is a proper upper bound on -log p(x): the integral over [t_min, 1] (stratified), plus the reconstruction term
+-log p(x | z_{t_min}) (a second forward at t_min: only masked positions cost anything under SUBS), plus, for schedules
+with alpha_1 > 0 (loglinear), the prior term L * alpha_1 * log V of a prior that keeps each token masked with probability
+1 - alpha_1 and otherwise draws it uniformly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dlm_jax.processes.schedules import Schedule
+from dlm_jax.samplers.ancestral import ancestral
+
+
+def sample_times(key: jax.Array, n: int, t_min: float, antithetic: bool) -> jax.Array:
+  """n times in [t_min, 1]: low-discrepancy (u/n + i/n mod 1) when antithetic, else i.i.d. uniform."""
+  if antithetic:
+    u = jax.random.uniform(key, ())
+    e = jnp.mod(u / n + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
+  else:
+    e = jax.random.uniform(key, (n,))
+  return (1.0 - t_min) * e + t_min
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """-log softmax(logits)[target], float32, [B, L]."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return lse - picked
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedDiffusion:
+  vocab_size: int  # tokenizer vocabulary; the mask id is vocab_size
+  schedule: Schedule = Schedule("linear")
+  objective: str = "mdlm"
+  t_min: float = 1e-3
+  antithetic: bool = True
+  time_conditioning: bool = False
+  name: str = "masked"
+
+  @classmethod
+  def from_config(cls, cfg, vocab_size: int) -> "MaskedDiffusion":
+    d = cfg.diffusion
+    return cls(vocab_size=vocab_size, schedule=Schedule(d.schedule, d.schedule_power, d.schedule_eps),
+               objective=d.objective, t_min=d.t_min, antithetic=d.antithetic,
+               time_conditioning=cfg.model.time_conditioning)
+
+  @property
+  def mask_id(self) -> int:
+    return self.vocab_size
+
+  @property
+  def vocab_in(self) -> int:
+    return self.vocab_size + 1
+
+  @property
+  def vocab_out(self) -> int:
+    return self.vocab_size
+
+  @property
+  def time_conditioned(self) -> bool:
+    return self.time_conditioning
+
+  def init_state(self, key):
+    del key
+    return {}
+
+  # --- corruption and per-sequence terms --------------------------------------------------------------------------
+
+  def mask_prob_and_weight(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if self.objective == "llada":
+      return t, 1.0 / t  # t already lies in [t_min, 1]: p_mask = (1 - eps) u + eps
+    return 1.0 - self.schedule.alpha(t), self.schedule.weight(t)
+
+  def corrupt(self, key: jax.Array, tokens: jax.Array, p_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """z_t: tokens masked independently with probability p_mask [B]; returns (z, masked)."""
+    masked = jax.random.uniform(key, tokens.shape) < p_mask[:, None]
+    return jnp.where(masked, self.mask_id, tokens), masked
+
+  def _masked_nll(self, apply_fn, params, batch, z, masked, t):
+    kwargs = {}
+    if "segment_ids" in batch:
+      kwargs["segment_ids"] = batch["segment_ids"]
+    if self.time_conditioning:
+      kwargs["t"] = t
+    logits = apply_fn(params, z, **kwargs)
+    return jnp.sum(jnp.where(masked, token_nll(logits, batch["tokens"]), 0.0), axis=-1)  # [B]
+
+  # --- process interface -------------------------------------------------------------------------------------------
+
+  def loss(self, apply_fn, params, batch, key, state):
+    x = batch["tokens"]
+    b, l = x.shape
+    k_t, k_m = jax.random.split(key)
+    t = sample_times(k_t, b, self.t_min, self.antithetic)
+    p_mask, weight = self.mask_prob_and_weight(t)
+    z, masked = self.corrupt(k_m, x, p_mask)
+    nll = self._masked_nll(apply_fn, params, batch, z, masked, t)
+    per_seq = weight * nll
+    loss = jnp.sum(per_seq) / (b * l)
+    metrics = {"loss": loss, "bits_per_token": loss / math.log(2.0), "masked_fraction": jnp.mean(masked)}
+    return loss, metrics, state
+
+  def bound(self, apply_fn, params, batch, key, state):
+    x = batch["tokens"]
+    b, l = x.shape
+    k_t, k_m, k_r = jax.random.split(key, 3)
+    t = sample_times(k_t, b, self.t_min, True)
+    p_mask = 1.0 - self.schedule.alpha(t)
+    z, masked = self.corrupt(k_m, x, p_mask)
+    integral = (1.0 - self.t_min) * self.schedule.weight(t) * self._masked_nll(apply_fn, params, batch, z, masked, t)
+    t0 = jnp.full((b,), self.t_min, jnp.float32)
+    z0, masked0 = self.corrupt(k_r, x, 1.0 - self.schedule.alpha(t0))
+    recon = self._masked_nll(apply_fn, params, batch, z0, masked0, t0)
+    prior = l * self.schedule.alpha_one * math.log(self.vocab_size)
+    return integral + recon + prior, jnp.full((b,), l, jnp.float32)
+
+  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state):
+    """The default sampler (MDLM ancestral). `canvas` holds `mask_id` at every position to generate."""
+    del state
+
+    def logits_fn(tokens, t):
+      return apply_fn(params, tokens, t=t) if self.time_conditioning else apply_fn(params, tokens)
+
+    return ancestral(logits_fn, key, canvas, mask_id=self.mask_id, steps=sampler_cfg.steps, schedule=self.schedule,
+                     temperature=sampler_cfg.temperature, time_conditioned=self.time_conditioning)
