@@ -54,6 +54,9 @@ class Checkpointer:
 
   def _fail(self, step: int, what: str, e: Exception) -> DLMError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if "do not match" in first or "shape" in first.lower():
+      return DLMError(f"checkpoint step {step} in {self.directory} does not match this run's model or optimizer "
+                      f"({what}: {first}); use the config it was trained with, or a new --workdir")
     return DLMError(f"checkpoint step {step} in {self.directory} is unreadable or corrupt ({what}: {first}); "
                     f"move that step directory away to resume from an earlier one, or use a new --workdir")
 

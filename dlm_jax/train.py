@@ -37,9 +37,9 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   decay_steps = max(t.steps, t.warmup_steps + 1)
   lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, decay_steps,
                                           end_value=t.learning_rate * t.min_lr_ratio)
-  parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-  parts.append(optax.adamw(lr, b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay))
-  return optax.chain(*parts)
+  # identity() has the same (empty) state as clipping, so grad_clip can change between resumes
+  clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
+  return optax.chain(clip, optax.adamw(lr, b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay))
 
 
 def learning_rate(cfg, step):
@@ -121,7 +121,7 @@ def make_train_step(run: Run, opt, shardings: dict):
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
       metrics = jax.tree.map(lambda m: m / accum, metrics)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = opt.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     if ema_decay > 0:

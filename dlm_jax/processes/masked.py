@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.processes.schedules import Schedule
-from dlm_jax.samplers.ancestral import ancestral
 
 
 def sample_times(key: jax.Array, n: int, t_min: float, antithetic: bool) -> jax.Array:
@@ -136,6 +135,7 @@ class MaskedDiffusion:
   def sample(self, apply_fn, params, key, canvas, sampler_cfg, state):
     """The default sampler (MDLM ancestral). `canvas` holds `mask_id` at every position to generate."""
     del state
+    from dlm_jax.samplers.ancestral import ancestral  # samplers import schedules from this package
 
     def logits_fn(tokens, t):
       return apply_fn(params, tokens, t=t) if self.time_conditioning else apply_fn(params, tokens)

@@ -1,0 +1,74 @@
+"""Shared helpers: small configs written as files, Markov-chain text, and running the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import markov  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = {
+    "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64, "model.max_seq_len": 32,
+    "data.seq_len": 16, "data.val_fraction": 0.1, "train.steps": 6, "train.batch_size": 8, "train.warmup_steps": 2,
+    "train.log_every": 1, "train.checkpoint_every": 3, "train.eval_every": 0, "train.learning_rate": 1e-3,
+    "eval.batch_size": 8, "eval.max_batches": 2, "sampler.steps": 8, "sampler.batch_size": 4,
+}
+
+
+def write_config(path: str, values: dict) -> str:
+  lines = ["from dlm_jax.config import default_config", "", "", "def get_config():", "  c = default_config()"]
+  for k, v in values.items():
+    lines.append(f"  c.{k} = {v!r}")
+  lines.append("  return c")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+@pytest.fixture
+def markov_text(tmp_path):
+  path = tmp_path / "chain.txt"
+  path.write_text(markov.generate(20_000, seed=1))
+  return str(path)
+
+
+@pytest.fixture
+def tiny_config(tmp_path, markov_text):
+  """Factory: tiny_config(**overrides) -> path of a config file over the Markov text."""
+
+  def make(name="tiny.py", **overrides):
+    values = dict(TINY)
+    values["data.path"] = markov_text
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return write_config(str(tmp_path / name), values)
+
+  return make
+
+
+def run_cli(cmd: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+  full_env = dict(os.environ)
+  full_env.setdefault("JAX_PLATFORMS", "cpu")
+  full_env["PYTHONWARNINGS"] = "ignore"
+  if env:
+    full_env.update(env)
+  return subprocess.run([sys.executable, "-c", f"import sys; from dlm_jax.cli import {cmd}_main as m; sys.exit(m())",
+                         *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def losses(workdir: str) -> dict[int, float]:
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if row["kind"] == "train":
+        out[row["step"]] = row["loss"]
+  return out
