@@ -182,9 +182,9 @@ def _use_ema(cfg) -> bool:
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Trains (or resumes) in `workdir`. Returns the final metrics. Exits via DLMError on user errors."""
   config_lib.validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  check_workdir_compatible(ckpt, cfg)
+  existing = Checkpointer(workdir, read_only=True)  # creates nothing
+  check_workdir_compatible(existing, cfg)
+  existing.close()
   run = build(cfg)
   corpus = load_corpus(cfg, run.tokenizer)
   opt = make_optimizer(cfg)
@@ -198,6 +198,9 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
     raise DLMError(f"the micro-batch train.batch_size / train.grad_accum_steps must be divisible by mesh data x fsdp")
 
   it = train_iterator(corpus, n_batch, cfg.data.shuffle_seed, jax.process_index(), jax.process_count())
+  # Everything the user can get wrong has been checked: only now is anything written to the workdir.
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
     abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

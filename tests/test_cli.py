@@ -1,0 +1,158 @@
+"""The CLI contract (dlm-train / dlm-eval / dlm-sample) and bad input: one clear line, non-zero exit, nothing damaged."""
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from conftest import run_cli
+
+
+def _error_line(r, prog):
+  assert r.returncode != 0, (r.stdout, r.stderr)
+  lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+  assert lines, "no error message"
+  assert lines[-1].startswith(f"{prog}: error: "), r.stderr
+  assert "Traceback" not in r.stderr, r.stderr
+  return lines[-1]
+
+
+def _tree_digest(path):
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for f in sorted(files):
+      p = os.path.join(root, f)
+      h.update(p.encode())
+      h.update(open(p, "rb").read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One tiny trained workdir shared by the tests below (they must not change it)."""
+  import markov
+  from conftest import TINY, write_config
+  d = tmp_path_factory.mktemp("trained")
+  (d / "chain.txt").write_text(markov.generate(20_000, seed=2))
+  cfg = write_config(str(d / "cfg.py"), dict(TINY, **{"data.path": str(d / "chain.txt")}))
+  wd = str(d / "wd")
+  r = run_cli("train", "--config", cfg, "--workdir", wd, "--no_progress")
+  assert r.returncode == 0, r.stderr
+  return cfg, wd
+
+
+def test_train_eval_sample_contract(trained, tmp_path):
+  cfg, wd = trained
+  assert os.path.exists(os.path.join(wd, "metrics.jsonl"))
+  assert os.listdir(os.path.join(wd, "tensorboard")), "no TensorBoard event files"
+  r = run_cli("eval", "--workdir", wd)
+  assert r.returncode == 0, r.stderr
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  for key in ("nelbo_bits_per_token", "perplexity_bound", "num_tokens"):
+    assert key in out
+  assert out["num_tokens"] > 0 and out["perplexity_bound"] > 1
+  r2 = run_cli("eval", "--workdir", wd)
+  assert json.loads(r2.stdout.strip().splitlines()[-1]) == out, "dlm-eval is not deterministic"
+
+  samples = str(tmp_path / "s.jsonl")
+  r = run_cli("sample", "--workdir", wd, "--num_samples", "5", "--output", samples, "--prompt", "abca",
+              "--config.sampler.steps=4")
+  assert r.returncode == 0, r.stderr
+  rows = [json.loads(l) for l in open(samples)]
+  assert len(rows) == 5
+  for row in rows:
+    assert len(row["tokens"]) == 16 and row["tokens"][:4] == [ord(c) for c in "abca"]
+    assert isinstance(row["text"], str) and row["text"].startswith("abca")
+    assert all(0 <= t < 257 for t in row["tokens"])
+
+
+BAD_TRAIN = [
+    ("data.path", "'/nonexistent/corpus.txt'", "does not exist"),
+    ("data.seq_len", "64", "exceeds model.max_seq_len"),
+    ("diffusion.schedule", "'sigmoid'", "diffusion.schedule"),
+    ("train.batch_size", "0", "train.batch_size"),
+]
+
+
+@pytest.mark.parametrize("key,value,expect", BAD_TRAIN)
+def test_bad_config_values(tmp_path, tiny_config, key, value, expect):
+  r = run_cli("train", "--config", tiny_config(), "--workdir", str(tmp_path / "w"), f"--config.{key}={value.strip(chr(39))}")
+  assert expect in _error_line(r, "dlm-train")
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_unknown_key_and_wrong_type(tmp_path, tiny_config):
+  assert "unknown config key 'model.widht'" in _error_line(
+      run_cli("train", "--config", tiny_config(), "--workdir", str(tmp_path / "w"), "--config.model.widht=3"), "dlm-train")
+  assert "must be an integer" in _error_line(
+      run_cli("train", "--config", tiny_config(), "--workdir", str(tmp_path / "w"), "--config.train.steps=many"),
+      "dlm-train")
+  bad_file = tmp_path / "bad.py"
+  bad_file.write_text("from dlm_jax.config import default_config\n\ndef get_config():\n  c = default_config()\n"
+                      "  c.train.stepz = 3\n  return c\n")
+  assert "stepz" in _error_line(run_cli("train", "--config", str(bad_file), "--workdir", str(tmp_path / "w")),
+                                "dlm-train")
+  assert "does not exist" in _error_line(run_cli("train", "--config", str(tmp_path / "nope.py"), "--workdir",
+                                                 str(tmp_path / "w")), "dlm-train")
+
+
+def test_empty_and_short_corpora(tmp_path, tiny_config):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  assert "no text" in _error_line(run_cli("train", "--config", tiny_config(), "--workdir", str(tmp_path / "w"),
+                                          f"--config.data.path={empty}"), "dlm-train")
+  short = tmp_path / "short.txt"
+  short.write_text("abc")
+  assert "do not fill one training sequence" in _error_line(
+      run_cli("train", "--config", tiny_config(), "--workdir", str(tmp_path / "w"), f"--config.data.path={short}"),
+      "dlm-train")
+
+
+def test_different_model_shape_and_corrupt_checkpoint(trained, tmp_path, tiny_config):
+  _, wd = trained
+  before = _tree_digest(os.path.join(wd, "checkpoints"))
+  msg = _error_line(run_cli("train", "--config", tiny_config(), "--workdir", wd, "--config.model.d_model=64"),
+                    "dlm-train")
+  assert "model.d_model" in msg and "new --workdir" in msg
+  assert _tree_digest(os.path.join(wd, "checkpoints")) == before
+
+  import shutil
+  broken = str(tmp_path / "broken")
+  shutil.copytree(wd, broken)
+  latest = max(int(s) for s in os.listdir(os.path.join(broken, "checkpoints")) if s.isdigit())
+  state_dir = os.path.join(broken, "checkpoints", str(latest), "state")
+  for root, _, files in os.walk(state_dir):
+    for f in files:
+      p = os.path.join(root, f)
+      if os.path.getsize(p) > 0:
+        with open(p, "r+b") as fh:
+          fh.write(b"\x00garbage\xff" * 8)
+  digest = _tree_digest(os.path.join(broken, "checkpoints"))
+  for prog, args in (("eval", []), ("sample", ["--num_samples", "1", "--output", str(tmp_path / "o.jsonl")])):
+    msg = _error_line(run_cli(prog, "--workdir", broken, *args), f"dlm-{prog}")
+    assert "corrupt" in msg or "does not match" in msg
+  assert _tree_digest(os.path.join(broken, "checkpoints")) == digest
+  assert not os.path.exists(tmp_path / "o.jsonl")
+
+
+def test_eval_and_sample_need_a_checkpoint(tmp_path):
+  (tmp_path / "empty").mkdir()
+  for prog, args in (("eval", []), ("sample", ["--num_samples", "2", "--output", str(tmp_path / "o.jsonl")])):
+    msg = _error_line(run_cli(prog, "--workdir", str(tmp_path / "empty"), *args), f"dlm-{prog}")
+    assert "no checkpoint" in msg
+    msg = _error_line(run_cli(prog, "--workdir", str(tmp_path / "missing"), *args), f"dlm-{prog}")
+    assert "does not exist" in msg
+
+
+def test_sample_rejects_bad_requests(trained, tmp_path):
+  _, wd = trained
+  out = str(tmp_path / "o.jsonl")
+  assert "canvas" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out,
+                                         "--prompt", "a" * 40), "dlm-sample")
+  assert "model" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out,
+                                        "--config.model.d_model=8"), "dlm-sample")
+  assert "sampler.steps" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out,
+                                                "--config.sampler.steps=0"), "dlm-sample")
+  assert not os.path.exists(out)
