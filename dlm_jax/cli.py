@@ -85,6 +85,7 @@ def _sample(rest, overrides):
   p.add_argument("--num_samples", type=int, required=True)
   p.add_argument("--output", required=True, help="FILE.jsonl; one {'tokens': [...], 'text': ...} per sample")
   p.add_argument("--prompt", default=None, help="text every sample starts with")
+  p.add_argument("--show", action="store_true", help="also print every sample's text to stdout")
   a = p.parse_args(rest)
   if a.num_samples < 1:
     raise DLMError(f"--num_samples must be >= 1, got {a.num_samples}")
@@ -109,6 +110,9 @@ def _sample(rest, overrides):
                           "sampler": cfg.sampler.name, "steps": cfg.sampler.steps,
                           "temperature": cfg.sampler.temperature, "seed": cfg.sampler.seed}) + "\n")
   os.replace(tmp, a.output)
+  if a.show:
+    for i, row in enumerate(tokens):
+      print(f"--- sample {i} ---\n{run.tokenizer.decode(row)}")
   print(json.dumps({"output": a.output, "num_samples": int(len(tokens)), "length": length, **stats}), file=sys.stderr)
 
 
