@@ -8,7 +8,6 @@ ranges and cross-field rules. Every check raises `DLMError` with one line that n
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import os
@@ -166,8 +165,12 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 
 def _key_error_text(e: Exception) -> str:
-  msg = str(e).strip("'\"")
-  return f"unknown config key ({msg.splitlines()[0]}); valid keys are listed in dlm_jax/config.py:default_config"
+  """ml_collections' locked-dict error lists every field; keep only the offending key."""
+  import re
+  msg = str(e).strip("'\"").splitlines()[0]
+  m = re.search(r"[Kk]ey ['\"]?([A-Za-z0-9_]+)['\"]? does not exist", msg) or re.search(r"'([A-Za-z0-9_]+)'", msg)
+  key = m.group(1) if m else msg[:80]
+  return f"unknown config key '{key}'; valid keys are listed in dlm_jax/config.py:default_config"
 
 
 def config_from_dict(d: dict) -> ml_collections.ConfigDict:
@@ -207,7 +210,8 @@ def _coerce(key: str, raw: Any, current: Any, origin: str) -> Any:
     if isinstance(raw, int):
       return raw
     try:
-      return int(str(raw), 0)
+      text = str(raw).strip()
+      return int(text, 0) if text.lower().startswith(("0x", "0o", "0b")) else int(text)
     except ValueError:
       raise DLMError(f"{origin}: {key} must be an integer, got {raw!r}") from None
   if isinstance(current, float):
@@ -265,13 +269,6 @@ def strip_override_args(argv: list[str]) -> list[str]:
     out.append(a)
     i += 1
   return out
-
-
-def _literal(v: str) -> Any:
-  try:
-    return ast.literal_eval(v)
-  except (ValueError, SyntaxError):
-    return v
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

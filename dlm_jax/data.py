@@ -168,14 +168,11 @@ def read_documents(path: str, max_documents: int = 0) -> list[str]:
     raise DLMError(f"data.path '{path}' does not exist; set data.path to a text file, a .jsonl file or a directory ('' = embedded corpus)")
   docs: list[str] = []
   for f in files:
-    if f.endswith(".jsonl"):
-      docs.extend(_read_jsonl(f))
-    else:
-      docs.append(_read_text(f))
+    new = _read_jsonl(f) if f.endswith(".jsonl") else [_read_text(f)]
+    docs.extend(d for d in new if d)
     if max_documents and len(docs) >= max_documents:
       docs = docs[:max_documents]
       break
-  docs = [d for d in docs if d]
   if not docs:
     raise DLMError(f"data.path '{path or '<embedded corpus>'}' holds no text (all documents are empty); give it some text")
   return docs
