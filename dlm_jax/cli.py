@@ -5,8 +5,8 @@
   dlm-sample --workdir DIR --num_samples N --output FILE.jsonl [--prompt TEXT] [--config.KEY=VALUE ...]
 
 User errors print one line `dlm-<cmd>: error: ...` and exit with status 2; SIGTERM during training saves a checkpoint and
-exits with 143. Multi-host runs call jax.distributed.initialize when JAX_COORDINATOR_ADDRESS (or a cluster environment
-JAX detects) is set; see launch/.
+exits with 143. Multi-host runs call jax.distributed.initialize when JAX_COORDINATOR_ADDRESS is set (with
+JAX_NUM_PROCESSES and JAX_PROCESS_ID), or with auto-detection when DLM_DISTRIBUTED=auto; see launch/.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _maybe_distributed():
+  """Multi-host start: explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (SLURM, local rehearsal),
+  or DLM_DISTRIBUTED=auto to let JAX detect the cluster (Cloud TPU pods, GKE)."""
   import jax
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+  if os.environ.get("DLM_DISTRIBUTED") == "auto":
+    jax.distributed.initialize(initialization_timeout=int(os.environ.get("JAX_INIT_TIMEOUT", "1800")))
+  elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]),

@@ -43,6 +43,14 @@ def evaluate_bound(run, params, val: np.ndarray, process_state=None, *, batch_si
           "perplexity_bound": math.exp(nats_per_token), "num_tokens": int(total_tokens)}
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on every host (samples span all processes' devices in multi-host runs)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def make_canvas(run, num: int, length: int, prompt_ids: np.ndarray | None = None) -> np.ndarray:
   """A [num, length] canvas of the process's mask id with the prompt (if any) at the start of every row."""
   mask_id = run.process.mask_id
@@ -76,6 +84,6 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
     for i in range(-(-num_samples // batch_size)):
       canvas = jax.device_put(make_canvas(run, batch_size, length, prompt_ids), run.batch_sharding())
       tokens, stats = sample_fn(params, jax.random.fold_in(base, i), canvas, process_state or {})
-      out.append(np.asarray(tokens))
+      out.append(_to_host(tokens))
       nfe.append(int(stats["nfe"]))
   return np.concatenate(out)[:num_samples], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps}

@@ -170,6 +170,14 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
+  def requested_anywhere(self) -> bool:
+    """True when any host got SIGTERM; all hosts agree, so they save the same step together."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.asarray(flags).any())
+
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
@@ -266,7 +274,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
           t_window, n_window = time.perf_counter(), 0
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
           save(done)
-        if preempt.requested:
+        if preempt.requested_anywhere():
           save(done, wait=True)
           if pbar is not None:
             pbar.write(f"SIGTERM: saved checkpoint at step {done}; rerun the same command to resume")
