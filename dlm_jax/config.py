@@ -40,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-6
   c.model.time_conditioning = False  # adaLN modulation from the noise level
   c.model.init_std = 0.02
-  c.model.attention = "xla"  # attention implementation behind dlm_jax.attention.attention
+  c.model.attention = "xla"  # dlm_jax.attention implementation: "xla" (fast) or "reference" (jax.nn.dot_product_attention)
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # "" = embedded corpus (this interpreter's standard-library .py sources)
@@ -289,7 +289,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   hd = m.head_dim or m.d_model // m.num_heads
   need(hd % 2 == 0, f"the attention head dimension ({hd}) must be even for RoPE; change model.d_model or model.head_dim")
   need(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
-  need(m.attention in ("xla",), f"model.attention must be 'xla', got {m.attention!r}")
+  need(m.attention in ("xla", "reference"), f"model.attention must be 'xla' or 'reference', got {m.attention!r}")
   need(d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}")
   need(d.seq_len <= m.max_seq_len,
        f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower data.seq_len or raise model.max_seq_len")
