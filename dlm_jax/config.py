@@ -299,6 +299,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(df.process in PROCESSES, f"diffusion.process must be one of {PROCESSES}, got {df.process!r}")
   need(df.schedule in SCHEDULES, f"diffusion.schedule must be one of {SCHEDULES}, got {df.schedule!r}")
   need(df.objective in OBJECTIVES, f"diffusion.objective must be one of {OBJECTIVES}, got {df.objective!r}")
+  need(df.objective != "llada" or df.schedule == "linear",
+       f"diffusion.objective='llada' is the linear schedule with p_mask = (1 - t_min) t + t_min; set "
+       f"diffusion.schedule='linear' (got {df.schedule!r})")
   need(df.schedule_power > 0, f"diffusion.schedule_power must be > 0, got {df.schedule_power}")
   need(0 < df.schedule_eps < 1, f"diffusion.schedule_eps must be in (0, 1), got {df.schedule_eps}")
   need(0 < df.t_min < 1, f"diffusion.t_min must be in (0, 1), got {df.t_min}")
