@@ -64,6 +64,21 @@ def test_eight_devices_match_one(tmp_path, tiny_config):
   import json
   v1, v8 = json.loads(e1.stdout.strip().splitlines()[-1]), json.loads(e8.stdout.strip().splitlines()[-1])
   np.testing.assert_allclose(v8["nelbo_bits_per_token"], v1["nelbo_bits_per_token"], rtol=1e-4)
+  # a checkpoint written on one device resumes on an (4 x 2) mesh and continues like the one-device run
+  cont = run_cli("train", "--config", cfg_path, "--workdir", one, "--no_progress", "--config.train.steps=6")
+  assert cont.returncode == 0, cont.stderr
+  moved = str(tmp_path / "moved")
+  import shutil
+  shutil.copytree(one, moved)
+  shutil.rmtree(os.path.join(moved, "checkpoints", "6"))
+  os.remove(os.path.join(moved, "metrics.jsonl"))
+  r = run_cli("train", "--config", cfg_path, "--workdir", moved, "--no_progress", "--config.train.steps=6",
+              "--config.mesh.data=4", "--config.mesh.fsdp=2",
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert r.returncode == 0, r.stderr
+  cont_losses, moved_losses = losses(one), losses(moved)
+  assert sorted(moved_losses) == [5, 6]
+  np.testing.assert_allclose([moved_losses[5], moved_losses[6]], [cont_losses[5], cont_losses[6]], rtol=2e-5)
 
 
 def test_gradient_accumulation_matches_large_batch(tmp_path, tiny_config):
@@ -129,7 +144,7 @@ def test_training_variants_learn_and_sample(tmp_path, tiny_config, overrides):
   from dlm_jax.data import load_corpus
   from dlm_jax.evaluate import evaluate_bound, generate
   from dlm_jax.train import load_for_inference
-  cfg = config_lib.load(tiny_config(train__steps=30, train__learning_rate=3e-3, train__checkpoint_every=30,
+  cfg = config_lib.load(tiny_config(train__steps=30, train__learning_rate=3e-3, train__checkpoint_every=30, train__ema_decay=0.5,
                                     **overrides))
   wd = str(tmp_path / "wd")
   train(cfg, wd, progress=False)
@@ -137,7 +152,7 @@ def test_training_variants_learn_and_sample(tmp_path, tiny_config, overrides):
   assert np.mean([ls[s] for s in range(26, 31)]) < 0.8 * np.mean([ls[s] for s in range(1, 6)]), ls
   cfg, run, params, pstate = load_for_inference(wd)
   ev = evaluate_bound(run, params, load_corpus(cfg, run.tokenizer).val, pstate, batch_size=8, max_batches=2)
-  assert np.isfinite(ev["nelbo_bits_per_token"]) and ev["nelbo_bits_per_token"] < 8.1
+  assert np.isfinite(ev["nelbo_bits_per_token"]) and ev["nelbo_bits_per_token"] < 7.0  # uniform over 257 bytes: 8.0
   toks, stats = generate(run, params, pstate, num_samples=3, length=16, seed=0)
   assert toks.shape == (3, 16) and (toks < run.tokenizer.vocab_size).all()
   if cfg.model.time_conditioning:
