@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from dlm_jax.errors import DLMError
@@ -73,6 +74,17 @@ class Checkpointer:
     except Exception as e:
       raise self._fail(step, "state", e) from None
     return out["state"], out["data"]
+
+  def restore_subset(self, step: int, abstract_subset: dict) -> dict:
+    """Only some top-level entries of the saved state (e.g. the EMA parameters for inference), read from disk
+    without materialising the rest (the optimizer state is not loaded)."""
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_subset)
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          abstract_subset, restore_args=restore_args, partial_restore=True)))
+    except Exception as e:
+      raise self._fail(step, "state", e) from None
+    return out["state"]
 
   def close(self) -> None:
     if self._mngr is not None:

@@ -22,6 +22,7 @@ def evaluate_bound(run, params, val: np.ndarray, process_state=None, *, batch_si
     raise DLMError("the validation split is empty; set data.val_fraction > 0")
   process = run.process
   bsh = run.batch_sharding()
+  batch_size = _round_to_batch_shards(run, batch_size)
 
   def bound(params, tokens, valid, key, pstate):
     nats, ntok = process.bound(run.apply_fn, params, {"tokens": tokens}, key, pstate)
@@ -41,6 +42,12 @@ def evaluate_bound(run, params, val: np.ndarray, process_state=None, *, batch_si
   nats_per_token = total_nats / total_tokens
   return {"nelbo_bits_per_token": nats_per_token / math.log(2.0), "nelbo_nats_per_token": nats_per_token,
           "perplexity_bound": math.exp(nats_per_token), "num_tokens": int(total_tokens)}
+
+
+def _round_to_batch_shards(run, batch_size: int) -> int:
+  """Batches are split over the mesh's data x fsdp axes: round up (the extra rows are padding)."""
+  shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  return -(-batch_size // shards) * shards
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -67,10 +74,7 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
              prompt_ids: np.ndarray | None = None, batch_size: int | None = None) -> tuple[np.ndarray, dict]:
   """Samples with the process's default sampler (sampler.* keys). Returns (tokens [num_samples, length], stats)."""
   scfg = run.cfg.sampler
-  batch_size = min(batch_size or scfg.batch_size, num_samples)
-  n_dev = run.mesh.devices.size
-  if batch_size % n_dev:
-    batch_size = -(-batch_size // n_dev) * n_dev
+  batch_size = _round_to_batch_shards(run, min(batch_size or scfg.batch_size, num_samples))
   process = run.process
 
   def sample(params, key, canvas, pstate):

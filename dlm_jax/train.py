@@ -307,8 +307,9 @@ def load_for_inference(workdir: str, overrides=()) -> tuple[Any, Run, Any, Any]:
   opt = make_optimizer(cfg)
   abstract = abstract_train_state(run, opt)
   shardings = state_shardings(run, opt, abstract)
-  abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  state, _ = ckpt.restore(step, abstract_sh)
+  which = "ema" if _use_ema(cfg) else "params"
+  subset = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract[k], shardings[k])
+            for k in (which, "process_state")}
+  state = ckpt.restore_subset(step, subset)
   ckpt.close()
-  params = state["ema"] if _use_ema(cfg) else state["params"]
-  return cfg, run, params, state["process_state"]
+  return cfg, run, state[which], state["process_state"]
