@@ -166,12 +166,19 @@ class Transformer(nnx.Module):
       self.t_mlp2_b = _param(rngs, (c.cond_dim,), ("cond",), None)
       self.final_ada = _param(rngs, (c.cond_dim, 2 * c.d_model), ("cond", "embed"), None)
 
-  def __call__(self, tokens, *, t=None, positions=None, segment_ids=None, kv_segment_ids=None, mask=None):
+  def __call__(self, tokens, *, t=None, positions=None, segment_ids=None, kv_segment_ids=None, mask=None,
+               embeddings=None):
+    """tokens [B, L] int; or `embeddings` [B, L, d_model] given instead of the token lookup (continuous families
+    feed noisy vectors; pass tokens=None then)."""
     c = self.c
-    b, l = tokens.shape
+    if embeddings is not None:
+      b, l = embeddings.shape[:2]
+      x = embeddings.astype(c.dtype)
+    else:
+      b, l = tokens.shape
+      x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
     x = constrain(x, ("batch", "length", "embed"))
     cond = None
     if c.time_conditioning:

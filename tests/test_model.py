@@ -658,3 +658,17 @@ def test_query_chunked_attention_matches_unchunked(monkeypatch):
   rows = np.asarray(seg >= 0)  # padding query rows are unspecified
   for a, r in zip(got_g[:1], want[:1]):
     np.testing.assert_allclose(np.asarray(a)[rows], np.asarray(r)[rows], rtol=1e-4, atol=1e-4)
+
+
+def test_embeddings_input_seam_equals_token_lookup():
+  """Continuous families feed vectors instead of ids: apply(embeddings=E[tokens]) == apply(tokens)."""
+  from dlm_jax import model as model_lib
+  c = model_lib.ModelConfig(vocab_in=11, vocab_out=10, num_layers=1, d_model=16, num_heads=2, num_kv_heads=2,
+                            head_dim=8, mlp_dim=32, max_seq_len=16)
+  graphdef, params = model_lib.init(c, 0)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 11)
+  by_ids = model_lib.apply(graphdef, params, tokens)
+  by_vectors = model_lib.apply(graphdef, params, None, embeddings=params["embed"][tokens])
+  np.testing.assert_allclose(by_vectors, by_ids, rtol=1e-6, atol=1e-6)
+  moved = model_lib.apply(graphdef, params, None, embeddings=params["embed"][tokens] + 0.1)
+  assert not np.allclose(moved, by_ids, atol=1e-3)
