@@ -14,7 +14,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlm_jax import model as model_lib
 from dlm_jax import sharding as sharding_lib
-from dlm_jax.config import to_dict
 from dlm_jax.data import Tokenizer, make_tokenizer
 from dlm_jax.processes import Process, make_process
 
@@ -51,9 +50,6 @@ class Run:
     if name not in cache:
       cache[name] = jax.jit(fn)
     return cache[name]
-
-  def config_dict(self) -> dict:
-    return to_dict(self.cfg)
 
 
 def build(cfg, devices=None) -> Run:

@@ -225,10 +225,6 @@ def make_apply(graphdef: nnx.GraphDef):
 
 
 def num_params(params: dict, exclude_embeddings: bool = False) -> int:
-  total = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = jax.tree_util.keystr(path)
-    if exclude_embeddings and ("'embed'" in name and "layer" not in name or "'head'" in name):
-      continue
-    total += leaf.size
-  return total
+  """Parameter count; `exclude_embeddings` leaves out the input table and the output head (the usual convention)."""
+  skip = ("embed", "head") if exclude_embeddings else ()
+  return sum(x.size for key, sub in params.items() if key not in skip for x in jax.tree.leaves(sub))

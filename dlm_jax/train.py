@@ -125,7 +125,11 @@ def make_train_step(run: Run, opt, shardings: dict):
     updates, new_opt = opt.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     if ema_decay > 0:
-      new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], new_params)
+      # warm-up of the decay (as TF's ExponentialMovingAverage with num_updates): early in a run the average does not
+      # sit on the random initialisation; for long runs the decay is ema_decay.
+      step_f = state["step"].astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
+      new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], new_params)
     else:
       new_ema = new_params
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
