@@ -10,10 +10,11 @@ Training estimates it with t ~ U[t_min, 1] (antithetic over the batch, Kingma et
 tokens (never by the number of masked tokens). The "llada" objective draws p_mask = (1 - t_min) u + t_min and weights
 1 / p_mask (this is the linear schedule on [t_min, 1]).
 
-`bound()` is a proper upper bound on -log p(x): the integral over [t_min, 1] (stratified), plus the reconstruction term
--log p(x | z_{t_min}) (a second forward at t_min: only masked positions cost anything under SUBS), plus, for schedules
-with alpha_1 > 0 (loglinear), the prior term L * alpha_1 * log V of a prior that keeps each token masked with probability
-1 - alpha_1 and otherwise draws it uniformly.
+`bound()` is a proper upper bound on -log p(x). For a network without time input and alpha_1 = 0 it is evaluated
+exactly over t in [0, 1] in the masked-count form (see `_bound_masked_count`). Otherwise: the integral over [t_min, 1]
+(stratified), plus the reconstruction term -log p(x | z_{t_min}) (a second forward at t_min: only masked positions
+cost anything under SUBS), plus, for schedules with alpha_1 > 0 (loglinear), the prior term L * alpha_1 * log V of a
+prior that keeps each token masked with probability 1 - alpha_1 and otherwise draws it uniformly.
 """
 
 from __future__ import annotations
@@ -121,8 +122,10 @@ class MaskedDiffusion:
   def bound(self, apply_fn, params, batch, key, state):
     x = batch["tokens"]
     b, l = x.shape
-    k_t, k_m, k_r = jax.random.split(key, 3)
-    t = sample_times(k_t, b, self.t_min, True)
+    if not self.time_conditioning and self.schedule.alpha_one == 0.0:
+      return self._bound_masked_count(apply_fn, params, batch, key)
+    k_t, k_perm, k_m, k_r = jax.random.split(key, 4)
+    t = jax.random.permutation(k_perm, sample_times(k_t, b, self.t_min, True))  # every row: t ~ U[t_min, 1]
     p_mask = 1.0 - self.schedule.alpha(t)
     z, masked = self.corrupt(k_m, x, p_mask)
     integral = (1.0 - self.t_min) * self.schedule.weight(t) * self._masked_nll(apply_fn, params, batch, z, masked, t)
@@ -131,6 +134,26 @@ class MaskedDiffusion:
     recon = self._masked_nll(apply_fn, params, batch, z0, masked0, t0)
     prior = l * self.schedule.alpha_one * math.log(self.vocab_size)
     return integral + recon + prior, jnp.full((b,), l, jnp.float32)
+
+  def _bound_masked_count(self, apply_fn, params, batch, key):
+    """The same NELBO, integrated over t exactly, for a network that does not see t.
+
+    With alpha_0 = 1 and alpha_1 = 0 the bound does not depend on the schedule (substitute alpha for t), and
+    int_0^1 C(L, m) a^m (1 - a)^(L - m) / a da = 1 / m turns it into
+        NELBO = E_{m ~ U{1..L}} E_{|S| = m} [ (L / m) sum_{i in S} -log p(x_i | x with S masked) ]
+    (the estimator LLaDA uses for likelihoods). It needs no t_min clipping and no reconstruction term, and its
+    variance is far lower than that of the 1/t-weighted form. m is stratified over the batch and shuffled across rows.
+    """
+    x = batch["tokens"]
+    b, l = x.shape
+    k_u, k_perm, k_set = jax.random.split(key, 3)
+    strata = (jax.random.uniform(k_u, ()) + jnp.arange(b, dtype=jnp.float32)) / b
+    m = jnp.clip(jnp.floor(jax.random.permutation(k_perm, strata) * l).astype(jnp.int32) + 1, 1, l)  # [B]
+    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_set, (b, l)), axis=-1), axis=-1)
+    masked = ranks < m[:, None]  # exactly m positions, uniformly chosen
+    z = jnp.where(masked, self.mask_id, x)
+    nll = self._masked_nll(apply_fn, params, batch, z, masked, None)
+    return (l / m.astype(jnp.float32)) * nll, jnp.full((b,), l, jnp.float32)
 
   def sample(self, apply_fn, params, key, canvas, sampler_cfg, state):
     """The default sampler (MDLM ancestral). `canvas` holds `mask_id` at every position to generate."""
