@@ -72,3 +72,16 @@ def losses(workdir: str) -> dict[int, float]:
       if row["kind"] == "train":
         out[row["step"]] = row["loss"]
   return out
+
+
+def train_bpe(path, texts, special_tokens=("<|endoftext|>",)) -> str:
+  """A small byte-level BPE tokenizer.json trained with the tokenizers library on `texts`; returns its path."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(special_tokens),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  tok.save(str(path))
+  return str(path)

@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 
+from conftest import train_bpe
+
 from dlm_jax import data as data_lib
 from dlm_jax.config import apply_overrides, default_config
 from dlm_jax.data import (ByteTokenizer, Corpus, eval_batches, load_corpus, make_tokenizer, pack, read_documents,
@@ -65,15 +67,7 @@ SENTENCES = [
 
 
 def _train_bpe(path, special_tokens=("<|endoftext|>",)) -> str:
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(special_tokens),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(SENTENCES, trainer=trainer)
-  tok.save(str(path))
-  return str(path)
+  return train_bpe(path, SENTENCES, special_tokens)
 
 
 def _train_wordlevel(path, special_tokens) -> str:

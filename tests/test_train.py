@@ -157,3 +157,24 @@ def test_training_variants_learn_and_sample(tmp_path, tiny_config, overrides):
   assert toks.shape == (3, 16) and (toks < run.tokenizer.vocab_size).all()
   if cfg.model.time_conditioning:
     assert stats["nfe_per_batch"] == cfg.sampler.steps  # no cache for a time-conditioned network
+
+
+def test_hugging_face_tokenizer_trains_and_samples(tmp_path, markov_text, tiny_config):
+  """A tokenizer.json (BPE trained here with the tokenizers library) through the whole CLI path."""
+  from tokenizers import Tokenizer
+  from conftest import train_bpe
+  path = train_bpe(tmp_path / "tokenizer.json", [open(markov_text).read()])
+  tok = Tokenizer.from_file(path)
+  cfg_path = tiny_config(data__tokenizer=path, train__steps=4)
+  wd = str(tmp_path / "wd")
+  r = run_cli("train", "--config", cfg_path, "--workdir", wd, "--no_progress")
+  assert r.returncode == 0, r.stderr
+  out = str(tmp_path / "s.jsonl")
+  r = run_cli("sample", "--workdir", wd, "--num_samples", "2", "--output", out, "--prompt", "abc")
+  assert r.returncode == 0, r.stderr
+  import json
+  rows = [json.loads(line) for line in open(out)]
+  vocab = tok.get_vocab_size()
+  assert all(0 <= t < vocab for row in rows for t in row["tokens"])
+  assert all(row["text"].startswith("abc") for row in rows)
+  assert run_cli("eval", "--workdir", wd).returncode == 0
