@@ -133,6 +133,10 @@ def test_different_model_shape_and_corrupt_checkpoint(trained, tmp_path, tiny_co
   for prog, args in (("eval", []), ("sample", ["--num_samples", "1", "--output", str(tmp_path / "o.jsonl")])):
     msg = _error_line(run_cli(prog, "--workdir", broken, *args), f"dlm-{prog}")
     assert "corrupt" in msg or "does not match" in msg
+  cfg, _ = trained
+  msg = _error_line(run_cli("train", "--config", cfg, "--workdir", broken, "--no_progress",
+                            "--config.train.steps=12"), "dlm-train")
+  assert "corrupt" in msg or "does not match" in msg
   assert _tree_digest(os.path.join(broken, "checkpoints")) == digest
   assert not os.path.exists(tmp_path / "o.jsonl")
 
