@@ -42,12 +42,11 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return None if self._mngr is None else self._mngr.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict, config: dict, wait: bool = False) -> None:
+  def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
+    """Starts an asynchronous save of one step (`wait()` blocks until it is on disk)."""
     self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=ocp.args.JsonSave(data_state),
                                                    config=ocp.args.JsonSave(config)), force=True)
-    if wait:
-      self._mngr.wait_until_finished()
 
   def wait(self) -> None:
     if self._mngr is not None:

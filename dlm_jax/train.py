@@ -235,8 +235,14 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
     from tqdm import tqdm
     pbar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
 
+  saved = {"step": start}
+
   def save(step, wait=False):
-    ckpt.save(step, state, it.get_state(), cfg_dict, wait=wait)
+    if saved["step"] != step:  # a step is saved once (SIGTERM right after a periodic save only waits for it)
+      ckpt.save(step, state, it.get_state(), cfg_dict)
+      saved["step"] = step
+    if wait:
+      ckpt.wait()
 
   t_window, n_window = time.perf_counter(), 0
   try:

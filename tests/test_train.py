@@ -178,3 +178,28 @@ def test_hugging_face_tokenizer_trains_and_samples(tmp_path, markov_text, tiny_c
   assert all(0 <= t < vocab for row in rows for t in row["tokens"])
   assert all(row["text"].startswith("abc") for row in rows)
   assert run_cli("eval", "--workdir", wd).returncode == 0
+
+
+def test_sigterm_right_after_a_periodic_save(tmp_path, tiny_config):
+  """With a checkpoint every step, SIGTERM always lands on an already-saved step: it must exit cleanly (143)."""
+  import threading
+  cfg = config_lib.load(tiny_config(train__steps=200, train__checkpoint_every=1, train__keep_checkpoints=2))
+  wd = str(tmp_path / "wd")
+  metrics = os.path.join(wd, "metrics.jsonl")
+
+  def killer():
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.02)
+
+  threading.Thread(target=killer, daemon=True).start()
+  with pytest.raises(SystemExit) as e:
+    train(cfg, wd, progress=False)
+  assert e.value.code == 143
+  last = max(losses(wd))
+  assert last < 200
+  steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+  assert steps[-1] == last and len(steps) <= 2
