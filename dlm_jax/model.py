@@ -176,7 +176,9 @@ class Transformer(nnx.Module):
       x = embeddings.astype(c.dtype)
     else:
       b, l = tokens.shape
-      x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
+      # FSDP: gather the table before the lookup (its sharding must not leak into the batch-sharded activations)
+      table = constrain(self.embed[...], (None, None))
+      x = jnp.take(table, tokens, axis=0).astype(c.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
     x = constrain(x, ("batch", "length", "embed"))

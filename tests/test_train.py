@@ -51,13 +51,18 @@ def test_eight_devices_match_one(tmp_path, tiny_config):
   one = str(tmp_path / "one")
   r1 = run_cli("train", "--config", cfg_path, "--workdir", one, "--no_progress")
   assert r1.returncode == 0, r1.stderr
-  eight = str(tmp_path / "eight")
-  r8 = run_cli("train", "--config", cfg_path, "--workdir", eight, "--no_progress", "--config.mesh.data=4",
-               "--config.mesh.fsdp=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-  assert r8.returncode == 0, r8.stderr
-  a, b = losses(one), losses(eight)
-  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-  np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=2e-5)
+  a = losses(one)
+  for data, fsdp, tensor in ((4, 2, 1), (2, 2, 2)):
+    eight = str(tmp_path / f"eight_{data}{fsdp}{tensor}")
+    r8 = run_cli("train", "--config", cfg_path, "--workdir", eight, "--no_progress", f"--config.mesh.data={data}",
+                 f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert r8.returncode == 0, r8.stderr
+    assert "Involuntary full rematerialization" not in r8.stderr, "a sharding forces XLA to replicate a tensor"
+    b = losses(eight)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=2e-5)
+  eight = str(tmp_path / "eight_421")
   e1 = run_cli("eval", "--workdir", one)
   e8 = run_cli("eval", "--workdir", eight, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert e1.returncode == 0 and e8.returncode == 0, e1.stderr + e8.stderr
