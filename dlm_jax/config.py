@@ -20,7 +20,9 @@ from dlm_jax.errors import DLMError
 PROCESSES = ("masked",)
 SCHEDULES = ("linear", "cosine", "polynomial", "loglinear")
 OBJECTIVES = ("mdlm", "llada")
-SAMPLERS = ("ancestral",)
+SAMPLERS = ("ancestral", "llada")
+REMASKING = ("low_confidence", "random")
+CONFIDENCE = ("max_prob", "margin", "neg_entropy")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -95,6 +97,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler.length = 0  # 0 = data.seq_len
   c.sampler.batch_size = 16
   c.sampler.seed = 0
+  # llada only (dlm_jax/samplers/llada.py): semi-autoregressive blocks and remasking, Fast-dLLM parallel decoding
+  c.sampler.block_length = 0  # 0 = the whole generated region is one block
+  c.sampler.remasking = "low_confidence"  # or "random"
+  c.sampler.confidence = "max_prob"  # or "margin", "neg_entropy"
+  c.sampler.threshold = 0.0  # 0 = off; in (0, 1]: commit every position at least this confident (always >= 1)
+  c.sampler.factor = 0.0  # 0 = off; > 0: Fast-dLLM factor rule
+  c.sampler.cfg_scale = 0.0  # classifier-free guidance (prompt masked for the unconditional call)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices
@@ -326,7 +335,17 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(e.max_batches >= 0, f"eval.max_batches must be >= 0 (0 = all), got {e.max_batches}")
   need(s.name in SAMPLERS, f"sampler.name must be one of {SAMPLERS}, got {s.name!r}")
   need(s.steps >= 1, f"sampler.steps must be >= 1, got {s.steps}")
-  need(s.temperature > 0, f"sampler.temperature must be > 0, got {s.temperature}")
+  if s.name == "llada":
+    need(s.temperature >= 0, f"sampler.temperature must be >= 0 (0 = greedy), got {s.temperature}")
+  else:
+    need(s.temperature > 0, f"sampler.temperature must be > 0 for sampler.name={s.name!r}, got {s.temperature}")
+  need(s.block_length >= 0, f"sampler.block_length must be >= 0 (0 = one block), got {s.block_length}")
+  need(s.remasking in REMASKING, f"sampler.remasking must be one of {REMASKING}, got {s.remasking!r}")
+  need(s.confidence in CONFIDENCE, f"sampler.confidence must be one of {CONFIDENCE}, got {s.confidence!r}")
+  need(0 <= s.threshold <= 1, f"sampler.threshold must be in (0, 1] (0 = off), got {s.threshold}")
+  need(s.factor >= 0, f"sampler.factor must be >= 0 (0 = off), got {s.factor}")
+  need(not (s.threshold and s.factor), "set at most one of sampler.threshold and sampler.factor")
+  need(s.cfg_scale >= 0, f"sampler.cfg_scale must be >= 0, got {s.cfg_scale}")
   need(s.length >= 0, f"sampler.length must be >= 0 (0 = data.seq_len), got {s.length}")
   need(s.length <= m.max_seq_len,
        f"sampler.length ({s.length}) exceeds model.max_seq_len ({m.max_seq_len}); lower sampler.length")

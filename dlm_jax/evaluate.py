@@ -77,17 +77,23 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
   batch_size = _round_to_batch_shards(run, min(batch_size or scfg.batch_size, num_samples))
   process = run.process
 
-  def sample(params, key, canvas, pstate):
-    return process.sample(run.apply_fn, params, key, canvas, scfg, pstate)
+  gen_start = 0 if prompt_ids is None else len(prompt_ids)
 
-  sample_fn = run.jitted("sample", sample)
+  def sample(params, key, canvas, pstate):
+    return process.sample(run.apply_fn, params, key, canvas, scfg, pstate, gen_start=gen_start)
+
+  sample_fn = run.jitted(f"sample:{gen_start}", sample)
 
   out, nfe = [], []
   base = jax.random.PRNGKey(seed)
   with jax.set_mesh(run.mesh):
     for i in range(-(-num_samples // batch_size)):
       canvas = jax.device_put(make_canvas(run, batch_size, length, prompt_ids), run.batch_sharding())
-      tokens, stats = sample_fn(params, jax.random.fold_in(base, i), canvas, process_state or {})
+      try:
+        tokens, stats = sample_fn(params, jax.random.fold_in(base, i), canvas, process_state or {})
+      except ValueError as err:  # the sampler's own checks (block / step divisibility, ...) run before compiling
+        raise DLMError(f"sampler.name={scfg.name!r}: {err} (the generated length is sampler.length minus the prompt; "
+                       "adjust sampler.block_length, sampler.steps or sampler.length)") from None
       out.append(_to_host(tokens))
       nfe.append(int(stats["nfe"]))
   return np.concatenate(out)[:num_samples], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps}

@@ -160,3 +160,24 @@ def test_sample_rejects_bad_requests(trained, tmp_path):
   assert "sampler.steps" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out,
                                                 "--config.sampler.steps=0"), "dlm-sample")
   assert not os.path.exists(out)
+
+
+def test_sample_with_llada_sampler_from_the_cli(trained, tmp_path):
+  _, wd = trained
+  out = str(tmp_path / "l.jsonl")
+  for extra in (["--config.sampler.steps=12"], ["--config.sampler.threshold=0.9", "--config.sampler.temperature=0"],
+                ["--config.sampler.factor=1.0", "--config.sampler.cfg_scale=0.5", "--config.sampler.temperature=0"]):
+    r = run_cli("sample", "--workdir", wd, "--num_samples", "3", "--output", out, "--prompt", "abca",
+                "--config.sampler.name=llada", "--config.sampler.block_length=4", *extra)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in open(out)]
+    assert len(rows) == 3 and all(row["tokens"][:4] == [ord(c) for c in "abca"] for row in rows)
+    assert all(row["sampler"] == "llada" and all(0 <= t < 257 for t in row["tokens"]) for row in rows)
+  os.remove(out)
+  msg = _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out, "--prompt", "abca",
+                            "--config.sampler.name=llada", "--config.sampler.block_length=5"), "dlm-sample")
+  assert "block_length" in msg
+  assert "sampler.threshold" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out,
+                                                    "--config.sampler.name=llada", "--config.sampler.threshold=1.5"),
+                                            "dlm-sample")
+  assert not os.path.exists(out)

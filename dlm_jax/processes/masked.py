@@ -155,13 +155,22 @@ class MaskedDiffusion:
     nll = self._masked_nll(apply_fn, params, batch, z, masked, None)
     return (l / m.astype(jnp.float32)) * nll, jnp.full((b,), l, jnp.float32)
 
-  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state):
-    """The default sampler (MDLM ancestral). `canvas` holds `mask_id` at every position to generate."""
+  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state, gen_start: int = 0):
+    """Decodes the `mask_id` positions of `canvas` with `sampler_cfg.name`: "ancestral" (MDLM, the default) or
+    "llada" (semi-AR remasking / Fast-dLLM parallel decoding over [gen_start, L)); `gen_start` = prompt length."""
     del state
-    from dlm_jax.samplers.ancestral import ancestral  # samplers import schedules from this package
+    from dlm_jax.samplers import ancestral, llada  # samplers import schedules from this package
 
     def logits_fn(tokens, t):
       return apply_fn(params, tokens, t=t) if self.time_conditioning else apply_fn(params, tokens)
 
-    return ancestral(logits_fn, key, canvas, mask_id=self.mask_id, steps=sampler_cfg.steps, schedule=self.schedule,
-                     temperature=sampler_cfg.temperature, time_conditioned=self.time_conditioning)
+    s = sampler_cfg
+    if s.name == "llada":
+      gen_length = canvas.shape[1] - gen_start
+      return llada(logits_fn, key, canvas, mask_id=self.mask_id, gen_start=gen_start, gen_length=gen_length,
+                   block_length=s.block_length or gen_length,
+                   steps=None if (s.threshold or s.factor) else s.steps, remasking=s.remasking,
+                   confidence=s.confidence, temperature=s.temperature, threshold=s.threshold or None,
+                   factor=s.factor or None, cfg_scale=s.cfg_scale)
+    return ancestral(logits_fn, key, canvas, mask_id=self.mask_id, steps=s.steps, schedule=self.schedule,
+                     temperature=s.temperature, time_conditioned=self.time_conditioning)
