@@ -20,7 +20,7 @@ from dlm_jax.errors import DLMError
 PROCESSES = ("masked",)
 SCHEDULES = ("linear", "cosine", "polynomial", "loglinear")
 OBJECTIVES = ("mdlm", "llada")
-SAMPLERS = ("ancestral", "llada")
+SAMPLERS = ("ancestral", "first_hitting", "llada")
 REMASKING = ("low_confidence", "random")
 CONFIDENCE = ("max_prob", "margin", "neg_entropy")
 DTYPES = ("float32", "bfloat16")
@@ -91,7 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.use_ema = True
 
   c.sampler = ml_collections.ConfigDict()
-  c.sampler.name = "ancestral"
+  c.sampler.name = "ancestral"  # or "first_hitting" (one position per call, exact), "llada" (keys below)
   c.sampler.steps = 128
   c.sampler.temperature = 1.0
   c.sampler.length = 0  # 0 = data.seq_len

@@ -173,6 +173,10 @@ def test_sample_with_llada_sampler_from_the_cli(trained, tmp_path):
     rows = [json.loads(l) for l in open(out)]
     assert len(rows) == 3 and all(row["tokens"][:4] == [ord(c) for c in "abca"] for row in rows)
     assert all(row["sampler"] == "llada" and all(0 <= t < 257 for t in row["tokens"]) for row in rows)
+  r = run_cli("sample", "--workdir", wd, "--num_samples", "2", "--output", out, "--prompt", "ab",
+              "--config.sampler.name=first_hitting")
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stderr.strip().splitlines()[-1])["nfe_per_batch"] == 14  # one call per generated position
   os.remove(out)
   msg = _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out, "--prompt", "abca",
                             "--config.sampler.name=llada", "--config.sampler.block_length=5"), "dlm-sample")

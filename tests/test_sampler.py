@@ -79,3 +79,31 @@ def test_reveal_schedule_one_step_decodes_all_and_respects_steps():
   canvas = jnp.full((2, 12), MASK, jnp.int32)
   tokens, stats = _run(neighbour_logits, jax.random.PRNGKey(0), canvas, steps=1)
   assert (np.asarray(tokens) != MASK).all() and int(stats["nfe"]) == 1
+
+
+def test_first_hitting_reveals_one_position_per_call():
+  from dlm_jax.samplers import first_hitting
+  calls = []
+
+  def counted(tokens, t):
+    jax.debug.callback(lambda: calls.append(1))
+    return neighbour_logits(tokens, t)
+
+  canvas = np.full((3, 12), MASK, np.int32)
+  canvas[0, :5] = [1, 2, 3, 4, 5]  # row 0 has 7 masks, rows 1-2 have 12
+  canvas[1, 6] = 2
+  fn = jax.jit(functools.partial(first_hitting, counted, mask_id=MASK))
+  tokens, stats = fn(jax.random.PRNGKey(0), jnp.asarray(canvas))
+  tokens = np.asarray(tokens)
+  assert (tokens != MASK).all() and (tokens[0, :5] == [1, 2, 3, 4, 5]).all() and tokens[1, 6] == 2
+  assert int(stats["nfe"]) == len(calls) == 12  # the longest row needs one call per masked position
+
+
+def test_first_hitting_follows_the_model_distribution():
+  from dlm_jax.samplers import first_hitting
+  logits = jnp.array([2.0, 1.0, 0.0, -1.0, 0.5, 1.5])
+  fn = lambda tokens, t: jnp.broadcast_to(logits, tokens.shape + (V,))
+  tokens, _ = jax.jit(functools.partial(first_hitting, fn, mask_id=MASK))(jax.random.PRNGKey(2),
+                                                                           jnp.full((1000, 16), MASK, jnp.int32))
+  freq = np.bincount(np.asarray(tokens).ravel(), minlength=V) / tokens.size
+  assert 0.5 * np.abs(freq - np.asarray(jax.nn.softmax(logits))).sum() < 0.015

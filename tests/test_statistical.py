@@ -5,6 +5,8 @@ Its validation NELBO must be an upper bound on the true entropy per token and wi
 statistics of ancestral samples (steps = sequence length) must be within total variation 0.05 of the true transitions.
 """
 
+import dataclasses
+
 import numpy as np
 
 import markov
@@ -49,3 +51,10 @@ def test_markov_chain_bound_and_samples(tmp_path):
   tv, counts = markov.bigram_tv(texts)
   print(f"bigram total variation {tv:.4f} over {int(counts.sum())} bigrams; NFE per batch {stats['nfe_per_batch']}")
   assert tv <= 0.05
+
+  cfg.sampler.name = "first_hitting"  # exact one-position-per-call sampler: same statistics
+  run_fh = dataclasses.replace(run)
+  tokens, stats = generate(run_fh, params, pstate, num_samples=512, length=L, seed=1)
+  tv_fh, _ = markov.bigram_tv([run.tokenizer.decode(t) for t in tokens])
+  print(f"first-hitting bigram total variation {tv_fh:.4f}; NFE per batch {stats['nfe_per_batch']}")
+  assert tv_fh <= 0.05 and stats["nfe_per_batch"] == L

@@ -156,10 +156,10 @@ class MaskedDiffusion:
     return (l / m.astype(jnp.float32)) * nll, jnp.full((b,), l, jnp.float32)
 
   def sample(self, apply_fn, params, key, canvas, sampler_cfg, state, gen_start: int = 0):
-    """Decodes the `mask_id` positions of `canvas` with `sampler_cfg.name`: "ancestral" (MDLM, the default) or
-    "llada" (semi-AR remasking / Fast-dLLM parallel decoding over [gen_start, L)); `gen_start` = prompt length."""
+    """Decodes the `mask_id` positions of `canvas` with `sampler_cfg.name`: "ancestral" (MDLM, the default),
+    "first_hitting" (one position per call) or "llada" (semi-AR remasking / Fast-dLLM parallel decoding over [gen_start, L)); `gen_start` = prompt length."""
     del state
-    from dlm_jax.samplers import ancestral, llada  # samplers import schedules from this package
+    from dlm_jax.samplers import ancestral, first_hitting, llada  # samplers import schedules from this package
 
     def logits_fn(tokens, t):
       return apply_fn(params, tokens, t=t) if self.time_conditioning else apply_fn(params, tokens)
@@ -172,5 +172,7 @@ class MaskedDiffusion:
                    steps=None if (s.threshold or s.factor) else s.steps, remasking=s.remasking,
                    confidence=s.confidence, temperature=s.temperature, threshold=s.threshold or None,
                    factor=s.factor or None, cfg_scale=s.cfg_scale)
+    if s.name == "first_hitting":
+      return first_hitting(logits_fn, key, canvas, mask_id=self.mask_id, temperature=s.temperature)
     return ancestral(logits_fn, key, canvas, mask_id=self.mask_id, steps=s.steps, schedule=self.schedule,
                      temperature=s.temperature, time_conditioned=self.time_conditioning)
