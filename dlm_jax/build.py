@@ -38,6 +38,11 @@ class Run:
     return sharding_lib.param_shardings(self.param_axes, self.mesh)
 
   @property
+  def batch_shards(self) -> int:
+    """How many ways a batch is split: the mesh's data x fsdp axes."""
+    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+  @property
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 

@@ -17,12 +17,16 @@ import ml_collections
 
 from dlm_jax.errors import DLMError
 
-PROCESSES = ("masked",)
+from dlm_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from dlm_jax.processes import PROCESSES as _PROCESSES
+from dlm_jax.samplers import SAMPLERS as _SAMPLERS
+from dlm_jax.samplers.llada import CONFIDENCE, REMASKING
+
+# Names valid in a config; the process, sampler and attention names come from the modules that implement them.
+PROCESSES = tuple(_PROCESSES)
+SAMPLERS = tuple(_SAMPLERS)
 SCHEDULES = ("linear", "cosine", "polynomial", "loglinear")
 OBJECTIVES = ("mdlm", "llada")
-SAMPLERS = ("ancestral", "first_hitting", "llada")
-REMASKING = ("low_confidence", "random")
-CONFIDENCE = ("max_prob", "margin", "neg_entropy")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -298,7 +302,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   hd = m.head_dim or m.d_model // m.num_heads
   need(hd % 2 == 0, f"the attention head dimension ({hd}) must be even for RoPE; change model.d_model or model.head_dim")
   need(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
-  need(m.attention in ("xla", "reference"), f"model.attention must be 'xla' or 'reference', got {m.attention!r}")
+  need(m.attention in ATTENTION_IMPLEMENTATIONS,
+       f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {m.attention!r}")
   need(d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}")
   need(d.seq_len <= m.max_seq_len,
        f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower data.seq_len or raise model.max_seq_len")

@@ -46,8 +46,7 @@ def evaluate_bound(run, params, val: np.ndarray, process_state=None, *, batch_si
 
 def _round_to_batch_shards(run, batch_size: int) -> int:
   """Batches are split over the mesh's data x fsdp axes: round up (the extra rows are padding)."""
-  shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-  return -(-batch_size // shards) * shards
+  return -(-batch_size // run.batch_shards) * run.batch_shards
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -56,6 +56,19 @@ def state_shardings(run: Run, opt: optax.GradientTransformation, abstract_state:
           "process_state": jax.tree.map(lambda _: run.replicated, abstract_state["process_state"])}
 
 
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs that carry their shardings (restore and AOT-compile targets)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def check_batch(run: Run) -> None:
+  """The global batch and each micro-batch must split evenly over the mesh's batch shards."""
+  t, shards = run.cfg.train, run.batch_shards
+  if t.batch_size % shards or (t.batch_size // t.grad_accum_steps) % shards:
+    raise DLMError(f"train.batch_size ({t.batch_size}) / train.grad_accum_steps ({t.grad_accum_steps}) must be "
+                   f"divisible by mesh data x fsdp ({shards}) on {run.mesh.devices.size} devices")
+
+
 def abstract_train_state(run: Run, opt) -> dict:
   def init_fn():
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), run.abstract_params)
@@ -202,12 +215,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   opt = make_optimizer(cfg)
   abstract = abstract_train_state(run, opt)
   shardings = state_shardings(run, opt, abstract)
+  check_batch(run)
   n_batch = cfg.train.batch_size
-  if n_batch % (run.mesh.shape["data"] * run.mesh.shape["fsdp"]):
-    raise DLMError(f"train.batch_size ({n_batch}) must be divisible by mesh data x fsdp "
-                   f"({run.mesh.shape['data'] * run.mesh.shape['fsdp']})")
-  if (n_batch // cfg.train.grad_accum_steps) % (run.mesh.shape["data"] * run.mesh.shape["fsdp"]):
-    raise DLMError(f"the micro-batch train.batch_size / train.grad_accum_steps must be divisible by mesh data x fsdp")
 
   it = train_iterator(corpus, n_batch, cfg.data.shuffle_seed, jax.process_index(), jax.process_count())
   # Everything the user can get wrong has been checked: only now is anything written to the workdir.
@@ -215,8 +224,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
-    abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    state, data_state = ckpt.restore(start, abstract_sh)
+    state, data_state = ckpt.restore(start, with_shardings(abstract, shardings))
     it.set_state(data_state)
   else:
     state = init_train_state(run, opt, shardings)
@@ -318,8 +326,7 @@ def load_for_inference(workdir: str, overrides=()) -> tuple[Any, Run, Any, Any]:
   abstract = abstract_train_state(run, opt)
   shardings = state_shardings(run, opt, abstract)
   which = "ema" if _use_ema(cfg) else "params"
-  subset = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract[k], shardings[k])
-            for k in (which, "process_state")}
+  subset = {k: with_shardings(abstract[k], shardings[k]) for k in (which, "process_state")}
   state = ckpt.restore_subset(step, subset)
   ckpt.close()
   return cfg, run, state[which], state["process_state"]

@@ -41,7 +41,8 @@ def main(argv=None) -> int:
   from jax.experimental import topologies
 
   from dlm_jax.build import build
-  from dlm_jax.train import abstract_train_state, make_optimizer, make_train_step, state_shardings
+  from dlm_jax.train import (abstract_train_state, check_batch, make_optimizer, make_train_step, state_shardings,
+                             with_shardings)
 
   try:
     topo = topologies.get_topology_desc(a.topology, platform="tpu")
@@ -52,17 +53,14 @@ def main(argv=None) -> int:
   devices = list(topo.devices)
   try:
     run = build(cfg, devices=devices)
-    dp = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-    if cfg.train.batch_size % dp or (cfg.train.batch_size // cfg.train.grad_accum_steps) % dp:
-      raise DLMError(f"train.batch_size ({cfg.train.batch_size}) / train.grad_accum_steps must be divisible by mesh "
-                     f"data x fsdp ({dp}) on {len(devices)} devices")
+    check_batch(run)
   except DLMError as e:
     print(f"aot_compile_tpu.py: error: {e}", file=sys.stderr)
     return 2
   opt = make_optimizer(cfg)
   abstract = abstract_train_state(run, opt)
   shardings = state_shardings(run, opt, abstract)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  state = with_shardings(abstract, shardings)
   batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32, sharding=run.batch_sharding())
   step = make_train_step(run, opt, shardings)
   with jax.set_mesh(run.mesh):

@@ -85,3 +85,16 @@ def train_bpe(path, texts, special_tokens=("<|endoftext|>",)) -> str:
   tok.train_from_iterator(texts, trainer=trainer)
   tok.save(str(path))
   return str(path)
+
+
+def counting(fn):
+  """Wraps a logits function: returns (wrapped, calls); every real call, also inside jit and lax loops, appends to
+  `calls`, so NFE statistics can be checked against the truth."""
+  import jax
+  calls = []
+
+  def counted(tokens, t):
+    jax.debug.callback(lambda: calls.append(1))
+    return fn(tokens, t)
+
+  return counted, calls

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import counting
 from dlm_jax.samplers import factor_count, llada
 from dlm_jax.samplers.llada import commit_counts
 
@@ -238,11 +239,7 @@ def test_batch_rows_are_independent(kw):
 
 
 def test_nfe_is_exact_including_cfg():
-  calls = []
-
-  def counted(tokens, t):
-    jax.debug.callback(lambda: calls.append(1))
-    return neighbour_logits(tokens, t)
+  counted, calls = counting(neighbour_logits)
 
   canvas = _canvas(2, 3, 16)
   for kw, want in ((dict(steps=8), 8), (dict(steps=8, cfg_scale=1.0), 16), (dict(threshold=0.7), None),

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import counting
 from dlm_jax.samplers import ancestral
 
 V, MASK = 6, 6
@@ -35,11 +36,7 @@ def test_decodes_everything_and_keeps_the_prompt():
 
 
 def test_nfe_is_exact_and_cache_does_not_change_results():
-  calls = []
-
-  def counted(tokens, t):
-    jax.debug.callback(lambda: calls.append(1))
-    return neighbour_logits(tokens, t)
+  counted, calls = counting(neighbour_logits)
 
   canvas = jnp.full((3, 16), MASK, jnp.int32)
   key = jax.random.PRNGKey(3)
@@ -83,11 +80,7 @@ def test_reveal_schedule_one_step_decodes_all_and_respects_steps():
 
 def test_first_hitting_reveals_one_position_per_call():
   from dlm_jax.samplers import first_hitting
-  calls = []
-
-  def counted(tokens, t):
-    jax.debug.callback(lambda: calls.append(1))
-    return neighbour_logits(tokens, t)
+  counted, calls = counting(neighbour_logits)
 
   canvas = np.full((3, 12), MASK, np.int32)
   canvas[0, :5] = [1, 2, 3, 4, 5]  # row 0 has 7 masks, rows 1-2 have 12
