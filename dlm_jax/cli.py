@@ -2,7 +2,8 @@
 
   dlm-train  --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
   dlm-eval   --workdir DIR [--config.KEY=VALUE ...]          prints one JSON line with the validation bound
-  dlm-sample --workdir DIR --num_samples N --output FILE.jsonl [--prompt TEXT] [--config.KEY=VALUE ...]
+  dlm-sample --workdir DIR --num_samples N --output FILE.jsonl [--prompt TEXT | --prompt_file FILE]
+             [--config.KEY=VALUE ...]
 
 User errors print one line `dlm-<cmd>: error: ...` and exit with status 2; SIGTERM during training saves a checkpoint and
 exits with 143. Multi-host runs call jax.distributed.initialize when JAX_COORDINATOR_ADDRESS is set (with
@@ -88,7 +89,12 @@ def _sample(rest, overrides):
   p.add_argument("--workdir", required=True)
   p.add_argument("--num_samples", type=int, required=True)
   p.add_argument("--output", required=True, help="FILE.jsonl; one {'tokens': [...], 'text': ...} per sample")
-  p.add_argument("--prompt", default=None, help="text every sample starts with")
+  p.add_argument("--prompt", default=None,
+                 help="text every sample starts with; spans <|mask:N|> make it an infilling template (only the N "
+                 "masks of each span are generated, the rest stays fixed)")
+  p.add_argument("--prompt_file", default=None,
+                 help="one prompt per line (.txt) or per {'prompt': ...} object (.jsonl); --num_samples samples each; "
+                 "prompts of different lengths are batched with left padding")
   p.add_argument("--show", action="store_true", help="also print every sample's text to stdout")
   a = p.parse_args(rest)
   if a.num_samples < 1:
@@ -100,24 +106,58 @@ def _sample(rest, overrides):
   import numpy as np
   from dlm_jax.evaluate import generate
   from dlm_jax.train import load_for_inference
+  if a.prompt is not None and a.prompt_file is not None:
+    raise DLMError("give --prompt or --prompt_file, not both")
+  texts = [a.prompt] if a.prompt else None
+  if a.prompt_file is not None:
+    texts = _read_prompts(a.prompt_file)
   cfg, run, params, pstate = load_for_inference(a.workdir, overrides)
+  if cfg.sampler.precision == "float64":
+    import jax
+    jax.config.update("jax_enable_x64", True)
+  from dlm_jax.evaluate import encode_prompt
+  from dlm_jax.samplers import PAD
   length = cfg.sampler.length or cfg.data.seq_len
-  prompt_ids = None
-  if a.prompt:
-    prompt_ids = np.asarray(run.tokenizer.encode(a.prompt), np.int32)
+  prompts = None if texts is None else [encode_prompt(run.tokenizer, t, run.process.mask_id) for t in texts]
   tokens, stats = generate(run, params, pstate, num_samples=a.num_samples, length=length, seed=cfg.sampler.seed,
-                           prompt_ids=prompt_ids)
+                           prompts=prompts)
+  details = {k: cfg.sampler[k] for k in ("name", "steps", "temperature", "seed", "precision")}
+  details["sampler"] = details.pop("name")
   tmp = a.output + ".tmp"
+  decoded = []
   with open(tmp, "w") as f:
-    for row in tokens:
-      f.write(json.dumps({"tokens": [int(x) for x in row], "text": run.tokenizer.decode(row),
-                          "sampler": cfg.sampler.name, "steps": cfg.sampler.steps,
-                          "temperature": cfg.sampler.temperature, "seed": cfg.sampler.seed}) + "\n")
+    for i, row in enumerate(tokens):
+      row = [int(x) for x in row if x != PAD]
+      decoded.append(run.tokenizer.decode(np.asarray(row, np.int32)))
+      rec = {"tokens": row, "text": decoded[-1], **details}
+      if texts is not None:
+        rec["prompt"] = texts[i // a.num_samples]
+      f.write(json.dumps(rec) + "\n")
   os.replace(tmp, a.output)
   if a.show:
-    for i, row in enumerate(tokens):
-      print(f"--- sample {i} ---\n{run.tokenizer.decode(row)}")
+    for i, text in enumerate(decoded):
+      print(f"--- sample {i} ---\n{text}")
   print(json.dumps({"output": a.output, "num_samples": int(len(tokens)), "length": length, **stats}), file=sys.stderr)
+
+
+def _read_prompts(path: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise DLMError(f"--prompt_file {path} does not exist")
+  with open(path, encoding="utf-8") as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  if not path.endswith(".jsonl"):
+    prompts = lines
+  else:
+    prompts = []
+    for n, line in enumerate(lines, 1):
+      try:
+        prompts.append(json.loads(line)["prompt"])
+      except (ValueError, KeyError, TypeError):
+        raise DLMError(f"{path}:{n} is not a JSON object with a 'prompt' string; write one {{\"prompt\": ...}} per "
+                       "line") from None
+  if not prompts or not all(isinstance(p, str) and p for p in prompts):
+    raise DLMError(f"--prompt_file {path} holds no prompts (or an empty one); write one non-empty prompt per line")
+  return prompts
 
 
 def train_main(argv=None) -> int:

@@ -20,7 +20,9 @@ from dlm_jax.errors import DLMError
 from dlm_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from dlm_jax.processes import PROCESSES as _PROCESSES
 from dlm_jax.samplers import SAMPLERS as _SAMPLERS
-from dlm_jax.samplers.llada import CONFIDENCE, REMASKING
+from dlm_jax.samplers.common import PRECISIONS
+from dlm_jax.samplers.llada import CACHES, CONFIDENCE, REMASKING
+from dlm_jax.samplers.remdm import STRATEGIES
 
 # Names valid in a config; the process, sampler and attention names come from the modules that implement them.
 PROCESSES = tuple(_PROCESSES)
@@ -95,12 +97,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.use_ema = True
 
   c.sampler = ml_collections.ConfigDict()
-  c.sampler.name = "ancestral"  # or "first_hitting" (one position per call, exact), "llada" (keys below)
+  # ancestral (MDLM), first_hitting (one position per call, exact), llada (semi-AR remasking, Fast-dLLM, caches, Prophet),
+  # remdm (remasking). All in dlm_jax/samplers/. --prompt may hold <|mask:N|> spans (infilling, see README).
+  c.sampler.name = "ancestral"
   c.sampler.steps = 128
   c.sampler.temperature = 1.0
   c.sampler.length = 0  # 0 = data.seq_len
   c.sampler.batch_size = 16
   c.sampler.seed = 0
+  c.sampler.precision = "float32"  # or "float64": Gumbel sampling in float64 (turns on JAX 64-bit mode)
+  c.sampler.logit_shift = False  # models that predict token i at position i - 1 (Dream)
+  c.sampler.stop_at_eos = False  # llada: a row that committed the tokenizer's EOS fills the rest with EOS and stops
   # llada only (dlm_jax/samplers/llada.py): semi-autoregressive blocks and remasking, Fast-dLLM parallel decoding
   c.sampler.block_length = 0  # 0 = the whole generated region is one block
   c.sampler.remasking = "low_confidence"  # or "random"
@@ -108,6 +115,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler.threshold = 0.0  # 0 = off; in (0, 1]: commit every position at least this confident (always >= 1)
   c.sampler.factor = 0.0  # 0 = off; > 0: Fast-dLLM factor rule
   c.sampler.cfg_scale = 0.0  # classifier-free guidance (prompt masked for the unconditional call)
+  c.sampler.position_temperature = 0.0  # > 0: sample the committed positions from softmax(confidence / this)
+  c.sampler.cache = "none"  # or "prefix", "dual": Fast-dLLM K/V caches, rebuilt at every block start
+  c.sampler.cache_refresh = 0  # also rebuild the cache every k steps within a block (0 = only at block starts)
+  c.sampler.prophet = False  # Prophet early commit: decode everything once the top-1/top-2 logit gap is large
+  # remdm only (dlm_jax/samplers/remdm.py)
+  c.sampler.remdm_strategy = "cap"  # or "rescale", "conf"
+  c.sampler.eta = 0.02  # remasking strength
+  c.sampler.t_on = 1.0  # remask only for t <= t_on
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices
@@ -340,6 +355,20 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(e.max_batches >= 0, f"eval.max_batches must be >= 0 (0 = all), got {e.max_batches}")
   need(s.name in SAMPLERS, f"sampler.name must be one of {SAMPLERS}, got {s.name!r}")
   need(s.steps >= 1, f"sampler.steps must be >= 1, got {s.steps}")
+  need(s.precision in PRECISIONS, f"sampler.precision must be one of {PRECISIONS}, got {s.precision!r}")
+  need(s.cache in CACHES, f"sampler.cache must be one of {CACHES}, got {s.cache!r}")
+  need(s.cache_refresh >= 0, f"sampler.cache_refresh must be >= 0 (0 = once per block), got {s.cache_refresh}")
+  need(s.position_temperature >= 0, f"sampler.position_temperature must be >= 0, got {s.position_temperature}")
+  need(s.remdm_strategy in STRATEGIES, f"sampler.remdm_strategy must be one of {STRATEGIES}, got {s.remdm_strategy!r}")
+  need(0 <= s.eta <= 1, f"sampler.eta must be in [0, 1], got {s.eta}")
+  need(0 <= s.t_on <= 1, f"sampler.t_on must be in [0, 1], got {s.t_on}")
+  if s.name != "llada":
+    for key, off in (("cache", "none"), ("prophet", False), ("stop_at_eos", False), ("threshold", 0.0),
+                     ("factor", 0.0), ("cfg_scale", 0.0)):
+      need(s[key] == off, f"sampler.{key} is a sampler.name='llada' option; set sampler.name=llada or drop it")
+  if s.cache != "none":
+    need(not s.cfg_scale and not s.logit_shift,
+         "sampler.cache does not support sampler.cfg_scale or sampler.logit_shift; set sampler.cache=none")
   if s.name == "llada":
     need(s.temperature >= 0, f"sampler.temperature must be >= 0 (0 = greedy), got {s.temperature}")
   else:

@@ -121,7 +121,10 @@ class Block(nnx.Module):
       self.ada = _param(rngs, (c.cond_dim, 6 * d), ("cond", "embed"), None)  # zero init: starts unconditioned
       self.ada_b = _param(rngs, (6 * d,), ("embed",), None)
 
-  def __call__(self, x, positions, cond, q_seg, kv_seg, mask):
+  def __call__(self, x, positions, cond, q_seg, kv_seg, mask, cache=None):
+    """cache: None, or (layer cache {'k', 'v'} [B, Lc, K, D] with keys before RoPE, start, kv_positions [B, Lc]):
+    this window's keys / values are written at [start, start + Lq) and the queries attend to the whole cache, whose
+    keys are rotated at use. Returns x, or (x, updated layer cache)."""
     c, dt = self.c, self.c.dtype
     if c.time_conditioning:
       mod = (cond @ self.ada[...] + self.ada_b[...]).astype(dt)[:, None, :]
@@ -133,8 +136,18 @@ class Block(nnx.Module):
     k = dense(h, self.wk[...].astype(dt))
     v = dense(h, self.wv[...].astype(dt))
     q = rope(q, positions, c.rope_theta)
-    k = rope(k, positions, c.rope_theta)
     q = constrain(q, ("batch", "length", "heads", "kv"))
+    new_cache = None
+    if cache is not None:
+      layer, start, kv_positions = cache
+      zero = jnp.zeros((), jnp.int32)
+      new_cache = {name: jax.lax.dynamic_update_slice(layer[name], val.astype(layer[name].dtype),
+                                                      (zero, start, zero, zero))
+                   for name, val in (("k", k), ("v", v))}
+      k = rope(new_cache["k"].astype(dt), kv_positions, c.rope_theta)
+      v = new_cache["v"].astype(dt)
+    else:
+      k = rope(k, positions, c.rope_theta)
     o = attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask, implementation=c.attention_impl)
     o = dense(o, self.wo[...].astype(dt), n_in=2)
     x = x + (g1 * o if c.time_conditioning else o)
@@ -146,7 +159,8 @@ class Block(nnx.Module):
     u = dense(h, self.w_up[...].astype(dt))
     y = dense(jax.nn.silu(g) * u, self.w_down[...].astype(dt))
     x = x + (g2 * y if c.time_conditioning else y)
-    return constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, ("batch", "length", "embed"))
+    return x if cache is None else (x, new_cache)
 
 
 class Transformer(nnx.Module):
@@ -167,9 +181,14 @@ class Transformer(nnx.Module):
       self.final_ada = _param(rngs, (c.cond_dim, 2 * c.d_model), ("cond", "embed"), None)
 
   def __call__(self, tokens, *, t=None, positions=None, segment_ids=None, kv_segment_ids=None, mask=None,
-               embeddings=None):
+               embeddings=None, cache=None, cache_start=None, kv_positions=None):
     """tokens [B, L] int; or `embeddings` [B, L, d_model] given instead of the token lookup (continuous families
-    feed noisy vectors; pass tokens=None then)."""
+    feed noisy vectors; pass tokens=None then).
+
+    K/V cache (samplers): `cache` = {'layer_i': {'k', 'v'}} with [B, Lc, K, D] arrays (`empty_cache`); the L input
+    tokens are the window [cache_start, cache_start + L) of an Lc-long sequence. Their keys (before RoPE) and values
+    are written into the cache, and the queries attend to all Lc cached positions (`kv_segment_ids` [B, Lc]: a
+    negative id is never attended; `kv_positions` [B, Lc] rotate the cached keys). Returns (logits, cache) then."""
     c = self.c
     if embeddings is not None:
       b, l = embeddings.shape[:2]
@@ -189,14 +208,21 @@ class Transformer(nnx.Module):
       e = timestep_embedding(jnp.broadcast_to(t, (b,)), c.cond_dim)
       e = jax.nn.silu(e @ self.t_mlp1[...] + self.t_mlp1_b[...])
       cond = jax.nn.silu(e @ self.t_mlp2[...] + self.t_mlp2_b[...])
+    new_cache = {} if cache is not None else None
     for i in range(c.num_layers):
-      x = getattr(self, f"layer_{i}")(x, positions, cond, segment_ids, kv_segment_ids, mask)
+      layer = getattr(self, f"layer_{i}")
+      if cache is None:
+        x = layer(x, positions, cond, segment_ids, kv_segment_ids, mask)
+      else:
+        x, new_cache[f"layer_{i}"] = layer(x, positions, cond, segment_ids, kv_segment_ids, mask,
+                                           cache=(cache[f"layer_{i}"], cache_start, kv_positions))
     x = rms_norm(x, self.final_norm[...], c.norm_eps)
     if c.time_conditioning:
       sh, sc = jnp.split((cond @ self.final_ada[...]).astype(c.dtype)[:, None, :], 2, axis=-1)
       x = x * (1 + sc) + sh
     logits = dense(x, self.head[...].astype(c.dtype)).astype(jnp.float32)
-    return constrain(logits, ("batch", "length", "vocab"))
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    return logits if cache is None else (logits, new_cache)
 
 
 def init(c: ModelConfig, seed: int) -> tuple[nnx.GraphDef, dict]:
@@ -230,3 +256,66 @@ def num_params(params: dict, exclude_embeddings: bool = False) -> int:
   """Parameter count; `exclude_embeddings` leaves out the input table and the output head (the usual convention)."""
   skip = ("embed", "head") if exclude_embeddings else ()
   return sum(x.size for key, sub in params.items() if key not in skip for x in jax.tree.leaves(sub))
+
+
+# --- the model seen by samplers -------------------------------------------------------------------------------------
+
+
+def _pad_layout(tokens: jax.Array, pad_id: int):
+  """Left padding (samplers' PAD ids): (safe token ids, kv segment ids with -1 at PAD, positions counted from each
+  row's first real token)."""
+  valid = tokens != pad_id
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+  return jnp.where(valid, tokens, 0), jnp.where(valid, 0, -1).astype(jnp.int32), positions
+
+
+def logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = -1):
+  """(tokens [B, L], t [B]) -> logits: the sampler-facing forward. PAD positions are never attended to and positions
+  are numbered from each row's first real token, so a left-padded row gives the logits it gives alone."""
+
+  def fn(tokens, t):
+    safe, seg, positions = _pad_layout(tokens, pad_id)
+    kw = {"t": t} if time_conditioned else {}
+    return apply_fn(params, safe, positions=positions, segment_ids=jnp.zeros_like(seg), kv_segment_ids=seg, **kw)
+
+  return fn
+
+
+def empty_cache(params: dict, batch: int, length: int, dtype=jnp.float32) -> dict:
+  """Zero K/V cache {'layer_i': {'k', 'v'}: [B, L, K, D]} for the model whose parameters are `params`."""
+  cache = {}
+  for name, layer in params.items():
+    if name.startswith("layer_"):
+      _, kh, hd = layer["wk"].shape
+      cache[name] = {"k": jnp.zeros((batch, length, kh, hd), dtype), "v": jnp.zeros((batch, length, kh, hd), dtype)}
+  return cache
+
+
+def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = -1, dtype=jnp.float32):
+  """The cache-aware forward for the Fast-dLLM prefix / dual caches (`dlm_jax.samplers.llada`, cache="prefix"/"dual").
+
+  fn(window [B, W], t [B], start, cache) -> (logits [B, W, V], cache). With W = L, start = 0 (a full forward;
+  `cache` may be None) it computes every position and returns a fresh cache: per-layer keys (before RoPE) and values
+  plus the row layout (PAD positions, RoPE positions). Otherwise the window's keys and values replace the cached ones at
+  [start, start + W) and its queries attend to all L positions, the rest coming from the cache as it was last written
+  (Fast-dLLM's dual cache; with the window reaching the end of the sequence, the prefix cache). Cached keys are
+  rotated at use with their absolute positions.
+  """
+
+  def fn(window, t, start, cache):
+    b, w = window.shape
+    kw = {"t": t} if time_conditioned else {}
+    if cache is None or w == cache["positions"].shape[1]:
+      safe, seg, positions = _pad_layout(window, pad_id)
+      kv = empty_cache(params, b, w, dtype)
+      logits, kv = apply_fn(params, safe, positions=positions, segment_ids=jnp.zeros_like(seg), kv_segment_ids=seg,
+                            cache=kv, cache_start=jnp.zeros((), jnp.int32), kv_positions=positions, **kw)
+      return logits, {"kv": kv, "segments": seg, "positions": positions}
+    start = jnp.asarray(start, jnp.int32)
+    positions = jax.lax.dynamic_slice_in_dim(cache["positions"], start, w, axis=1)
+    logits, kv = apply_fn(params, window, positions=positions, segment_ids=jnp.zeros((b, w), jnp.int32),
+                          kv_segment_ids=cache["segments"], cache=cache["kv"], cache_start=start,
+                          kv_positions=cache["positions"], **kw)
+    return logits, {**cache, "kv": kv}
+
+  return fn

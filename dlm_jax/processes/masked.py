@@ -155,24 +155,33 @@ class MaskedDiffusion:
     nll = self._masked_nll(apply_fn, params, batch, z, masked, None)
     return (l / m.astype(jnp.float32)) * nll, jnp.full((b,), l, jnp.float32)
 
-  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state, gen_start: int = 0):
-    """Decodes the `mask_id` positions of `canvas` with `sampler_cfg.name`: "ancestral" (MDLM, the default),
-    "first_hitting" (one position per call) or "llada" (semi-AR remasking / Fast-dLLM parallel decoding over [gen_start, L)); `gen_start` = prompt length."""
+  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state, gen_start: int = 0, eos_id=None):
+    """Decodes the `mask_id` positions of `canvas` (left-padded with samplers.PAD where prompts differ in length) with
+    `sampler_cfg.name`: "ancestral" (MDLM, the default), "first_hitting", "llada" (over [gen_start, L); the K/V caches
+    use the model's cache-aware forward) or "remdm". `gen_start` = where the generated region starts (the longest
+    prompt); `eos_id` is used when sampler_cfg.stop_at_eos is set."""
     del state
-    from dlm_jax.samplers import ancestral, first_hitting, llada  # samplers import schedules from this package
+    from dlm_jax import model as model_lib  # samplers import schedules from this package
+    from dlm_jax.samplers import ancestral, first_hitting, llada, remdm
 
-    def logits_fn(tokens, t):
-      return apply_fn(params, tokens, t=t) if self.time_conditioning else apply_fn(params, tokens)
-
+    tc = self.time_conditioning
+    logits_fn = model_lib.logits_fn(apply_fn, params, time_conditioned=tc)
     s = sampler_cfg
+    common = dict(mask_id=self.mask_id, temperature=s.temperature, precision=s.precision, logit_shift=s.logit_shift)
     if s.name == "llada":
       gen_length = canvas.shape[1] - gen_start
-      return llada(logits_fn, key, canvas, mask_id=self.mask_id, gen_start=gen_start, gen_length=gen_length,
-                   block_length=s.block_length or gen_length,
-                   steps=None if (s.threshold or s.factor) else s.steps, remasking=s.remasking,
-                   confidence=s.confidence, temperature=s.temperature, threshold=s.threshold or None,
-                   factor=s.factor or None, cfg_scale=s.cfg_scale)
+      adaptive = bool(s.threshold or s.factor)
+      if s.cache != "none":
+        logits_fn = model_lib.cached_logits_fn(apply_fn, params, time_conditioned=tc)
+      return llada(logits_fn, key, canvas, gen_start=gen_start, gen_length=gen_length,
+                   block_length=s.block_length or gen_length, steps=None if adaptive else s.steps,
+                   remasking=s.remasking, confidence=s.confidence, position_temperature=s.position_temperature,
+                   threshold=s.threshold or None, factor=s.factor or None, cfg_scale=s.cfg_scale, cache=s.cache,
+                   cache_refresh=s.cache_refresh, prophet=s.prophet,
+                   eos_id=eos_id if s.stop_at_eos else None, **common)
     if s.name == "first_hitting":
-      return first_hitting(logits_fn, key, canvas, mask_id=self.mask_id, temperature=s.temperature)
-    return ancestral(logits_fn, key, canvas, mask_id=self.mask_id, steps=s.steps, schedule=self.schedule,
-                     temperature=s.temperature, time_conditioned=self.time_conditioning)
+      return first_hitting(logits_fn, key, canvas, **common)
+    if s.name == "remdm":
+      return remdm(logits_fn, key, canvas, steps=s.steps, eta=s.eta, strategy=s.remdm_strategy, t_on=s.t_on,
+                   schedule=self.schedule, **common)
+    return ancestral(logits_fn, key, canvas, steps=s.steps, schedule=self.schedule, time_conditioned=tc, **common)

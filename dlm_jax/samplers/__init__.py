@@ -1,16 +1,22 @@
-"""Samplers: pure, jit-compiled decoding loops that take any `logits_fn`.
+"""Samplers: pure, jit-compiled decoding loops that take any `logits_fn`; none of them needs a dlm_jax model.
 
-`ancestral` is the MDLM ancestral sampler; `first_hitting` reveals one uniformly chosen position per network call
-(exact, no discretisation); `llada` is LLaDA's semi-autoregressive remasking sampler with Fast-dLLM's
-threshold / factor parallel decoding and classifier-free guidance. The sampler library (remasking, semi-AR blocks,
-parallel decoding, caches) adds its members here with the same calling convention:
-(logits_fn, key, canvas, **static options) -> (tokens, stats).
+  ancestral      MDLM ancestral sampler (exact reverse process on a time grid, no-change cache)
+  first_hitting  one uniformly chosen position per network call (exact, no discretisation)
+  llada          LLaDA semi-autoregressive remasking + Fast-dLLM threshold / factor decoding, prefix / dual K/V caches,
+                 Prophet early commit, Dream orderings and logit shift, classifier-free guidance, EOS stopping
+  remdm          ReMDM remasking (decoded tokens may be revised; cap / rescale / conf strategies)
+
+Calling convention: (logits_fn, key, canvas, **static options) -> (tokens, stats); conventions shared by all of them
+(left padding with PAD, per-row keys, input checks, infilling) are in `dlm_jax.samplers.common`.
 """
 
-from dlm_jax.samplers.ancestral import ancestral, gumbel_argmax, suppress_mask
+from dlm_jax.samplers.ancestral import ancestral
+from dlm_jax.samplers.common import PAD, gumbel_argmax, left_pad, suppress_mask
 from dlm_jax.samplers.first_hitting import first_hitting
 from dlm_jax.samplers.llada import factor_count, llada
+from dlm_jax.samplers.remdm import remdm
 
-SAMPLERS = {"ancestral": ancestral, "first_hitting": first_hitting, "llada": llada}
+SAMPLERS = {"ancestral": ancestral, "first_hitting": first_hitting, "llada": llada, "remdm": remdm}
 
-__all__ = ["ancestral", "first_hitting", "llada", "factor_count", "gumbel_argmax", "suppress_mask", "SAMPLERS"]
+__all__ = ["ancestral", "first_hitting", "llada", "remdm", "factor_count", "gumbel_argmax", "suppress_mask",
+           "left_pad", "PAD", "SAMPLERS"]

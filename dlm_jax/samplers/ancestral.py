@@ -18,51 +18,52 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.processes.schedules import Schedule
-
-
-def suppress_mask(logits: jax.Array, mask_id: int) -> jax.Array:
-  if logits.shape[-1] > mask_id:
-    logits = logits.at[..., mask_id].set(-jnp.inf)
-  return logits
-
-
-def gumbel_argmax(key: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
-  """A draw from softmax(logits / temperature) by the Gumbel-max trick (float32)."""
-  g = jax.random.gumbel(key, logits.shape, jnp.float32)
-  return jnp.argmax(logits.astype(jnp.float32) / temperature + g, axis=-1).astype(jnp.int32)
+from dlm_jax.samplers.common import (check_canvas, check_logits_fn, check_precision, gumbel_argmax,  # noqa: F401
+                                     positions_from_end, row_keys, sample_tokens, shift_logits, step_keys,
+                                     suppress_mask, uniform_noise)
 
 
 def ancestral(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array, canvas: jax.Array, *,
               mask_id: int, steps: int, schedule: Schedule = Schedule("linear"), temperature: float = 1.0,
-              time_conditioned: bool = False) -> tuple[jax.Array, dict]:
-  """Decodes every `mask_id` position of `canvas` [B, L]; other positions (prompts) stay fixed.
+              time_conditioned: bool = False, precision: str = "float32", logit_shift: bool = False
+              ) -> tuple[jax.Array, dict]:
+  """Decodes every `mask_id` position of `canvas` [B, L]; other positions (prompts, infilling context, PAD) stay fixed.
 
+  Randomness is per row and position (`dlm_jax.samplers.common`): a row decodes the same alone or in any batch.
   Returns (tokens [B, L] int32, stats) with stats = {'nfe': number of logits_fn calls, 'steps': steps}.
   """
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
-  canvas = jnp.asarray(canvas, jnp.int32)
-  b, _ = canvas.shape
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  check_precision(precision)
+  canvas = check_canvas(canvas, mask_id)
+  b, length = canvas.shape
+  v = check_logits_fn(logits_fn, canvas, mask_id)
+  keys = row_keys(key, b)
+  from_end = positions_from_end(length, 0, length)
 
   def logits_at(tokens, t):
-    return suppress_mask(logits_fn(tokens, jnp.full((b,), t, jnp.float32)), mask_id)
+    logits = logits_fn(tokens, jnp.full((b,), t, jnp.float32)).astype(jnp.float32)
+    return suppress_mask(shift_logits(logits) if logit_shift else logits, mask_id)
 
   def body(i, carry):
-    tokens, logits, fresh, nfe, key = carry
+    tokens, logits, fresh, nfe = carry
     s = 1.0 - i / steps
     t = 1.0 - (i + 1) / steps
     recompute = jnp.logical_or(time_conditioned, jnp.logical_not(fresh))
     logits, nfe = jax.lax.cond(recompute, lambda: (logits_at(tokens, s), nfe + 1), lambda: (logits, nfe))
-    key, k_tok, k_rev = jax.random.split(key, 3)
+    k = step_keys(keys, i)
+    k_tok = jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(k)
+    k_rev = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(k)
     a_s, a_t = schedule.alpha(s), schedule.alpha(t)
     p_reveal = jnp.where(i == steps - 1, 1.0, (a_t - a_s) / (1.0 - a_s))
-    draw = gumbel_argmax(k_tok, logits, temperature)
+    draw = sample_tokens(k_tok, from_end, logits, temperature, precision)
     masked = tokens == mask_id
-    reveal = masked & (jax.random.uniform(k_rev, tokens.shape) < p_reveal)
+    reveal = masked & (uniform_noise(k_rev, from_end) < p_reveal)
     new_tokens = jnp.where(reveal, draw, tokens)
-    return new_tokens, logits, jnp.logical_not(jnp.any(reveal)), nfe, key
+    return new_tokens, logits, jnp.logical_not(jnp.any(reveal)), nfe
 
-  v = jax.eval_shape(logits_at, canvas, 1.0).shape[-1]
-  init = (canvas, jnp.zeros((b, canvas.shape[1], v), jnp.float32), jnp.array(False), jnp.array(0, jnp.int32), key)
-  tokens, _, _, nfe, _ = jax.lax.fori_loop(0, steps, body, init)
+  init = (canvas, jnp.zeros((b, length, v), jnp.float32), jnp.array(False), jnp.array(0, jnp.int32))
+  tokens, _, _, nfe = jax.lax.fori_loop(0, steps, body, init)
   return tokens, {"nfe": nfe, "steps": jnp.array(steps, jnp.int32)}

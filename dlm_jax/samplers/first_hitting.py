@@ -17,36 +17,49 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.samplers.ancestral import gumbel_argmax, suppress_mask
+from dlm_jax.samplers.common import (check_canvas, check_logits_fn, check_precision, positions_from_end, row_keys,
+                                     sample_tokens, shift_logits, step_keys, suppress_mask, uniform_noise)
 
 
 def first_hitting(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array, canvas: jax.Array, *,
-                  mask_id: int, temperature: float = 1.0) -> tuple[jax.Array, dict]:
-  """Decodes every `mask_id` position of `canvas` [B, L], one per step. Returns (tokens, {'nfe', 'steps'})."""
+                  mask_id: int, temperature: float = 1.0, precision: str = "float32", logit_shift: bool = False
+                  ) -> tuple[jax.Array, dict]:
+  """Decodes every `mask_id` position of `canvas` [B, L], one per step and row (per-row, per-position randomness:
+  a row decodes the same alone or in any batch). Returns (tokens, {'nfe', 'steps'})."""
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
-  canvas = jnp.asarray(canvas, jnp.int32)
+  check_precision(precision)
+  canvas = check_canvas(canvas, mask_id)
   b, l = canvas.shape
+  check_logits_fn(logits_fn, canvas, mask_id)
+  keys = row_keys(key, b)
+  from_end = positions_from_end(l, 0, l)
 
   def body(i, carry):
-    tokens, t, nfe, key = carry
+    tokens, t, nfe = carry
     masked = tokens == mask_id
     n = jnp.sum(masked, axis=-1)
     active = n > 0
-    key, k_u, k_pos, k_tok = jax.random.split(key, 4)
-    t_next = t * jax.random.uniform(k_u, (b,)) ** (1.0 / jnp.maximum(n, 1).astype(jnp.float32))
+    k = step_keys(keys, i)
+    k_u, k_pos, k_tok = (jax.vmap(lambda kk, j=j: jax.random.fold_in(kk, j))(k) for j in range(3))
+    u = jax.vmap(lambda kk: jax.random.uniform(kk, (), jnp.float32))(k_u)
+    t_next = t * u ** (1.0 / jnp.maximum(n, 1).astype(jnp.float32))
     t_next = jnp.where(active, t_next, t)
 
     def step(_):
-      logits = suppress_mask(logits_fn(tokens, t_next), mask_id)
-      pos = jnp.argmax(jnp.where(masked, jax.random.uniform(k_pos, (b, l)), -1.0), axis=-1)  # uniform masked slot
-      draw = gumbel_argmax(k_tok, jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0], temperature)
+      logits = logits_fn(tokens, t_next).astype(jnp.float32)
+      logits = suppress_mask(shift_logits(logits) if logit_shift else logits, mask_id)
+      pos = jnp.argmax(jnp.where(masked, uniform_noise(k_pos, from_end), -1.0), axis=-1)  # uniform masked slot
+      picked = jnp.take_along_axis(logits, pos[:, None, None], axis=1)  # [B, 1, V]
+      # the same per-position draw as sample_tokens, for one position per row
+      draw = jax.vmap(lambda kk, p, lg: sample_tokens(kk[None], p[None], lg[None, None], temperature, precision)[0, 0])(
+          k_tok, from_end[pos], picked[:, 0])
       new = tokens.at[jnp.arange(b), pos].set(draw)
       return jnp.where(active[:, None], new, tokens), nfe + 1
 
     tokens, nfe = jax.lax.cond(jnp.any(active), step, lambda _: (tokens, nfe), None)
-    return tokens, t_next, nfe, key
+    return tokens, t_next, nfe
 
-  init = (canvas, jnp.ones((b,), jnp.float32), jnp.array(0, jnp.int32), key)
-  tokens, _, nfe, _ = jax.lax.fori_loop(0, l, body, init)
+  init = (canvas, jnp.ones((b,), jnp.float32), jnp.array(0, jnp.int32))
+  tokens, _, nfe = jax.lax.fori_loop(0, l, body, init)
   return tokens, {"nfe": nfe, "steps": nfe}
