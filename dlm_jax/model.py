@@ -84,15 +84,23 @@ def rms_norm(x, scale, eps):
   return (y * scale).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, rotate-half convention. x: [B, L, H, D]; positions: [B, L]."""
-  d = x.shape[-1]
+def rope_tables(positions: jax.Array, d: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos / sin [B, L, 1, D/2] (float32) of the rotary angles; computed once per forward and shared by all layers."""
   freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   ang = positions.astype(jnp.float32)[..., None] * freqs  # [B, L, D/2]
-  cos = jnp.cos(ang)[:, :, None, :]
-  sin = jnp.sin(ang)[:, :, None, :]
+  return jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotary embedding, rotate-half convention, x: [B, L, H, D]."""
+  cos, sin = tables
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding of x [B, L, H, D] at positions [B, L]."""
+  return apply_rope(x, rope_tables(positions, x.shape[-1], theta))
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -121,10 +129,11 @@ class Block(nnx.Module):
       self.ada = _param(rngs, (c.cond_dim, 6 * d), ("cond", "embed"), None)  # zero init: starts unconditioned
       self.ada_b = _param(rngs, (6 * d,), ("embed",), None)
 
-  def __call__(self, x, positions, cond, q_seg, kv_seg, mask, cache=None):
-    """cache: None, or (layer cache {'k', 'v'} [B, Lc, K, D] with keys before RoPE, start, kv_positions [B, Lc]):
-    this window's keys / values are written at [start, start + Lq) and the queries attend to the whole cache, whose
-    keys are rotated at use. Returns x, or (x, updated layer cache)."""
+  def __call__(self, x, rot, cond, q_seg, kv_seg, mask, cache=None):
+    """rot: RoPE tables of the input positions (`rope_tables`). cache: None, or (layer cache {'k', 'v'} [B, Lc, K, D]
+    with keys before RoPE, start, RoPE tables of the Lc cached positions): this window's keys / values are written at
+    [start, start + Lq) and the queries attend to the whole cache, whose keys are rotated at use. Returns x, or
+    (x, updated layer cache)."""
     c, dt = self.c, self.c.dtype
     if c.time_conditioning:
       mod = (cond @ self.ada[...] + self.ada_b[...]).astype(dt)[:, None, :]
@@ -135,19 +144,19 @@ class Block(nnx.Module):
     q = dense(h, self.wq[...].astype(dt))
     k = dense(h, self.wk[...].astype(dt))
     v = dense(h, self.wv[...].astype(dt))
-    q = rope(q, positions, c.rope_theta)
+    q = apply_rope(q, rot)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     new_cache = None
     if cache is not None:
-      layer, start, kv_positions = cache
+      layer, start, kv_rot = cache
       zero = jnp.zeros((), jnp.int32)
       new_cache = {name: jax.lax.dynamic_update_slice(layer[name], val.astype(layer[name].dtype),
                                                       (zero, start, zero, zero))
                    for name, val in (("k", k), ("v", v))}
-      k = rope(new_cache["k"].astype(dt), kv_positions, c.rope_theta)
+      k = apply_rope(new_cache["k"].astype(dt), kv_rot)
       v = new_cache["v"].astype(dt)
     else:
-      k = rope(k, positions, c.rope_theta)
+      k = apply_rope(k, rot)
     o = attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask, implementation=c.attention_impl)
     o = dense(o, self.wo[...].astype(dt), n_in=2)
     x = x + (g1 * o if c.time_conditioning else o)
@@ -209,13 +218,15 @@ class Transformer(nnx.Module):
       e = jax.nn.silu(e @ self.t_mlp1[...] + self.t_mlp1_b[...])
       cond = jax.nn.silu(e @ self.t_mlp2[...] + self.t_mlp2_b[...])
     new_cache = {} if cache is not None else None
+    rot = rope_tables(positions, c.head_dim, c.rope_theta)
+    kv_rot = None if cache is None else rope_tables(kv_positions, c.head_dim, c.rope_theta)
     for i in range(c.num_layers):
       layer = getattr(self, f"layer_{i}")
       if cache is None:
-        x = layer(x, positions, cond, segment_ids, kv_segment_ids, mask)
+        x = layer(x, rot, cond, segment_ids, kv_segment_ids, mask)
       else:
-        x, new_cache[f"layer_{i}"] = layer(x, positions, cond, segment_ids, kv_segment_ids, mask,
-                                           cache=(cache[f"layer_{i}"], cache_start, kv_positions))
+        x, new_cache[f"layer_{i}"] = layer(x, rot, cond, segment_ids, kv_segment_ids, mask,
+                                           cache=(cache[f"layer_{i}"], cache_start, kv_rot))
     x = rms_norm(x, self.final_norm[...], c.norm_eps)
     if c.time_conditioning:
       sh, sc = jnp.split((cond @ self.final_ada[...]).astype(c.dtype)[:, None, :], 2, axis=-1)

@@ -85,14 +85,22 @@ def factor_count(sorted_conf: jax.Array, factor: float) -> jax.Array:
   return jnp.where(jnp.any(valid, axis=-1), jnp.maximum(best, 1), 0)
 
 
+def top2(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The largest and second-largest value along the last axis (two reductions; XLA:CPU's top_k sorts)."""
+  first = jnp.max(x, axis=-1)
+  arg = jnp.argmax(x, axis=-1)
+  second = jnp.max(jnp.where(jnp.arange(x.shape[-1]) == arg[..., None], -jnp.inf, x), axis=-1)
+  return first, second
+
+
 def confidence_of(logits: jax.Array, x0: jax.Array, kind: str) -> jax.Array:
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   p = jnp.exp(logp)
   if kind == "max_prob":
     return jnp.take_along_axis(p, x0[..., None], axis=-1)[..., 0]
   if kind == "margin":
-    top2 = jax.lax.top_k(p, 2)[0]
-    return top2[..., 0] - top2[..., 1]
+    p1, p2 = top2(p)
+    return p1 - p2
   return jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)  # neg_entropy
 
 
@@ -273,8 +281,8 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
       commit = eligible & (rank < n[:, None])
       now = rush
       if prophet:
-        top2 = jax.lax.top_k(logits, 2)[0]
-        gap = jnp.where(eligible, top2[..., 0] - top2[..., 1], 0.0)
+        l1, l2 = top2(logits)
+        gap = jnp.where(eligible, l1 - l2, 0.0)
         mean_gap = jnp.sum(gap, axis=1) / jnp.maximum(jnp.sum(eligible, axis=1), 1)
         left = jnp.sum((tokens == mask_id) & gen_region[None], axis=1)
         progress = 1.0 - left.astype(jnp.float32) / jnp.maximum(n_gen, 1).astype(jnp.float32)
