@@ -185,3 +185,72 @@ def test_sample_with_llada_sampler_from_the_cli(trained, tmp_path):
                                                     "--config.sampler.name=llada", "--config.sampler.threshold=1.5"),
                                             "dlm-sample")
   assert not os.path.exists(out)
+
+
+def _sample(wd, out, *args, n=2):
+  r = run_cli("sample", "--workdir", wd, "--num_samples", str(n), "--output", out, *args)
+  assert r.returncode == 0, r.stderr
+  return [json.loads(l) for l in open(out)], json.loads(r.stderr.strip().splitlines()[-1])
+
+
+def test_prompt_file_batches_prompts_of_different_lengths(trained, tmp_path):
+  _, wd = trained
+  prompts = ["abcab", "a", "cab"]
+  pf = tmp_path / "prompts.jsonl"
+  pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+  greedy = ["--config.sampler.name=llada", "--config.sampler.temperature=0", "--config.sampler.block_length=11",
+            "--config.sampler.steps=11", "--config.sampler.batch_size=8"]
+  rows, _ = _sample(wd, str(tmp_path / "b.jsonl"), "--prompt_file", str(pf), *greedy)
+  assert [r["prompt"] for r in rows] == [p for p in prompts for _ in range(2)]
+  for p in prompts:  # left padding never shows: each row is the prompt followed by 16 - 5 generated tokens
+    mine = [r for r in rows if r["prompt"] == p]
+    assert all(r["tokens"][:len(p)] == [ord(c) for c in p] and len(r["tokens"]) == len(p) + 11 for r in mine)
+  # the 'a' rows equal a run of that prompt alone padded to the same generated length
+  alone, _ = _sample(wd, str(tmp_path / "a.jsonl"), "--prompt", "a", *greedy, "--config.sampler.length=12")
+  assert [r["tokens"] for r in alone] == [r["tokens"] for r in rows if r["prompt"] == "a"]
+  (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+  msg = _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", str(tmp_path / "o.jsonl"),
+                            "--prompt_file", str(tmp_path / "bad.jsonl")), "dlm-sample")
+  assert "bad.jsonl:1" in msg and "'prompt'" in msg
+
+
+def test_infilling_template_from_the_cli(trained, tmp_path):
+  _, wd = trained
+  for sampler in ("ancestral", "llada", "remdm", "first_hitting"):
+    rows, _ = _sample(wd, str(tmp_path / "i.jsonl"), "--prompt", "ab<|mask:3|>ca<|mask:2|>b",
+                      f"--config.sampler.name={sampler}", "--config.sampler.steps=5")
+    for r in rows:
+      t = r["tokens"]
+      assert len(t) == 10 and t[:2] == [97, 98] and t[5:7] == [99, 97] and t[9] == 98, (sampler, t)
+      assert all(0 <= x < 257 for x in t)
+  assert "N >= 1" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output",
+                                         str(tmp_path / "o.jsonl"), "--prompt", "a<|mask:0|>"), "dlm-sample")
+
+
+def test_sampler_options_from_the_cli(trained, tmp_path):
+  _, wd = trained
+  out = str(tmp_path / "o.jsonl")
+  llada_opts = ["--config.sampler.name=llada", "--config.sampler.block_length=4", "--config.sampler.steps=12",
+                "--prompt", "abca"]
+  for extra in (["--config.sampler.cache=dual", "--config.sampler.threshold=0.5"],
+                ["--config.sampler.cache=prefix", "--config.sampler.cache_refresh=2"],
+                ["--config.sampler.prophet=true", "--config.sampler.stop_at_eos=true"],
+                ["--config.sampler.confidence=margin", "--config.sampler.position_temperature=0.5",
+                 "--config.sampler.logit_shift=true"],
+                ["--config.sampler.precision=float64", "--config.sampler.temperature=1.0"]):
+    rows, stats = _sample(wd, out, *llada_opts, *extra)
+    assert all(r["tokens"][:4] == [97, 98, 99, 97] and len(r["tokens"]) == 16 for r in rows), extra
+  for strategy in ("cap", "rescale", "conf"):
+    rows, _ = _sample(wd, out, "--config.sampler.name=remdm", f"--config.sampler.remdm_strategy={strategy}",
+                      "--config.sampler.eta=0.3")
+    assert all(len(r["tokens"]) == 16 and all(0 <= x < 257 for x in r["tokens"]) for r in rows)
+  os.remove(out)
+  for args, expect in ((["--config.sampler.cache=dual"], "sampler.cache is a sampler.name='llada' option"),
+                       ([*llada_opts, "--config.sampler.cache=dual", "--config.sampler.cfg_scale=1.0"],
+                        "does not support"),
+                       (["--config.sampler.name=fancy"], "sampler.name must be one of"),
+                       (["--config.sampler.no_such_key=1"], "no_such_key"),
+                       (["--config.sampler.precision=float16"], "sampler.precision")):
+    assert expect in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out, *args),
+                                 "dlm-sample")
+  assert not os.path.exists(out)
