@@ -128,7 +128,7 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
   def sample(params, keys, canvas, pstate):
     return process.sample(run.apply_fn, params, keys, canvas, scfg, pstate, gen_start=gen_start, eos_id=eos_id)
 
-  sample_fn = run.jitted(f"sample:{gen_start}:{canvas_all.shape[1]}", sample)
+  sample_fn = run.jitted(f"sample:{gen_start}:{canvas_all.shape[1]}:{scfg.to_json()}", sample)  # traced per setting
 
   out, nfe = [], []
   base = jax.random.PRNGKey(seed)

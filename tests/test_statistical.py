@@ -58,3 +58,16 @@ def test_markov_chain_bound_and_samples(tmp_path):
   tv_fh, _ = markov.bigram_tv([run.tokenizer.decode(t) for t in tokens])
   print(f"first-hitting bigram total variation {tv_fh:.4f}; NFE per batch {stats['nfe_per_batch']}")
   assert tv_fh <= 0.05 and stats["nfe_per_batch"] == L
+
+  # LLaDA with random remasking in semi-AR blocks (any reveal order is exact for exact conditionals), and ReMDM
+  # (remasking keeps the marginals): the same statistics.
+  for name, overrides in (("llada", dict(remasking="random", temperature=1.0, block_length=8, steps=L)),
+                          ("remdm", dict(remdm_strategy="cap", eta=0.05, steps=2 * L))):
+    cfg.sampler.name = name
+    for k, v in overrides.items():
+      cfg.sampler[k] = v
+    tokens, stats = generate(dataclasses.replace(run), params, pstate, num_samples=512, length=L, seed=2)
+    tv_s, _ = markov.bigram_tv([run.tokenizer.decode(t) for t in tokens])
+    print(f"{name} bigram total variation {tv_s:.4f}; NFE per batch {stats['nfe_per_batch']}")
+    assert tv_s <= 0.05, (name, tv_s)
+    cfg.sampler.block_length, cfg.sampler.remasking = 0, "low_confidence"
