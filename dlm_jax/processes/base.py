@@ -10,8 +10,10 @@ A process is a frozen dataclass (hashable, so it is static under jit) of pure fu
                                 the training objective for one batch, corruption included (runs on device, in jit)
   bound(apply_fn, params, batch, key, state) -> (nats [B], tokens [B])
                                 an upper bound on -log p(x) per sequence, for bits-per-token evaluation
-  sample(apply_fn, params, key, canvas, sampler_cfg, state) -> (tokens, stats)
-                                the family's default sampler on a canvas with `mask_id`/free positions
+  sample(apply_fn, params, key, canvas, sampler_cfg, state, gen_start=0, eos_id=None) -> (tokens, stats)
+                                the sampler named by sampler_cfg on a canvas with `mask_id` at free positions, left
+                                padding (samplers.PAD) and the generated region starting at gen_start; `key` is one
+                                key or one per row
 
 `apply_fn(params, tokens_or_inputs, t=..., segment_ids=...)` is the model's pure forward. `batch` is a dict with
 'tokens' [B, L] int32 and optionally 'segment_ids' [B, L]. Block diffusion and the continuous families (flow, embedding
@@ -46,4 +48,5 @@ class Process(Protocol):
 
   def bound(self, apply_fn: ApplyFn, params, batch: dict, key: jax.Array, state) -> tuple[jax.Array, jax.Array]: ...
 
-  def sample(self, apply_fn: ApplyFn, params, key: jax.Array, canvas: jax.Array, sampler_cfg, state) -> tuple[jax.Array, dict]: ...
+  def sample(self, apply_fn: ApplyFn, params, key: jax.Array, canvas: jax.Array, sampler_cfg, state,
+             gen_start: int = 0, eos_id: int | None = None) -> tuple[jax.Array, dict]: ...
