@@ -4,8 +4,9 @@
                                 [--num_prompts 4] [--batch_size 1] [--threshold 0.9] [--repeats 2]
 
 Without --workdir it first trains configs/quickstart.py at sequence length 320 (so that a 64-token prompt plus 256
-generated tokens is in the trained range; about 10 minutes on a 2-core CPU) into
-$DLM_BENCH_DIR (default /tmp/dlm_bench_sampling) and reuses it afterwards. Prompts are the first tokens of validation
+generated tokens is in the trained range) for 2400 steps instead of 600 (after 600 steps the model is rarely confident
+enough for threshold decoding to commit more than one token per step); that takes about 40 minutes on a 2-core CPU,
+goes to $DLM_BENCH_DIR (default /tmp/dlm_bench_sampling) and is reused afterwards. Prompts are the first tokens of validation
 sequences. Every setting decodes the same prompts greedily with the LLaDA sampler (dlm_jax.samplers.llada) through
 the model's sampler-facing forwards (dlm_jax.model.logits_fn / cached_logits_fn) and prints one JSON line:
   tokens_per_s      generated tokens only, wall time after compilation (best of --repeats)
@@ -39,12 +40,13 @@ def _trained_workdir(args) -> str:
     return args.workdir
   wd = os.path.join(os.environ.get("DLM_BENCH_DIR", "/tmp/dlm_bench_sampling"), "quickstart_320")
   from dlm_jax.checkpoint import Checkpointer
-  if not (os.path.isdir(wd) and Checkpointer(wd, read_only=True).latest_step() == 600):
+  if not (os.path.isdir(wd) and Checkpointer(wd, read_only=True).latest_step() == 2400):
     print(f"# training configs/quickstart.py at seq_len 320 into {wd} (once)", file=sys.stderr)
     subprocess.run([sys.executable, "-c", "import sys; from dlm_jax.cli import train_main; sys.exit(train_main())",
                     "--config", os.path.join(REPO, "configs/quickstart.py"),
                     "--workdir", wd, "--config.data.seq_len=320", "--config.model.max_seq_len=512",
-                    "--config.train.batch_size=12", "--no_progress"], check=True)
+                    "--config.train.batch_size=12", "--config.train.steps=2400", "--config.train.checkpoint_every=400",
+                    "--config.train.eval_every=800", "--no_progress"], check=True)
   return wd
 
 
@@ -87,6 +89,9 @@ def main():
   p.add_argument("--num_prompts", type=int, default=4)
   p.add_argument("--batch_size", type=int, default=1)
   p.add_argument("--threshold", type=float, default=0.9)
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="0 = greedy; > 0 samples with one Gumbel draw per position (llada noise='position'), so the "
+                 "settings stay comparable token by token")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--skip_eager", action="store_true")
   p.add_argument("--show", action="store_true", help="print the start of each setting's first sample")
@@ -106,7 +111,8 @@ def main():
   canvas = np.concatenate([prompts, np.full((n, g), mask_id, np.int32)], axis=1)
   plain = model_lib.logits_fn(run.apply_fn, params)
   cached = model_lib.cached_logits_fn(run.apply_fn, params)
-  base = dict(mask_id=mask_id, gen_start=args.prompt_length, gen_length=g, block_length=blk, temperature=0.0)
+  base = dict(mask_id=mask_id, gen_start=args.prompt_length, gen_length=g, block_length=blk,
+              temperature=args.temperature, noise="position")
   settings = [
       ("baseline: low confidence, 1 token/step", plain, dict(steps=g)),
       ("prefix cache", cached, dict(steps=g, cache="prefix")),
@@ -160,7 +166,7 @@ def main():
   t = time.perf_counter()
   loop_jit = np.asarray(eager_low_confidence(jit_fwd, c0, mask_id, args.prompt_length, g, blk))
   t_loop = time.perf_counter() - t
-  sample = jax.jit(lambda k, c: llada(plain, k, c, **base, steps=g))
+  sample = jax.jit(lambda k, c: llada(plain, k, c, **{**base, "temperature": 0.0}, steps=g))  # greedy, as the loops
   (tokens, _), t_jit = _timed(sample, (key, c0), args.repeats)
   tokens = np.asarray(tokens)
   print(json.dumps({"setting": "jit-compiled sampler vs Python loops (same algorithm, same model, same prompt)",

@@ -21,7 +21,7 @@ from dlm_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from dlm_jax.processes import PROCESSES as _PROCESSES
 from dlm_jax.samplers import SAMPLERS as _SAMPLERS
 from dlm_jax.samplers.common import PRECISIONS
-from dlm_jax.samplers.llada import CACHES, CONFIDENCE, REMASKING
+from dlm_jax.samplers.llada import CACHES, CONFIDENCE, NOISE, REMASKING
 from dlm_jax.samplers.remdm import STRATEGIES
 
 # Names valid in a config; the process, sampler and attention names come from the modules that implement them.
@@ -119,6 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler.cache = "none"  # or "prefix", "dual": Fast-dLLM K/V caches, rebuilt at every block start
   c.sampler.cache_refresh = 0  # also rebuild the cache every k steps within a block (0 = only at block starts)
   c.sampler.prophet = False  # Prophet early commit: decode everything once the top-1/top-2 logit gap is large
+  c.sampler.noise = "step"  # or "position": one Gumbel draw per position for the whole decode (see llada.py)
   # remdm only (dlm_jax/samplers/remdm.py)
   c.sampler.remdm_strategy = "cap"  # or "rescale", "conf"
   c.sampler.eta = 0.02  # remasking strength
@@ -356,6 +357,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(s.name in SAMPLERS, f"sampler.name must be one of {SAMPLERS}, got {s.name!r}")
   need(s.steps >= 1, f"sampler.steps must be >= 1, got {s.steps}")
   need(s.precision in PRECISIONS, f"sampler.precision must be one of {PRECISIONS}, got {s.precision!r}")
+  need(s.noise in NOISE, f"sampler.noise must be one of {NOISE}, got {s.noise!r}")
   need(s.cache in CACHES, f"sampler.cache must be one of {CACHES}, got {s.cache!r}")
   need(s.cache_refresh >= 0, f"sampler.cache_refresh must be >= 0 (0 = once per block), got {s.cache_refresh}")
   need(s.position_temperature >= 0, f"sampler.position_temperature must be >= 0, got {s.position_temperature}")
@@ -363,7 +365,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(0 <= s.eta <= 1, f"sampler.eta must be in [0, 1], got {s.eta}")
   need(0 <= s.t_on <= 1, f"sampler.t_on must be in [0, 1], got {s.t_on}")
   if s.name != "llada":
-    for key, off in (("cache", "none"), ("prophet", False), ("stop_at_eos", False), ("threshold", 0.0),
+    for key, off in (("cache", "none"), ("prophet", False), ("noise", "step"), ("stop_at_eos", False), ("threshold", 0.0),
                      ("factor", 0.0), ("cfg_scale", 0.0)):
       need(s[key] == off, f"sampler.{key} is a sampler.name='llada' option; set sampler.name=llada or drop it")
   if s.cache != "none":

@@ -307,3 +307,20 @@ def test_bad_input_is_rejected_before_compiling(tiny_model):
       sampler(lambda tokens, t: jnp.zeros((tokens.shape[0], V)), k, canvas, mask_id=MASK, **kw)
   with pytest.raises(ValueError, match="longest prompt has 9 tokens"):
     left_pad([np.arange(9)], 9, MASK)
+
+
+def test_position_noise_makes_draws_independent_of_the_schedule():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(16, V)), jnp.float32)
+  fn = lambda tokens, t: jnp.broadcast_to(logits, tokens.shape + (V,))  # noqa: E731  context-free, not peaked
+  canvas = np.full((2, 16), MASK, np.int32)
+  kw = dict(mask_id=MASK, gen_start=0, block_length=8, temperature=1.0)
+  runs = {}
+  for noise in ("step", "position"):
+    a, _ = jax.jit(functools.partial(llada, fn, steps=16, noise=noise, **kw))(jax.random.PRNGKey(0), canvas)
+    b, _ = jax.jit(functools.partial(llada, fn, steps=4, noise=noise, **kw))(jax.random.PRNGKey(0), canvas)
+    runs[noise] = (np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(*runs["position"])  # the same draw at every position, whatever the schedule
+  assert (runs["step"][0] != runs["step"][1]).any()
+  with pytest.raises(ValueError, match="noise must be one of"):
+    llada(fn, jax.random.PRNGKey(0), canvas, steps=4, noise="frozen", **kw)

@@ -177,7 +177,7 @@ class MaskedDiffusion:
                    block_length=s.block_length or gen_length, steps=None if adaptive else s.steps,
                    remasking=s.remasking, confidence=s.confidence, position_temperature=s.position_temperature,
                    threshold=s.threshold or None, factor=s.factor or None, cfg_scale=s.cfg_scale, cache=s.cache,
-                   cache_refresh=s.cache_refresh, prophet=s.prophet,
+                   cache_refresh=s.cache_refresh, prophet=s.prophet, noise=s.noise,
                    eos_id=eos_id if s.stop_at_eos else None, **common)
     if s.name == "first_hitting":
       return first_hitting(logits_fn, key, canvas, **common)

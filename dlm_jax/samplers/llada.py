@@ -63,6 +63,7 @@ from dlm_jax.samplers.common import (check_canvas, check_logits_fn, check_precis
 REMASKING = ("low_confidence", "random")
 CONFIDENCE = ("max_prob", "margin", "neg_entropy")
 CACHES = ("none", "prefix", "dual")
+NOISE = ("step", "position")
 PROPHET_GAPS = (7.5, 5.0, 2.5)
 
 
@@ -115,7 +116,8 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
           temperature: float = 0.0, precision: str = "float32", threshold: Optional[float] = None,
           factor: Optional[float] = None, cfg_scale: float = 0.0, logit_shift: bool = False,
           cache: Optional[str] = None, cache_refresh: int = 0, prophet: bool = False,
-          prophet_gaps: Sequence[float] = PROPHET_GAPS, eos_id: Optional[int] = None) -> tuple[jax.Array, dict]:
+          prophet_gaps: Sequence[float] = PROPHET_GAPS, eos_id: Optional[int] = None,
+          noise: str = "step") -> tuple[jax.Array, dict]:
   """Decodes the `mask_id` positions of canvas[:, gen_start:gen_start + gen_length] (see the module docstring).
 
   Args:
@@ -176,6 +178,8 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
   if adaptive and (remasking != "low_confidence" or confidence == "neg_entropy" or position_temperature > 0):
     raise ValueError("threshold/factor decoding needs remasking='low_confidence', confidence 'max_prob' or 'margin' "
                      "and position_temperature=0")
+  if noise not in NOISE:
+    raise ValueError(f"noise must be one of {NOISE}, got {noise!r}")
   if cache not in (None, "prefix", "dual"):
     raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
   if cache_refresh < 0:
@@ -256,7 +260,9 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
       logits, new_kv, was_full = window_logits(tokens, kv, w_lo, width, block_step)
       logits = suppress_mask(logits, mask_id)
       k_step = step_keys(keys, row_step)
-      k_tok = jax.vmap(lambda k: jax.random.fold_in(k, 0))(k_step)
+      # noise="position": one Gumbel draw per position for the whole decode (the draw is then a deterministic function
+      # of the logits, so decodes that differ only in their step schedule or cache can be compared token by token)
+      k_tok = jax.vmap(lambda k: jax.random.fold_in(k, 0))(k_step if noise == "step" else keys)
       k_pos = jax.vmap(lambda k: jax.random.fold_in(k, 1))(k_step)
       from_end = positions_from_end(length, w_lo, width)
       greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
