@@ -254,3 +254,20 @@ def test_sampler_options_from_the_cli(trained, tmp_path):
     assert expect in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out, *args),
                                  "dlm-sample")
   assert not os.path.exists(out)
+
+
+def test_sampling_benchmark_runs(trained):
+  """benchmarks/sampling.py end to end on the tiny workdir (figures are not checked: this only keeps it runnable)."""
+  import subprocess
+  import sys
+  from conftest import REPO
+  _, wd = trained
+  r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "sampling.py"), "--workdir", wd,
+                      "--gen_length", "8", "--block_length", "4", "--prompt_length", "4", "--num_prompts", "2",
+                      "--batch_size", "2", "--repeats", "1"], capture_output=True, text=True, timeout=900,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+  settings = [row.get("setting", "") for row in rows[1:]]
+  assert any("dual cache" in s for s in settings) and rows[-1]["same_tokens_eager"] and rows[-1]["same_tokens_loop"]
+  assert all(0 <= row.get("agreement", 1) <= 1 for row in rows[1:])
