@@ -368,9 +368,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, off in (("cache", "none"), ("prophet", False), ("noise", "step"), ("stop_at_eos", False), ("threshold", 0.0),
                      ("factor", 0.0), ("cfg_scale", 0.0)):
       need(s[key] == off, f"sampler.{key} is a sampler.name='llada' option; set sampler.name=llada or drop it")
-  if s.cache != "none":
-    need(not s.cfg_scale and not s.logit_shift,
-         "sampler.cache does not support sampler.cfg_scale or sampler.logit_shift; set sampler.cache=none")
   if s.name == "llada":
     need(s.temperature >= 0, f"sampler.temperature must be >= 0 (0 = greedy), got {s.temperature}")
   else:

@@ -233,6 +233,7 @@ def test_sampler_options_from_the_cli(trained, tmp_path):
   llada_opts = ["--config.sampler.name=llada", "--config.sampler.block_length=4", "--config.sampler.steps=12",
                 "--prompt", "abca"]
   for extra in (["--config.sampler.cache=dual", "--config.sampler.threshold=0.5"],
+                ["--config.sampler.cache=dual", "--config.sampler.cfg_scale=1.0", "--config.sampler.logit_shift=true"],
                 ["--config.sampler.cache=prefix", "--config.sampler.cache_refresh=2"],
                 ["--config.sampler.prophet=true", "--config.sampler.stop_at_eos=true"],
                 ["--config.sampler.confidence=margin", "--config.sampler.position_temperature=0.5",
@@ -246,8 +247,6 @@ def test_sampler_options_from_the_cli(trained, tmp_path):
     assert all(len(r["tokens"]) == 16 and all(0 <= x < 257 for x in r["tokens"]) for r in rows)
   os.remove(out)
   for args, expect in ((["--config.sampler.cache=dual"], "sampler.cache is a sampler.name='llada' option"),
-                       ([*llada_opts, "--config.sampler.cache=dual", "--config.sampler.cfg_scale=1.0"],
-                        "does not support"),
                        (["--config.sampler.name=fancy"], "sampler.name must be one of"),
                        (["--config.sampler.no_such_key=1"], "no_such_key"),
                        (["--config.sampler.precision=float16"], "sampler.precision")):

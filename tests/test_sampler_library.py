@@ -117,7 +117,9 @@ def exact_cache_fn(logits_fn):
 
 
 @pytest.mark.parametrize("kw", [dict(steps=16, temperature=1.0), dict(threshold=0.3, temperature=0.0),
-                                dict(factor=2.0, temperature=0.5), dict(steps=8, prophet=True)])
+                                dict(factor=2.0, temperature=0.5), dict(steps=8, prophet=True),
+                                dict(steps=16, temperature=1.0, cfg_scale=1.5), dict(steps=8, logit_shift=True),
+                                dict(threshold=0.3, cfg_scale=0.5, logit_shift=True)])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_caches_refreshed_every_step_equal_the_uncached_sampler(tiny_model, cache, kw):
   plain, cached = tiny_model
@@ -138,7 +140,8 @@ def test_caches_refreshed_every_step_equal_the_uncached_sampler(tiny_model, cach
   exact, ex_stats = _jit(llada, exact_cache_fn(counted), cache=cache, **base)(key, jnp.asarray(canvas))
   np.testing.assert_array_equal(np.asarray(exact), np.asarray(ref))
   assert int(ex_stats["nfe"]) == len(counted_calls) == int(ref_stats["nfe"])
-  assert int(ex_stats["nfe_full"]) <= 4  # one full pass per block, the rest are window calls
+  calls = 2 if kw.get("cfg_scale") else 1
+  assert int(ex_stats["nfe_full"]) <= 4 * calls  # one full pass per block, the rest are window calls
 
 
 def test_stale_dual_cache_still_decodes_and_is_cheaper_per_call(tiny_model):
@@ -148,9 +151,9 @@ def test_stale_dual_cache_still_decodes_and_is_cheaper_per_call(tiny_model):
       jax.random.PRNGKey(0), jnp.asarray(canvas))
   tokens = np.asarray(tokens)
   assert (tokens[:, gen_start:] < V).all() and int(stats["nfe"]) == 16 and int(stats["nfe_full"]) == 4
-  with pytest.raises(ValueError, match="cfg_scale"):
-    llada(cached, jax.random.PRNGKey(0), canvas, mask_id=MASK, gen_start=gen_start, steps=4, cache="dual",
-          cfg_scale=1.0)
+  with pytest.raises(ValueError, match="logit_shift with a K/V cache needs"):
+    llada(cached, jax.random.PRNGKey(0), canvas, mask_id=MASK, gen_start=0, steps=4, cache="dual",
+          logit_shift=True)
 
 
 # --- Prophet, EOS ----------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ such as `dlm_jax.model.cached_logits_fn`. The first step of every block (and, wi
 step of a block) is a full forward that rebuilds the cache; the other steps feed only a window: "prefix" = from the
 block start to the end of the sequence (keys / values before the block come from the cache), "dual" = the block alone
 (the suffix's keys / values are stale until the next refresh). cache_refresh = 1 is exactly the uncached sampler.
+With CFG the unconditional pass keeps a cache of its own; with the logit shift the window starts one position early
+(position i reads the logits of i - 1), which needs gen_start >= 1.
 
 Conventions (see `dlm_jax.samplers.common`): left-padded prompts (PAD = -1), per-row and per-position randomness
 (a row decodes the same alone or in any batch), the un-noised logits for confidences, temperature 0 = greedy,
@@ -184,8 +186,9 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
     raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
   if cache_refresh < 0:
     raise ValueError(f"cache_refresh must be >= 0 (0 = once per block), got {cache_refresh}")
-  if cache is not None and (cfg_scale > 0 or logit_shift):
-    raise ValueError("the K/V caches do not support cfg_scale > 0 or logit_shift; use cache=None for those")
+  if cache is not None and logit_shift and gen_start < 1:
+    raise ValueError("logit_shift with a K/V cache needs at least one token before gen_start (a prompt or BOS): "
+                     "position gen_start reads the logits of position gen_start - 1")
   if prophet and len(prophet_gaps) != 3:
     raise ValueError(f"prophet_gaps must be three thresholds (early, middle, late), got {prophet_gaps}")
   if eos_id is not None and not 0 <= eos_id != mask_id:
@@ -209,6 +212,7 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
   if cache is not None:
     cache_shape = jax.eval_shape(lambda c, t: logits_fn(c, t, 0, None)[1], canvas, jnp.zeros((b,), jnp.float32))
     cache0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shape)
+    cache0 = (cache0, cache0 if cfg_scale > 0 else jnp.zeros((), jnp.int32))
   else:
     cache0 = jnp.zeros((), jnp.int32)  # placeholder carry
 
@@ -216,28 +220,45 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
     still = jnp.sum((tokens == mask_id) & gen_region[None], axis=1)
     return still.astype(jnp.float32) / jnp.maximum(n_gen, 1).astype(jnp.float32)
 
+  def guided(cond, un):
+    return cond if un is None else un + (cfg_scale + 1.0) * (cond - un)
+
+  def unconditional(tokens):
+    return jnp.where(prompt_pos, mask_id, tokens)
+
   def window_logits(tokens, kv, w_lo, width, block_step):
     """Logits [B, W, V] for positions [w_lo, w_lo + W), the new cache, and whether this was a full pass."""
     t = time_of(tokens)
     if cache is None:
       cond = logits_fn(tokens, t).astype(jnp.float32)
-      if cfg_scale > 0:
-        un = logits_fn(jnp.where(prompt_pos, mask_id, tokens), t).astype(jnp.float32)
-        cond = un + (cfg_scale + 1.0) * (cond - un)
+      un = logits_fn(unconditional(tokens), t).astype(jnp.float32) if cfg_scale > 0 else None
+      logits = guided(cond, un)
       if logit_shift:
-        cond = shift_logits(cond)
-      return jax.lax.dynamic_slice_in_dim(cond, w_lo, width, axis=1), kv, jnp.array(True)
+        logits = shift_logits(logits)
+      return jax.lax.dynamic_slice_in_dim(logits, w_lo, width, axis=1), kv, jnp.array(True)
     refresh = block_step == 0
     if cache_refresh > 0:
       refresh = refresh | (block_step % cache_refresh == 0)
+    # With CFG the unconditional pass keeps its own cache: kv = (conditional cache, unconditional cache).
 
     def full():
-      logits, new = logits_fn(tokens, t, 0, kv)
-      return jax.lax.dynamic_slice_in_dim(logits.astype(jnp.float32), w_lo, width, axis=1), new
+      cond, new = logits_fn(tokens, t, 0, kv[0])
+      un, new_un = logits_fn(unconditional(tokens), t, 0, kv[1]) if cfg_scale > 0 else (None, kv[1])
+      logits = guided(cond.astype(jnp.float32), None if un is None else un.astype(jnp.float32))
+      if logit_shift:
+        logits = shift_logits(logits)
+      return jax.lax.dynamic_slice_in_dim(logits, w_lo, width, axis=1), (new, new_un)
 
     def part():
-      logits, new = logits_fn(jax.lax.dynamic_slice_in_dim(tokens, w_lo, width, axis=1), t, w_lo, kv)
-      return logits.astype(jnp.float32), new
+      # logit shift: position i reads the logits of i - 1, so the window starts one position earlier
+      lo, w = (w_lo - 1, width + 1) if logit_shift else (w_lo, width)
+      cond, new = logits_fn(jax.lax.dynamic_slice_in_dim(tokens, lo, w, axis=1), t, lo, kv[0])
+      un, new_un = None, kv[1]
+      if cfg_scale > 0:
+        un, new_un = logits_fn(jax.lax.dynamic_slice_in_dim(unconditional(tokens), lo, w, axis=1), t, lo, kv[1])
+        un = un.astype(jnp.float32)
+      logits = guided(cond.astype(jnp.float32), un)
+      return (logits[:, :width] if logit_shift else logits), (new, new_un)
 
     logits, kv = jax.lax.cond(refresh, full, part)
     return logits, kv, refresh
@@ -304,7 +325,7 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
     tokens, kv, count, now, was_full = jax.lax.cond(
         run, compute, lambda: (tokens, kv, zero, rush, jnp.array(False)))
     nfe = nfe + jnp.where(run, calls_per_step, 0).astype(jnp.int32)
-    nfe_full = nfe_full + (run & was_full).astype(jnp.int32)
+    nfe_full = nfe_full + jnp.where(run & was_full, calls_per_step, 0).astype(jnp.int32)
     n_iter = n_iter + run.astype(jnp.int32)
     committed = committed.at[rows, jnp.minimum(row_step, max_steps - 1)].add(count)
     fired = jnp.where(now & ~rush, row_step, fired)
