@@ -104,12 +104,10 @@ def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
     for r, p in enumerate(prompts):
       canvas[r, width - len(p):] = p
     return canvas, int(min(np.argmax(row == mask_id) for row in canvas))
-  longest = max(len(p) for p in prompts)
-  if longest >= length:
-    raise DLMError(f"the prompt is {longest} tokens but the canvas holds {length}; shorten --prompt or raise "
-                   "sampler.length")
-  canvas, gen_start = left_pad(prompts, length, mask_id)
-  return canvas, gen_start
+  try:
+    return left_pad(prompts, length, mask_id)
+  except ValueError as err:  # a prompt as long as the canvas
+    raise DLMError(f"{err}; for dlm-sample: shorten --prompt or raise sampler.length") from None
 
 
 def generate(run, params, process_state=None, *, num_samples: int, length: int, seed: int,

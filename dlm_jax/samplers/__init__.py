@@ -11,12 +11,12 @@ Calling convention: (logits_fn, key, canvas, **static options) -> (tokens, stats
 """
 
 from dlm_jax.samplers.ancestral import ancestral
-from dlm_jax.samplers.common import PAD, gumbel_argmax, left_pad, suppress_mask
+from dlm_jax.samplers.common import PAD, left_pad, suppress_mask
 from dlm_jax.samplers.first_hitting import first_hitting
 from dlm_jax.samplers.llada import factor_count, llada
 from dlm_jax.samplers.remdm import remdm
 
 SAMPLERS = {"ancestral": ancestral, "first_hitting": first_hitting, "llada": llada, "remdm": remdm}
 
-__all__ = ["ancestral", "first_hitting", "llada", "remdm", "factor_count", "gumbel_argmax", "suppress_mask",
+__all__ = ["ancestral", "first_hitting", "llada", "remdm", "factor_count", "suppress_mask",
            "left_pad", "PAD", "SAMPLERS"]

@@ -18,9 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.processes.schedules import Schedule
-from dlm_jax.samplers.common import (check_canvas, check_logits_fn, check_precision, gumbel_argmax,  # noqa: F401
-                                     positions_from_end, row_keys, sample_tokens, shift_logits, step_keys,
-                                     suppress_mask, uniform_noise)
+from dlm_jax.samplers.common import model_logits, prepare, sample_tokens, step_keys, subkey, uniform_noise
 
 
 def ancestral(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array, canvas: jax.Array, *,
@@ -34,18 +32,11 @@ def ancestral(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.A
   """
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
-  check_precision(precision)
-  canvas = check_canvas(canvas, mask_id)
+  canvas, keys, from_end = prepare(logits_fn, key, canvas, mask_id, temperature, precision)
   b, length = canvas.shape
-  v = check_logits_fn(logits_fn, canvas, mask_id)
-  keys = row_keys(key, b)
-  from_end = positions_from_end(length, 0, length)
 
   def logits_at(tokens, t):
-    logits = logits_fn(tokens, jnp.full((b,), t, jnp.float32)).astype(jnp.float32)
-    return suppress_mask(shift_logits(logits) if logit_shift else logits, mask_id)
+    return model_logits(logits_fn, tokens, jnp.full((b,), t, jnp.float32), mask_id, logit_shift)
 
   def body(i, carry):
     tokens, logits, fresh, nfe = carry
@@ -54,8 +45,7 @@ def ancestral(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.A
     recompute = jnp.logical_or(time_conditioned, jnp.logical_not(fresh))
     logits, nfe = jax.lax.cond(recompute, lambda: (logits_at(tokens, s), nfe + 1), lambda: (logits, nfe))
     k = step_keys(keys, i)
-    k_tok = jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(k)
-    k_rev = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(k)
+    k_tok, k_rev = subkey(k, 0), subkey(k, 1)
     a_s, a_t = schedule.alpha(s), schedule.alpha(t)
     p_reveal = jnp.where(i == steps - 1, 1.0, (a_t - a_s) / (1.0 - a_s))
     draw = sample_tokens(k_tok, from_end, logits, temperature, precision)
@@ -64,6 +54,7 @@ def ancestral(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.A
     new_tokens = jnp.where(reveal, draw, tokens)
     return new_tokens, logits, jnp.logical_not(jnp.any(reveal)), nfe
 
+  v = jax.eval_shape(logits_at, canvas, 1.0).shape[-1]
   init = (canvas, jnp.zeros((b, length, v), jnp.float32), jnp.array(False), jnp.array(0, jnp.int32))
   tokens, _, _, nfe = jax.lax.fori_loop(0, steps, body, init)
   return tokens, {"nfe": nfe, "steps": jnp.array(steps, jnp.int32)}

@@ -55,6 +55,11 @@ def step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(jax.random.fold_in)(keys, step)
 
 
+def subkey(keys: jax.Array, j: int) -> jax.Array:
+  """fold_in(key, j) for every row key [B]: the j-th independent stream of a step."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, j))(keys)
+
+
 def _per_position(keys: jax.Array, from_end: jax.Array, draw: Callable) -> jax.Array:
   """draw(key) for every row key [B] and position [W] (counted from the right end) -> [B, W, ...]."""
   return jax.vmap(lambda k: jax.vmap(lambda p: draw(jax.random.fold_in(k, p)))(from_end))(keys)
@@ -81,12 +86,6 @@ def sample_tokens(keys: jax.Array, from_end: jax.Array, logits: jax.Array, tempe
   dtype = jnp.float64 if precision == "float64" else jnp.float32
   g = gumbel_noise(keys, from_end, logits.shape[-1], precision)
   return jnp.argmax(logits.astype(dtype) / temperature + g, axis=-1).astype(jnp.int32)
-
-
-def gumbel_argmax(key: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
-  """A draw from softmax(logits / temperature) by the Gumbel-max trick (float32), one key for the whole array."""
-  g = jax.random.gumbel(key, logits.shape, jnp.float32)
-  return jnp.argmax(logits.astype(jnp.float32) / temperature + g, axis=-1).astype(jnp.int32)
 
 
 def check_precision(precision: str) -> None:
@@ -119,6 +118,24 @@ def check_logits_fn(logits_fn: Callable, canvas: jax.Array, mask_id: int, extra_
   v = int(out.shape[-1])
   check_ids(canvas, mask_id, v)
   return v
+
+
+def prepare(logits_fn: Callable, key: jax.Array, canvas, mask_id: int, temperature: float, precision: str):
+  """The checks and per-row randomness of a sampler that decodes the whole canvas (ancestral, first-hitting, ReMDM):
+  returns (canvas int32 [B, L], row keys [B], positions from the right end [L])."""
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  check_precision(precision)
+  canvas = check_canvas(canvas, mask_id)
+  b, length = canvas.shape
+  check_logits_fn(logits_fn, canvas, mask_id)
+  return canvas, row_keys(key, b), positions_from_end(length, 0, length)
+
+
+def model_logits(logits_fn: Callable, tokens: jax.Array, t: jax.Array, mask_id: int, logit_shift: bool) -> jax.Array:
+  """float32 logits of `tokens`, shifted for models that predict position i at i - 1, with the mask class removed."""
+  logits = logits_fn(tokens, t).astype(jnp.float32)
+  return suppress_mask(shift_logits(logits) if logit_shift else logits, mask_id)
 
 
 def check_ids(canvas, mask_id: int, v: int) -> None:

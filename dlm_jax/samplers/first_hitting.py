@@ -17,8 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.samplers.common import (check_canvas, check_logits_fn, check_precision, positions_from_end, row_keys,
-                                     sample_tokens, shift_logits, step_keys, suppress_mask, uniform_noise)
+from dlm_jax.samplers.common import model_logits, prepare, sample_tokens, step_keys, subkey, uniform_noise
 
 
 def first_hitting(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array, canvas: jax.Array, *,
@@ -26,14 +25,8 @@ def first_hitting(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: j
                   ) -> tuple[jax.Array, dict]:
   """Decodes every `mask_id` position of `canvas` [B, L], one per step and row (per-row, per-position randomness:
   a row decodes the same alone or in any batch). Returns (tokens, {'nfe', 'steps'})."""
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
-  check_precision(precision)
-  canvas = check_canvas(canvas, mask_id)
+  canvas, keys, from_end = prepare(logits_fn, key, canvas, mask_id, temperature, precision)
   b, l = canvas.shape
-  check_logits_fn(logits_fn, canvas, mask_id)
-  keys = row_keys(key, b)
-  from_end = positions_from_end(l, 0, l)
 
   def body(i, carry):
     tokens, t, nfe = carry
@@ -41,14 +34,13 @@ def first_hitting(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: j
     n = jnp.sum(masked, axis=-1)
     active = n > 0
     k = step_keys(keys, i)
-    k_u, k_pos, k_tok = (jax.vmap(lambda kk, j=j: jax.random.fold_in(kk, j))(k) for j in range(3))
+    k_u, k_pos, k_tok = (subkey(k, j) for j in range(3))
     u = jax.vmap(lambda kk: jax.random.uniform(kk, (), jnp.float32))(k_u)
     t_next = t * u ** (1.0 / jnp.maximum(n, 1).astype(jnp.float32))
     t_next = jnp.where(active, t_next, t)
 
     def step(_):
-      logits = logits_fn(tokens, t_next).astype(jnp.float32)
-      logits = suppress_mask(shift_logits(logits) if logit_shift else logits, mask_id)
+      logits = model_logits(logits_fn, tokens, t_next, mask_id, logit_shift)
       pos = jnp.argmax(jnp.where(masked, uniform_noise(k_pos, from_end), -1.0), axis=-1)  # uniform masked slot
       picked = jnp.take_along_axis(logits, pos[:, None, None], axis=1)  # [B, 1, V]
       # the same per-position draw as sample_tokens, for one position per row

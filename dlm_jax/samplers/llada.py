@@ -58,9 +58,9 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.samplers.common import (check_canvas, check_logits_fn, check_precision, eos_fill, positions_from_end,
-                                     row_keys, sample_tokens, shift_logits, step_keys, suppress_mask, uniform_noise,
-                                     gumbel_noise, PAD)
+from dlm_jax.samplers.common import (PAD, check_canvas, check_logits_fn, check_precision, eos_fill, gumbel_noise,
+                                     positions_from_end, row_keys, sample_tokens, shift_logits, step_keys, subkey,
+                                     suppress_mask, uniform_noise)
 
 REMASKING = ("low_confidence", "random")
 CONFIDENCE = ("max_prob", "margin", "neg_entropy")
@@ -195,9 +195,9 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
     raise ValueError(f"eos_id must be a token id other than mask_id, got {eos_id}")
 
   if cache is None:
-    v = check_logits_fn(logits_fn, canvas, mask_id)
+    check_logits_fn(logits_fn, canvas, mask_id)
   else:
-    v = check_logits_fn(lambda c, t: logits_fn(c, t, 0, None), canvas, mask_id)
+    check_logits_fn(lambda c, t: logits_fn(c, t, 0, None), canvas, mask_id)
 
   keys = row_keys(key, b)
   spb = steps // num_blocks if fixed else None
@@ -283,8 +283,8 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
       k_step = step_keys(keys, row_step)
       # noise="position": one Gumbel draw per position for the whole decode (the draw is then a deterministic function
       # of the logits, so decodes that differ only in their step schedule or cache can be compared token by token)
-      k_tok = jax.vmap(lambda k: jax.random.fold_in(k, 0))(k_step if noise == "step" else keys)
-      k_pos = jax.vmap(lambda k: jax.random.fold_in(k, 1))(k_step)
+      k_tok = subkey(k_step if noise == "step" else keys, 0)
+      k_pos = subkey(k_step, 1)
       from_end = positions_from_end(length, w_lo, width)
       greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
       x0 = greedy if temperature == 0 else sample_tokens(k_tok, from_end, logits, temperature, precision)

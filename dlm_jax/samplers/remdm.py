@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.processes.schedules import Schedule
-from dlm_jax.samplers.common import (check_canvas, check_logits_fn, check_precision, positions_from_end, row_keys,
-                                     sample_tokens, shift_logits, step_keys, suppress_mask, uniform_noise)
+from dlm_jax.samplers.common import model_logits, prepare, sample_tokens, step_keys, subkey, uniform_noise
 
 STRATEGIES = ("cap", "rescale", "conf")
 
@@ -49,24 +48,17 @@ def remdm(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array
     raise ValueError(f"eta must be in [0, 1], got {eta}")
   if not 0.0 <= t_on <= 1.0:
     raise ValueError(f"t_on must be in [0, 1], got {t_on}")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
-  check_precision(precision)
-  canvas = check_canvas(canvas, mask_id)
+  canvas, keys, from_end = prepare(logits_fn, key, canvas, mask_id, temperature, precision)
   b, length = canvas.shape
-  check_logits_fn(logits_fn, canvas, mask_id)
-  keys = row_keys(key, b)
-  from_end = positions_from_end(length, 0, length)
   free = canvas == mask_id  # the positions this sampler owns
 
   def body(i, carry):
     tokens, psi, remasked = carry
     t = 1.0 - i / steps
     s = 1.0 - (i + 1) / steps
-    logits = logits_fn(tokens, jnp.full((b,), t, jnp.float32)).astype(jnp.float32)
-    logits = suppress_mask(shift_logits(logits) if logit_shift else logits, mask_id)
+    logits = model_logits(logits_fn, tokens, jnp.full((b,), t, jnp.float32), mask_id, logit_shift)
     k = step_keys(keys, i)
-    k_tok, k_u, k_r = (jax.vmap(lambda kk, j=j: jax.random.fold_in(kk, j))(k) for j in range(3))
+    k_tok, k_u, k_r = (subkey(k, j) for j in range(3))
     a_t, a_s = schedule.alpha(jnp.float32(t)), schedule.alpha(jnp.float32(s))
     a_s = jnp.where(i == steps - 1, 1.0, a_s)
     sigma_max = jnp.where(a_t > 0, jnp.minimum(1.0, (1.0 - a_s) / jnp.maximum(a_t, 1e-12)), 1.0)
