@@ -67,8 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.schedule_power = 2.0  # exponent k of the polynomial schedule alpha_t = 1 - t^k
   c.diffusion.schedule_eps = 1e-3  # eps of the log-linear schedule alpha_t = 1 - (1 - eps) t
   c.diffusion.objective = "mdlm"  # "mdlm": weight -alpha'_t/(1-alpha_t); "llada": p_mask = (1-eps) t + eps, weight 1/p_mask
-  c.diffusion.t_min = 1e-3  # training and bound draw t in [t_min, 1]
+  c.diffusion.t_min = 1e-3  # training draws t in [t_min, t_max] (block: the clipped interval's beta)
+  c.diffusion.t_max = 1.0  # block only: the clipped interval's omega (BD3-LM); `dlm-eval --clip_search` picks one
   c.diffusion.antithetic = True
+  c.diffusion.block_size = 16  # block only: tokens per block; 1 = autoregressive (exact NLL), data.seq_len = masked
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -99,7 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict()
   # ancestral (MDLM), first_hitting (one position per call, exact), llada (semi-AR remasking, Fast-dLLM, caches, Prophet),
   # remdm (remasking). All in dlm_jax/samplers/. --prompt may hold <|mask:N|> spans (infilling, see README).
-  c.sampler.name = "ancestral"
+  c.sampler.name = ""  # "" = the process's default (masked: ancestral; block: first_hitting inside each block)
   c.sampler.steps = 128
   c.sampler.temperature = 1.0
   c.sampler.length = 0  # 0 = data.seq_len
@@ -107,7 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler.seed = 0
   c.sampler.precision = "float32"  # or "float64": Gumbel sampling in float64 (turns on JAX 64-bit mode)
   c.sampler.logit_shift = False  # models that predict token i at position i - 1 (Dream)
-  c.sampler.stop_at_eos = False  # llada: a row that committed the tokenizer's EOS fills the rest with EOS and stops
+  c.sampler.stop_at_eos = False  # llada: a row that committed EOS fills the rest with EOS; block: the row ends there
+  c.sampler.top_k = 0  # 0 = off; else sample only among the k most likely tokens
+  c.sampler.top_p = 1.0  # nucleus sampling (1 = off): the smallest set of tokens holding probability top_p
   # llada only (dlm_jax/samplers/llada.py): semi-autoregressive blocks and remasking, Fast-dLLM parallel decoding
   c.sampler.block_length = 0  # 0 = the whole generated region is one block
   c.sampler.remasking = "low_confidence"  # or "random"
@@ -116,10 +120,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler.factor = 0.0  # 0 = off; > 0: Fast-dLLM factor rule
   c.sampler.cfg_scale = 0.0  # classifier-free guidance (prompt masked for the unconditional call)
   c.sampler.position_temperature = 0.0  # > 0: sample the committed positions from softmax(confidence / this)
-  c.sampler.cache = "none"  # or "prefix", "dual": Fast-dLLM K/V caches, rebuilt at every block start
+  c.sampler.cache = ""  # "" = process default (masked: "none"; block: "prefix" = K/V of the clean blocks).
+  # masked + llada: "prefix" / "dual" Fast-dLLM K/V caches, rebuilt at every block start; block: "none" or "prefix"
   c.sampler.cache_refresh = 0  # also rebuild the cache every k steps within a block (0 = only at block starts)
   c.sampler.prophet = False  # Prophet early commit: decode everything once the top-1/top-2 logit gap is large
   c.sampler.noise = "step"  # or "position": one Gumbel draw per position for the whole decode (see llada.py)
+  # block only (dlm_jax/samplers/block.py): stop a row whose last entropy_window tokens have a unigram entropy
+  # (nats) below entropy_stop, dropping that window (BD3-LM's variable-length rule: 4.0 over 256 tokens)
+  c.sampler.entropy_stop = 0.0  # 0 = off
+  c.sampler.entropy_window = 256
   # remdm only (dlm_jax/samplers/remdm.py)
   c.sampler.remdm_strategy = "cap"  # or "rescale", "conf"
   c.sampler.eta = 0.02  # remasking strength
@@ -136,7 +145,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 # Keys that define the network's shape: a checkpoint can only be restored into the same values.
 SHAPE_KEYS = ("model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads", "model.head_dim",
-              "model.mlp_dim", "model.time_conditioning", "data.tokenizer", "diffusion.process")
+              "model.mlp_dim", "model.time_conditioning", "data.tokenizer", "diffusion.process", "diffusion.block_size")
 
 
 def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -335,6 +344,22 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(df.schedule_power > 0, f"diffusion.schedule_power must be > 0, got {df.schedule_power}")
   need(0 < df.schedule_eps < 1, f"diffusion.schedule_eps must be in (0, 1), got {df.schedule_eps}")
   need(0 < df.t_min < 1, f"diffusion.t_min must be in (0, 1), got {df.t_min}")
+  need(0 < df.t_max <= 1 and df.t_min < df.t_max,
+       f"the clipped noise interval (diffusion.t_min, diffusion.t_max) = ({df.t_min}, {df.t_max}) must lie in (0, 1] "
+       "and be non-empty (t_min < t_max)")
+  need(df.process == "block" or df.t_max == 1.0,
+       f"diffusion.t_max={df.t_max} clips the noise interval, which only diffusion.process='block' does; set it to 1.0")
+  need(df.block_size >= 1, f"diffusion.block_size must be >= 1, got {df.block_size}")
+  if df.process == "block":
+    need(d.seq_len % df.block_size == 0,
+         f"diffusion.block_size ({df.block_size}) must divide data.seq_len ({d.seq_len}); change one of them")
+    need((s.length or d.seq_len) % df.block_size == 0,
+         f"sampler.length ({s.length or d.seq_len}) must be a multiple of diffusion.block_size ({df.block_size})")
+    need(not m.time_conditioning, "diffusion.process='block' trains one sequence with a noise level per block, so the "
+         "network cannot take a single t; set model.time_conditioning=False")
+    need(df.objective == "mdlm" and df.schedule == "linear",
+         "diffusion.process='block' uses the linear schedule with the 1/t weight (BD3-LM); leave diffusion.schedule="
+         "'linear' and diffusion.objective='mdlm'")
   need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
   need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
   need(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,
@@ -354,24 +379,39 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(t.eval_samples >= 0, f"train.eval_samples must be >= 0, got {t.eval_samples}")
   need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
   need(e.max_batches >= 0, f"eval.max_batches must be >= 0 (0 = all), got {e.max_batches}")
-  need(s.name in SAMPLERS, f"sampler.name must be one of {SAMPLERS}, got {s.name!r}")
+  need(not s.name or s.name in SAMPLERS, f"sampler.name must be one of {SAMPLERS} ('' = the process's default), got {s.name!r}")
   need(s.steps >= 1, f"sampler.steps must be >= 1, got {s.steps}")
   need(s.precision in PRECISIONS, f"sampler.precision must be one of {PRECISIONS}, got {s.precision!r}")
   need(s.noise in NOISE, f"sampler.noise must be one of {NOISE}, got {s.noise!r}")
-  need(s.cache in CACHES, f"sampler.cache must be one of {CACHES}, got {s.cache!r}")
+  need(not s.cache or s.cache in CACHES, f"sampler.cache must be one of {CACHES} ('' = the process's default), got {s.cache!r}")
   need(s.cache_refresh >= 0, f"sampler.cache_refresh must be >= 0 (0 = once per block), got {s.cache_refresh}")
   need(s.position_temperature >= 0, f"sampler.position_temperature must be >= 0, got {s.position_temperature}")
   need(s.remdm_strategy in STRATEGIES, f"sampler.remdm_strategy must be one of {STRATEGIES}, got {s.remdm_strategy!r}")
   need(0 <= s.eta <= 1, f"sampler.eta must be in [0, 1], got {s.eta}")
   need(0 <= s.t_on <= 1, f"sampler.t_on must be in [0, 1], got {s.t_on}")
-  if s.name != "llada":
-    for key, off in (("cache", "none"), ("prophet", False), ("noise", "step"), ("stop_at_eos", False), ("threshold", 0.0),
-                     ("factor", 0.0), ("cfg_scale", 0.0)):
-      need(s[key] == off, f"sampler.{key} is a sampler.name='llada' option; set sampler.name=llada or drop it")
-  if s.name == "llada":
+  need(s.top_k >= 0, f"sampler.top_k must be >= 0 (0 = off), got {s.top_k}")
+  need(0 < s.top_p <= 1, f"sampler.top_p must be in (0, 1] (1 = off), got {s.top_p}")
+  need(s.entropy_stop >= 0, f"sampler.entropy_stop must be >= 0 (0 = off), got {s.entropy_stop}")
+  need(s.entropy_window >= 2, f"sampler.entropy_window must be >= 2, got {s.entropy_window}")
+  block = df.process == "block"
+  name = s.name or ("first_hitting" if block else "ancestral")
+  if block:
+    need(s.cache in ("", "none", "prefix"),
+         f"sampler.cache={s.cache!r}: block diffusion caches the K/V of its clean blocks; use 'prefix' or 'none'")
+    for key, off in (("cfg_scale", 0.0), ("noise", "step")):
+      need(s[key] == off, f"sampler.{key} is not available inside block diffusion's blocks; drop it")
+  else:
+    need(s.entropy_stop == 0, "sampler.entropy_stop is a diffusion.process='block' option (variable-length "
+         "generation); drop it")
+  if name != "llada":
+    for key, off in (("cache", "none" if not block else s.cache), ("prophet", False), ("noise", "step"),
+                     ("threshold", 0.0), ("factor", 0.0), ("cfg_scale", 0.0)):
+      need(s[key] in (off, ""), f"sampler.{key} is a sampler.name='llada' option; set sampler.name=llada or drop it")
+    need(block or not s.stop_at_eos, "sampler.stop_at_eos needs sampler.name=llada or diffusion.process='block'")
+  if name == "llada" or (block and df.block_size == 1):
     need(s.temperature >= 0, f"sampler.temperature must be >= 0 (0 = greedy), got {s.temperature}")
   else:
-    need(s.temperature > 0, f"sampler.temperature must be > 0 for sampler.name={s.name!r}, got {s.temperature}")
+    need(s.temperature > 0, f"sampler.temperature must be > 0 for sampler.name={name!r}, got {s.temperature}")
   need(s.block_length >= 0, f"sampler.block_length must be >= 0 (0 = one block), got {s.block_length}")
   need(s.remasking in REMASKING, f"sampler.remasking must be one of {REMASKING}, got {s.remasking!r}")
   need(s.confidence in CONFIDENCE, f"sampler.confidence must be one of {CONFIDENCE}, got {s.confidence!r}")

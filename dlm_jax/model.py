@@ -190,14 +190,17 @@ class Transformer(nnx.Module):
       self.final_ada = _param(rngs, (c.cond_dim, 2 * c.d_model), ("cond", "embed"), None)
 
   def __call__(self, tokens, *, t=None, positions=None, segment_ids=None, kv_segment_ids=None, mask=None,
-               embeddings=None, cache=None, cache_start=None, kv_positions=None):
+               embeddings=None, cache=None, cache_start=None, kv_positions=None, output_len=None):
     """tokens [B, L] int; or `embeddings` [B, L, d_model] given instead of the token lookup (continuous families
     feed noisy vectors; pass tokens=None then).
 
     K/V cache (samplers): `cache` = {'layer_i': {'k', 'v'}} with [B, Lc, K, D] arrays (`empty_cache`); the L input
     tokens are the window [cache_start, cache_start + L) of an Lc-long sequence. Their keys (before RoPE) and values
     are written into the cache, and the queries attend to all Lc cached positions (`kv_segment_ids` [B, Lc]: a
-    negative id is never attended; `kv_positions` [B, Lc] rotate the cached keys). Returns (logits, cache) then."""
+    negative id is never attended; `kv_positions` [B, Lc] rotate the cached keys). Returns (logits, cache) then.
+
+    `output_len` (static): logits only for the first output_len positions (block diffusion reads its x_t half of the
+    [x_t | x_0] input; the head is not applied to the rest)."""
     c = self.c
     if embeddings is not None:
       b, l = embeddings.shape[:2]
@@ -227,6 +230,8 @@ class Transformer(nnx.Module):
       else:
         x, new_cache[f"layer_{i}"] = layer(x, rot, cond, segment_ids, kv_segment_ids, mask,
                                            cache=(cache[f"layer_{i}"], cache_start, kv_rot))
+    if output_len is not None:
+      x = x[:, :output_len]
     x = rms_norm(x, self.final_norm[...], c.norm_eps)
     if c.time_conditioning:
       sh, sc = jnp.split((cond @ self.final_ada[...]).astype(c.dtype)[:, None, :], 2, axis=-1)
@@ -280,14 +285,25 @@ def _pad_layout(tokens: jax.Array, pad_id: int):
   return jnp.where(valid, tokens, 0), jnp.where(valid, 0, -1).astype(jnp.int32), positions
 
 
-def logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = -1):
+def block_causal_mask(q_positions: jax.Array, kv_positions: jax.Array, block_size: int | None):
+  """[B, 1, Lq, Lk] bool: a query sees the keys whose block (position // block_size) is not after its own; None for
+  block_size None (bidirectional). Block diffusion's inference-time attention (Arriola et al. 2025, BD3-LM): clean
+  earlier blocks plus the query's own block; block_size 1 is causal attention."""
+  if block_size is None:
+    return None
+  return (kv_positions[:, None, None, :] // block_size) <= (q_positions[:, None, :, None] // block_size)
+
+
+def logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = -1, block_size: int | None = None):
   """(tokens [B, L], t [B]) -> logits: the sampler-facing forward. PAD positions are never attended to and positions
-  are numbered from each row's first real token, so a left-padded row gives the logits it gives alone."""
+  are numbered from each row's first real token, so a left-padded row gives the logits it gives alone. With
+  `block_size` (block diffusion) attention is block-causal over those positions (`block_causal_mask`)."""
 
   def fn(tokens, t):
     safe, seg, positions = _pad_layout(tokens, pad_id)
     kw = {"t": t} if time_conditioned else {}
-    return apply_fn(params, safe, positions=positions, segment_ids=jnp.zeros_like(seg), kv_segment_ids=seg, **kw)
+    return apply_fn(params, safe, positions=positions, segment_ids=jnp.zeros_like(seg), kv_segment_ids=seg,
+                    mask=block_causal_mask(positions, positions, block_size), **kw)
 
   return fn
 
@@ -302,7 +318,8 @@ def empty_cache(params: dict, batch: int, length: int, dtype=jnp.float32) -> dic
   return cache
 
 
-def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = -1, dtype=jnp.float32):
+def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = -1, dtype=jnp.float32,
+                     block_size: int | None = None):
   """The cache-aware forward for the Fast-dLLM prefix / dual caches (`dlm_jax.samplers.llada`, cache="prefix"/"dual").
 
   fn(window [B, W], t [B], start, cache) -> (logits [B, W, V], cache). With W = L, start = 0 (a full forward;
@@ -311,6 +328,9 @@ def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id
   [start, start + W) and its queries attend to all L positions, the rest coming from the cache as it was last written
   (Fast-dLLM's dual cache; with the window reaching the end of the sequence, the prefix cache). Cached keys are
   rotated at use with their absolute positions.
+
+  With `block_size` (block diffusion's K/V cache of clean blocks, `dlm_jax.samplers.block`) attention is
+  block-causal (`block_causal_mask`): a window sees the cache up to the end of its own block, never later entries.
   """
 
   def fn(window, t, start, cache):
@@ -320,13 +340,15 @@ def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id
       safe, seg, positions = _pad_layout(window, pad_id)
       kv = empty_cache(params, b, w, dtype)
       logits, kv = apply_fn(params, safe, positions=positions, segment_ids=jnp.zeros_like(seg), kv_segment_ids=seg,
-                            cache=kv, cache_start=jnp.zeros((), jnp.int32), kv_positions=positions, **kw)
+                            mask=block_causal_mask(positions, positions, block_size), cache=kv,
+                            cache_start=jnp.zeros((), jnp.int32), kv_positions=positions, **kw)
       return logits, {"kv": kv, "segments": seg, "positions": positions}
     start = jnp.asarray(start, jnp.int32)
     positions = jax.lax.dynamic_slice_in_dim(cache["positions"], start, w, axis=1)
     logits, kv = apply_fn(params, window, positions=positions, segment_ids=jnp.zeros((b, w), jnp.int32),
-                          kv_segment_ids=cache["segments"], cache=cache["kv"], cache_start=start,
-                          kv_positions=cache["positions"], **kw)
+                          kv_segment_ids=cache["segments"], mask=block_causal_mask(positions, cache["positions"],
+                                                                                   block_size),
+                          cache=cache["kv"], cache_start=start, kv_positions=cache["positions"], **kw)
     return logits, {**cache, "kv": kv}
 
   return fn

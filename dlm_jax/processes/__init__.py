@@ -2,10 +2,11 @@
 
 from dlm_jax.errors import DLMError
 from dlm_jax.processes.base import Process
+from dlm_jax.processes.block import BlockDiffusion
 from dlm_jax.processes.masked import MaskedDiffusion
 from dlm_jax.processes.schedules import Schedule
 
-PROCESSES = {"masked": MaskedDiffusion}
+PROCESSES = {"masked": MaskedDiffusion, "block": BlockDiffusion}
 
 
 def make_process(cfg, vocab_size: int) -> Process:
@@ -15,4 +16,4 @@ def make_process(cfg, vocab_size: int) -> Process:
   return PROCESSES[name].from_config(cfg, vocab_size)
 
 
-__all__ = ["Process", "MaskedDiffusion", "Schedule", "make_process", "PROCESSES"]
+__all__ = ["Process", "MaskedDiffusion", "BlockDiffusion", "Schedule", "make_process", "PROCESSES"]

@@ -28,14 +28,14 @@ import jax.numpy as jnp
 from dlm_jax.processes.schedules import Schedule
 
 
-def sample_times(key: jax.Array, n: int, t_min: float, antithetic: bool) -> jax.Array:
-  """n times in [t_min, 1]: low-discrepancy (u/n + i/n mod 1) when antithetic, else i.i.d. uniform."""
+def sample_times(key: jax.Array, n: int, t_min: float, antithetic: bool, t_max: float = 1.0) -> jax.Array:
+  """n times in [t_min, t_max]: low-discrepancy (u/n + i/n mod 1) when antithetic, else i.i.d. uniform."""
   if antithetic:
     u = jax.random.uniform(key, ())
     e = jnp.mod(u / n + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
   else:
     e = jax.random.uniform(key, (n,))
-  return (1.0 - t_min) * e + t_min
+  return (t_max - t_min) * e + t_min
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -164,24 +164,28 @@ class MaskedDiffusion:
     from dlm_jax import model as model_lib  # samplers import schedules from this package
     from dlm_jax.samplers import ancestral, first_hitting, llada, remdm
 
+    from dlm_jax.samplers.common import truncated
+
     tc = self.time_conditioning
-    logits_fn = model_lib.logits_fn(apply_fn, params, time_conditioned=tc)
     s = sampler_cfg
+    name, cache = s.name or "ancestral", s.cache or "none"
+    trunc = dict(top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, mask_id=self.mask_id)
+    logits_fn = truncated(model_lib.logits_fn(apply_fn, params, time_conditioned=tc), **trunc)
     common = dict(mask_id=self.mask_id, temperature=s.temperature, precision=s.precision, logit_shift=s.logit_shift)
-    if s.name == "llada":
+    if name == "llada":
       gen_length = canvas.shape[1] - gen_start
       adaptive = bool(s.threshold or s.factor)
-      if s.cache != "none":
-        logits_fn = model_lib.cached_logits_fn(apply_fn, params, time_conditioned=tc)
+      if cache != "none":
+        logits_fn = truncated(model_lib.cached_logits_fn(apply_fn, params, time_conditioned=tc), **trunc)
       return llada(logits_fn, key, canvas, gen_start=gen_start, gen_length=gen_length,
                    block_length=s.block_length or gen_length, steps=None if adaptive else s.steps,
                    remasking=s.remasking, confidence=s.confidence, position_temperature=s.position_temperature,
-                   threshold=s.threshold or None, factor=s.factor or None, cfg_scale=s.cfg_scale, cache=s.cache,
+                   threshold=s.threshold or None, factor=s.factor or None, cfg_scale=s.cfg_scale, cache=cache,
                    cache_refresh=s.cache_refresh, prophet=s.prophet, noise=s.noise,
                    eos_id=eos_id if s.stop_at_eos else None, **common)
-    if s.name == "first_hitting":
+    if name == "first_hitting":
       return first_hitting(logits_fn, key, canvas, **common)
-    if s.name == "remdm":
+    if name == "remdm":
       return remdm(logits_fn, key, canvas, steps=s.steps, eta=s.eta, strategy=s.remdm_strategy, t_on=s.t_on,
                    schedule=self.schedule, **common)
     return ancestral(logits_fn, key, canvas, steps=s.steps, schedule=self.schedule, time_conditioned=tc, **common)

@@ -38,6 +38,49 @@ def shift_logits(logits: jax.Array) -> jax.Array:
   return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
 
 
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0) -> jax.Array:
+  """Top-k and nucleus (top-p, Holtzman et al. 2020) truncation: logits outside the kept set become -inf.
+
+  The nucleus is the smallest set of most likely tokens whose probability under softmax(logits / temperature) reaches
+  top_p (the order of Hugging Face's generate: temperature, then top-k, then top-p); ties at the boundary are kept.
+  top_k = 0 and top_p = 1 leave the logits unchanged.
+  """
+  if top_k < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
+  logits = logits.astype(jnp.float32)
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    scaled = logits / temperature if temperature > 0 else logits
+    desc = jnp.sort(scaled, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
+    keep = before < top_p  # the first token always, then until the mass reaches top_p
+    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(scaled < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def truncated(logits_fn: Callable, *, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
+              mask_id: Optional[int] = None) -> Callable:
+  """`logits_fn` with `filter_logits` applied to its logits (after removing the mask class); a cached function's
+  (logits, cache) output keeps its cache. The identity when top_k = 0 and top_p = 1."""
+  if not top_k and top_p >= 1.0:
+    return logits_fn
+
+  def fn(*args):
+    out = logits_fn(*args)
+    logits, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+    logits = logits.astype(jnp.float32)
+    if mask_id is not None:
+      logits = suppress_mask(logits, mask_id)
+    logits = filter_logits(logits, top_k, top_p, temperature)
+    return logits if rest is None else (logits, *rest)
+
+  return fn
+
+
 def row_keys(key: jax.Array, b: int) -> jax.Array:
   """One key per row: a batch of B keys is used as is, a single key gives fold_in(key, r) to row r."""
   typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
