@@ -2,6 +2,8 @@
 
   dlm-train  --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
   dlm-eval   --workdir DIR [--config.KEY=VALUE ...]          prints one JSON line with the validation bound
+             [--score_samples FILE.jsonl]   generative perplexity of samples under the AR model in DIR
+             [--clip_search [--clip_widths 0.5,0.6]]   BD3-LM clipped-interval search for a block diffusion model
   dlm-sample --workdir DIR --num_samples N --output FILE.jsonl [--prompt TEXT | --prompt_file FILE]
              [--config.KEY=VALUE ...]
 
@@ -68,20 +70,67 @@ def _train(rest, overrides):
 
 
 def _eval(rest, overrides):
-  p = _Parser(prog="dlm-eval", description="Likelihood bound on the validation split of a trained workdir.")
+  p = _Parser(prog="dlm-eval", description="Likelihood bound on the validation split of a trained workdir (exact NLL "
+              "for an autoregressive model), generative perplexity of a samples file, or the clipped-schedule search.")
   p.add_argument("--workdir", required=True)
+  p.add_argument("--score_samples", default=None, metavar="FILE.jsonl",
+                 help="score the samples dlm-sample wrote with the autoregressive model in --workdir: generative "
+                 "perplexity and mean unigram entropy")
+  p.add_argument("--clip_search", action="store_true",
+                 help="block diffusion: the noise interval (t_min, t_max) with the lowest variance of the per-block "
+                 "loss on validation batches (BD3-LM)")
+  p.add_argument("--clip_widths", default="0.5,0.6,0.7,0.8,0.9", help="interval widths for --clip_search")
   a = p.parse_args(rest)
+  if a.score_samples and a.clip_search:
+    raise DLMError("give --score_samples or --clip_search, not both")
+  records = _read_samples(a.score_samples) if a.score_samples else None
+  try:
+    widths = [float(w) for w in a.clip_widths.split(",") if w.strip()]
+  except ValueError:
+    raise DLMError(f"--clip_widths {a.clip_widths!r} is not a comma-separated list of numbers") from None
   _maybe_distributed()
   from dlm_jax.data import load_corpus
-  from dlm_jax.evaluate import evaluate_bound
+  from dlm_jax import evaluate
   from dlm_jax.train import load_for_inference
   cfg, run, params, pstate = load_for_inference(a.workdir, overrides)
+  if records is not None:
+    res = evaluate.score_samples(run, params, records, batch_size=cfg.eval.batch_size, source=a.score_samples)
+    res["scorer"] = a.workdir
+    print(json.dumps(res))
+    return
   corpus = load_corpus(cfg, run.tokenizer)
-  res = evaluate_bound(run, params, corpus.val, pstate, batch_size=cfg.eval.batch_size,
-                       max_batches=cfg.eval.max_batches, seed=cfg.eval.seed)
+  if a.clip_search:
+    res = evaluate.clip_search(run, params, corpus.val, batch_size=cfg.eval.batch_size,
+                               max_batches=cfg.eval.max_batches, seed=cfg.eval.seed, widths=widths)
+    print(json.dumps(res))
+    return
+  res = evaluate.evaluate_bound(run, params, corpus.val, pstate, batch_size=cfg.eval.batch_size,
+                                max_batches=cfg.eval.max_batches, seed=cfg.eval.seed)
   res.update(process=cfg.diffusion.process, schedule=cfg.diffusion.schedule, seed=cfg.eval.seed,
              num_sequences=int(min(len(corpus.val), (cfg.eval.max_batches or 10**12) * cfg.eval.batch_size)))
+  if cfg.diffusion.process == "block":
+    res.update(block_size=cfg.diffusion.block_size, exact_nll=cfg.diffusion.block_size == 1)
   print(json.dumps(res))
+
+
+def _read_samples(path: str) -> list[dict]:
+  if not os.path.isfile(path):
+    raise DLMError(f"--score_samples {path} does not exist")
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except ValueError:
+        rec = None
+      if not isinstance(rec, dict):
+        raise DLMError(f"{path}:{n} is not a JSON object; give the JSON lines dlm-sample writes")
+      out.append(rec)
+  if not out:
+    raise DLMError(f"--score_samples {path} holds no samples")
+  return out
 
 
 def _sample(rest, overrides):
@@ -121,8 +170,11 @@ def _sample(rest, overrides):
   prompts = None if texts is None else [encode_prompt(run.tokenizer, t, run.process.mask_id) for t in texts]
   tokens, stats = generate(run, params, pstate, num_samples=a.num_samples, length=length, seed=cfg.sampler.seed,
                            prompts=prompts)
-  details = {k: cfg.sampler[k] for k in ("name", "steps", "temperature", "seed", "precision")}
-  details["sampler"] = details.pop("name")
+  details = {k: cfg.sampler[k] for k in ("steps", "temperature", "seed", "precision", "top_k", "top_p")}
+  details["sampler"] = cfg.sampler.name or ("first_hitting" if cfg.diffusion.process == "block" else "ancestral")
+  details.update(process=cfg.diffusion.process, tokenizer=run.tokenizer.fingerprint)
+  if cfg.diffusion.process == "block":
+    details["block_size"] = cfg.diffusion.block_size
   tmp = a.output + ".tmp"
   decoded = []
   with open(tmp, "w") as f:
@@ -132,6 +184,7 @@ def _sample(rest, overrides):
       rec = {"tokens": row, "text": decoded[-1], **details}
       if texts is not None:
         rec["prompt"] = texts[i // a.num_samples]
+        rec["prompt_tokens"] = int(len(prompts[i // a.num_samples]))
       f.write(json.dumps(rec) + "\n")
   os.replace(tmp, a.output)
   if a.show:

@@ -102,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
   # ancestral (MDLM), first_hitting (one position per call, exact), llada (semi-AR remasking, Fast-dLLM, caches, Prophet),
   # remdm (remasking). All in dlm_jax/samplers/. --prompt may hold <|mask:N|> spans (infilling, see README).
   c.sampler.name = ""  # "" = the process's default (masked: ancestral; block: first_hitting inside each block)
-  c.sampler.steps = 128
+  c.sampler.steps = 128  # block diffusion: steps per block (llada uses at most one per token of the block)
   c.sampler.temperature = 1.0
   c.sampler.length = 0  # 0 = data.seq_len
   c.sampler.batch_size = 16

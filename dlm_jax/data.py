@@ -44,6 +44,7 @@ class ByteTokenizer:
   vocab_size = 257
   eos_id = 256
   name = "bytes"
+  fingerprint = "bytes"  # what samples record, so a scorer can check it uses the same tokenizer
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8).astype(np.int32)
@@ -84,6 +85,8 @@ class HFTokenizer:
     except Exception as e:  # the library raises a bare Exception for malformed files
       raise DLMError(f"data.tokenizer '{path}' is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
     self.name = os.path.abspath(path)
+    import hashlib
+    self.fingerprint = "tokenizer.json sha256:" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     names = (eos_token,) if eos_token else _EOS_NAMES
     eos = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -92,6 +93,9 @@ def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
       raise DLMError(f"prompt token id {int(p[bad][0])} is outside the model's vocabulary [0, {vocab}); use the "
                      "tokenizer the model was trained with")
   templates = [bool((p == mask_id).any()) for p in prompts]
+  if any(templates) and run.process.name == "block":
+    raise DLMError("block diffusion generates left to right, so <|mask:N|> infilling templates need a "
+                   "diffusion.process='masked' model; give a plain prompt")
   if any(templates):
     if not all(templates):
       raise DLMError("mix of infilling templates (with <|mask:N|>) and plain prompts; give one kind per run")
@@ -143,3 +147,134 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
       out.append(_to_host(tokens))
       nfe.append(int(stats["nfe"]))
   return np.concatenate(out)[:n], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps}
+
+
+# --- block diffusion: clipped-schedule search and generative perplexity ---------------------------------------------
+
+
+def clip_intervals(widths, delta: float = 0.05, eps: float = 1e-3) -> list[tuple[float, float]]:
+  """BD3-LM's candidate noise intervals: (eps, 1), then for every width w and start i = 0, delta, ... <= 1 - w the
+  interval (max(i, eps), max(i + w, eps))."""
+  out = [(eps, 1.0)]
+  for w in widths:
+    if not 0 < w <= 1:
+      raise DLMError(f"clip width {w} is outside (0, 1]; give widths like 0.5,0.6,0.7")
+    for j in range(int(math.floor((1 - w) / delta + 1e-9)) + 1):
+      i = j * delta
+      lo, hi = max(i, eps), min(max(i + w, eps), 1.0)
+      if lo < hi and (round(lo, 6), round(hi, 6)) not in {(round(a, 6), round(b, 6)) for a, b in out}:
+        out.append((round(lo, 6), round(hi, 6)))
+  return out
+
+
+def clip_search(run, params, val: np.ndarray, *, batch_size: int, max_batches: int = 0, seed: int = 0,
+                widths=(0.5, 0.6, 0.7, 0.8, 0.9), delta: float = 0.05) -> dict:
+  """BD3-LM's clipped-schedule search (Arriola et al. 2025, Sec. 4.2): for every candidate interval (beta, omega),
+  the variance of the per-block training estimator (1/t-weighted masked cross entropy per token, t ~ U[beta, omega])
+  over the blocks of each validation batch, averaged over batches; the interval with the lowest variance is the one to
+  train with (`diffusion.t_min`, `diffusion.t_max`). Every interval sees the same batches and keys."""
+  process = run.process
+  if process.name != "block" or process.block_size == 1:
+    raise DLMError("--clip_search needs a block diffusion model with diffusion.block_size > 1 (the interval does not "
+                   "matter at block size 1, and the masked process has no per-block noise)")
+  if len(val) == 0:
+    raise DLMError("the validation split is empty; set data.val_fraction > 0")
+  batch_size = _round_to_batch_shards(run, batch_size)
+
+  def per_block(params, tokens, key, lo, hi):
+    losses, _ = process.per_block_loss(run.apply_fn, params, {"tokens": tokens}, key, lo, hi)
+    return losses / process.block_size  # per-token mean within each block
+
+  fn = run.jitted("clip_search", per_block)
+  intervals = clip_intervals(widths, delta, eps=1e-3)
+  sums = np.zeros(len(intervals))
+  batches = 0
+  base = jax.random.PRNGKey(seed)
+  with jax.set_mesh(run.mesh):
+    for b, (tokens, valid) in enumerate(eval_batches(val, batch_size, max_batches)):
+      tokens = jax.device_put(tokens, run.batch_sharding())
+      keep = np.asarray(valid, bool)
+      for j, (lo, hi) in enumerate(intervals):
+        losses = _to_host(fn(params, tokens, jax.random.fold_in(base, b), jnp.float32(lo), jnp.float32(hi)))
+        sums[j] += float(np.var(losses[keep]))
+      batches += 1
+  var = sums / batches
+  best = int(np.argmin(var))
+  table = sorted(([lo, hi, float(v)] for (lo, hi), v in zip(intervals, var)), key=lambda r: r[2])
+  return {"best_interval": list(intervals[best]), "best_variance": float(var[best]),
+          "default_interval_variance": float(var[0]), "num_batches": batches, "intervals": table,
+          "use": f"--config.diffusion.t_min={intervals[best][0]} --config.diffusion.t_max={intervals[best][1]}"}
+
+
+def score_samples(run, params, records: list[dict], *, batch_size: int, source: str = "") -> dict:
+  """Generative perplexity of samples under an autoregressive dlm_jax model (block diffusion at block size 1, whose
+  NLL is exact), with the samples' mean unigram entropy.
+
+  Protocol (numbers.md): each sample's generated tokens (after its prompt, if it had one, which is the context) up to
+  and including its first EOS are scored; samples longer than the scorer's data.seq_len are cut into chunks of that
+  length, each scored from its start; PPL = exp(total NLL / total scored tokens) over all samples. The entropy is the
+  unigram entropy (nats) of each sample's scored tokens, averaged over samples; low entropy (repetition) makes PPL look
+  good, so the two are reported together, with the sampler settings the samples file records.
+  """
+  process = run.process
+  if process.name != "block" or process.block_size != 1:
+    raise DLMError(f"the scoring workdir holds a diffusion.process={process.name!r} model"
+                   + (f" with block_size={process.block_size}" if process.name == "block" else "")
+                   + "; generative perplexity needs an autoregressive model (diffusion.process='block', "
+                   "diffusion.block_size=1, e.g. configs/ar_quickstart.py)")
+  tok = run.tokenizer
+  seq_len = run.cfg.data.seq_len
+  rows, weights, entropies, n_scored = [], [], [], 0
+  for n, rec in enumerate(records, 1):
+    if "tokens" in rec:
+      if rec.get("tokenizer", tok.fingerprint) != tok.fingerprint:
+        raise DLMError(f"sample {n} was generated with tokenizer {rec['tokenizer']!r} but the scoring model uses "
+                       f"{tok.fingerprint!r}; score with an AR model trained with the same data.tokenizer")
+      ids = np.asarray(rec["tokens"], np.int64)
+      if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
+        raise DLMError(f"sample {n} holds token ids outside the scoring model's vocabulary [0, {tok.vocab_size}); "
+                       "score with an AR model trained with the same data.tokenizer")
+    elif isinstance(rec.get("text"), str):
+      ids = np.asarray(tok.encode(rec["text"]), np.int64)
+    else:
+      raise DLMError(f"sample {n} has neither 'tokens' nor 'text'; give the JSON lines dlm-sample writes")
+    start = int(rec.get("prompt_tokens", 0))
+    eos = np.flatnonzero(ids[start:] == tok.eos_id)
+    end = start + int(eos[0]) + 1 if eos.size else len(ids)
+    if end <= start:
+      continue
+    gen = ids[start:end]
+    counts = np.unique(gen, return_counts=True)[1] / len(gen)
+    entropies.append(float(-(counts * np.log(counts)).sum()))
+    n_scored += len(gen)
+    for lo in range(0, end, seq_len):  # chunks of the scorer's length; positions < start are context only
+      chunk = ids[lo:min(lo + seq_len, end)]
+      w = (np.arange(lo, lo + len(chunk)) >= start).astype(np.float32)
+      if w.sum() == 0:
+        continue
+      rows.append(np.pad(chunk, (0, seq_len - len(chunk))).astype(np.int32))
+      weights.append(np.pad(w, (0, seq_len - len(chunk))))
+  if not rows:
+    raise DLMError("no sample has generated tokens to score")
+
+  def nll(params, tokens, w):
+    return jnp.sum(process.causal_nll(run.apply_fn, params, {"tokens": tokens}) * w)
+
+  fn = run.jitted("score_samples", nll)
+  batch_size = _round_to_batch_shards(run, batch_size)
+  total = 0.0
+  with jax.set_mesh(run.mesh):
+    for i in range(0, len(rows), batch_size):
+      idx = np.arange(i, i + batch_size)
+      tokens = np.stack([rows[j] if j < len(rows) else rows[0] for j in idx])
+      w = np.stack([weights[j] if j < len(rows) else np.zeros(seq_len, np.float32) for j in idx])
+      total += float(fn(params, jax.device_put(tokens, run.batch_sharding()),
+                        jax.device_put(w, run.batch_sharding())))
+  details = {}
+  for key in ("sampler", "steps", "temperature", "precision", "seed", "top_p", "process", "block_size"):
+    vals = sorted({json.dumps(r[key]) for r in records if key in r})
+    if vals:
+      details[key] = json.loads(vals[0]) if len(vals) == 1 else [json.loads(v) for v in vals]
+  return {"gen_ppl": math.exp(total / n_scored), "nll_nats_per_token": total / n_scored,
+          "mean_unigram_entropy": float(np.mean(entropies)), "num_samples": len(entropies),
+          "num_tokens": int(n_scored), "samples": source, "scorer_seq_len": seq_len, **details}

@@ -270,3 +270,107 @@ def test_sampling_benchmark_runs(trained):
   settings = [row.get("setting", "") for row in rows[1:]]
   assert any("dual cache" in s for s in settings) and rows[-1]["same_tokens_eager"] and rows[-1]["same_tokens_loop"]
   assert all(0 <= row.get("agreement", 1) <= 1 for row in rows[1:])
+
+
+# --- block diffusion and the autoregressive baseline through the CLI ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def block_workdirs(tmp_path_factory):
+  """Tiny trained BD3 (block size 4) and AR (block size 1) workdirs on the same data and tokenizer."""
+  import markov
+  from conftest import TINY, write_config
+  d = tmp_path_factory.mktemp("block")
+  (d / "chain.txt").write_text(markov.generate(20_000, seed=3))
+  out = {}
+  for name, bs in (("bd3", 4), ("ar", 1)):
+    cfg = write_config(str(d / f"{name}.py"), dict(TINY, **{"data.path": str(d / "chain.txt"),
+                                                            "diffusion.process": "block", "diffusion.block_size": bs}))
+    out[name] = str(d / name)
+    r = run_cli("train", "--config", cfg, "--workdir", out[name], "--no_progress")
+    assert r.returncode == 0, r.stderr
+  return out
+
+
+def test_block_and_ar_train_eval_sample_and_score(block_workdirs, tmp_path):
+  bd3, ar = block_workdirs["bd3"], block_workdirs["ar"]
+  res = {}
+  for name, wd in (("bd3", bd3), ("ar", ar)):
+    r = run_cli("eval", "--workdir", wd)
+    assert r.returncode == 0, r.stderr
+    res[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res[name]["process"] == "block" and res[name]["nelbo_bits_per_token"] > 0
+  assert res["ar"]["exact_nll"] is True and res["bd3"]["exact_nll"] is False
+  samples = str(tmp_path / "bd3.jsonl")
+  rows, stats = _sample(bd3, samples, "--prompt", "abca", "--config.sampler.stop_at_eos=true",
+                        "--config.sampler.top_p=0.9", n=3)
+  for row in rows:
+    assert row["tokens"][:4] == [97, 98, 99, 97] and 4 < len(row["tokens"]) <= 16
+    assert row["process"] == "block" and row["block_size"] == 4 and row["sampler"] == "first_hitting"
+    assert row["tokenizer"] == "bytes" and row["prompt_tokens"] == 4 and row["top_p"] == 0.9
+  for extra in (["--config.sampler.name=llada", "--config.sampler.threshold=0.5", "--config.sampler.block_length=2"],
+                ["--config.sampler.name=ancestral", "--config.sampler.cache=none"],
+                ["--config.sampler.name=remdm", "--config.sampler.eta=0.2"]):
+    rows_x, _ = _sample(bd3, str(tmp_path / "x.jsonl"), "--prompt", "ab", *extra)
+    assert all(r["tokens"][:2] == [97, 98] and len(r["tokens"]) == 16 for r in rows_x), extra
+  ar_rows, _ = _sample(ar, str(tmp_path / "ar.jsonl"), "--config.sampler.temperature=0", "--config.sampler.top_k=3")
+  assert all(len(r["tokens"]) == 16 for r in ar_rows)
+
+  r = run_cli("eval", "--workdir", ar, "--score_samples", samples)
+  assert r.returncode == 0, r.stderr
+  score = json.loads(r.stdout.strip().splitlines()[-1])
+  assert score["gen_ppl"] > 1 and score["mean_unigram_entropy"] > 0 and score["num_samples"] == 3
+  assert score["sampler"] == "first_hitting" and score["precision"] == "float32" and score["seed"] == 0
+  assert score["num_tokens"] == sum(len(row["tokens"]) - 4 for row in rows)  # the generated tokens only
+
+  assert "needs an autoregressive model" in _error_line(
+      run_cli("eval", "--workdir", bd3, "--score_samples", samples), "dlm-eval")
+  other = tmp_path / "other.jsonl"
+  other.write_text("".join(json.dumps(dict(row, tokenizer="tokenizer.json sha256:0123")) + "\n" for row in rows))
+  assert "same data.tokenizer" in _error_line(run_cli("eval", "--workdir", ar, "--score_samples", str(other)),
+                                              "dlm-eval")
+  assert "does not exist" in _error_line(run_cli("eval", "--workdir", ar, "--score_samples",
+                                                 str(tmp_path / "no.jsonl")), "dlm-eval")
+  assert "needs a block diffusion model" in _error_line(run_cli("eval", "--workdir", ar, "--clip_search"), "dlm-eval")
+  r = run_cli("eval", "--workdir", bd3, "--clip_search", "--clip_widths", "0.5,0.9")
+  assert r.returncode == 0, r.stderr
+  search = json.loads(r.stdout.strip().splitlines()[-1])
+  lo, hi = search["best_interval"]
+  assert 0 < lo < hi <= 1 and search["best_variance"] <= search["default_interval_variance"]
+  assert len(search["intervals"]) == 1 + 11 + 3 and search["use"].startswith("--config.diffusion.t_min=")
+  assert "infilling" in _error_line(run_cli("sample", "--workdir", bd3, "--num_samples", "1", "--output",
+                                            str(tmp_path / "i.jsonl"), "--prompt", "ab<|mask:3|>c"), "dlm-sample")
+
+
+def test_gen_ppl_of_real_sequences_is_the_exact_nll(block_workdirs):
+  """Scoring validation sequences as 'samples' gives exactly dlm-eval's exact NLL of the same sequences."""
+  import math
+  import numpy as np
+  from dlm_jax.data import load_corpus
+  from dlm_jax.evaluate import evaluate_bound, score_samples
+  from dlm_jax.train import load_for_inference
+  cfg, run, params, pstate = load_for_inference(block_workdirs["ar"])
+  val = load_corpus(cfg, run.tokenizer).val[:8].astype(np.int32)
+  assert not (val == run.tokenizer.eos_id).any()
+  score = score_samples(run, params, [{"tokens": row.tolist(), "tokenizer": "bytes"} for row in val], batch_size=4)
+  exact = evaluate_bound(run, params, val, pstate, batch_size=8)
+  assert score["num_tokens"] == val.size
+  assert math.isclose(score["nll_nats_per_token"], exact["nelbo_nats_per_token"], rel_tol=1e-5)
+
+
+BAD_BLOCK = [
+    ({"diffusion.block_size": "5"}, "must divide data.seq_len"),
+    ({"diffusion.t_max": "1.5"}, "must lie in (0, 1]"),
+    ({"diffusion.t_min": "0.6", "diffusion.t_max": "0.5"}, "non-empty"),
+    ({"model.time_conditioning": "true"}, "model.time_conditioning=False"),
+    ({"sampler.cache": "dual"}, "use 'prefix' or 'none'"),
+]
+
+
+@pytest.mark.parametrize("overrides,expect", BAD_BLOCK)
+def test_bad_block_configs(tmp_path, tiny_config, overrides, expect):
+  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+  r = run_cli("train", "--config", tiny_config(), "--workdir", str(tmp_path / "w"), "--config.diffusion.process=block",
+              "--config.diffusion.block_size=4", *args)
+  assert expect in _error_line(r, "dlm-train")
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")

@@ -50,6 +50,14 @@ def bd3_mask(length: int, block_size: int) -> np.ndarray:
   return ((bq == bk) & (xq == xk)) | ((bq > bk) & xk & ~xq) | ((bq >= bk) & xk & xq)
 
 
+def _llada_steps(steps: int, block: int, sub_block: int) -> int:
+  """sampler.steps counts steps per block; LLaDA inside a block of `block` tokens needs at most one step per token,
+  and a multiple of its number of sub-blocks."""
+  subs = block // sub_block if sub_block and block % sub_block == 0 else 1
+  steps = min(steps, block)
+  return max(subs, steps - steps % subs)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockDiffusion:
   vocab_size: int  # tokenizer vocabulary; the mask id is vocab_size
@@ -192,7 +200,8 @@ class BlockDiffusion:
     if name == "llada":
       inner = functools.partial(
           llada, gen_start=0, gen_length=b, block_length=s.block_length or b,
-          steps=None if (s.threshold or s.factor) else s.steps, remasking=s.remasking, confidence=s.confidence,
+          steps=None if (s.threshold or s.factor) else _llada_steps(s.steps, b, s.block_length or b),
+          remasking=s.remasking, confidence=s.confidence,
           position_temperature=s.position_temperature, threshold=s.threshold or None, factor=s.factor or None,
           prophet=s.prophet, **common)
     elif name == "ancestral":
