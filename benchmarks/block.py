@@ -8,7 +8,8 @@ Prints one JSON line per measurement:
   train_step      the real train step (`dlm-train`'s) of block diffusion ([x_t | x_0], 2L tokens through the trunk)
                   and of masked diffusion at the same L and batch: seconds per step (median) and their ratio.
   mask_tiles      share of the [2L, 2L] score matrix and of its tile x tile tiles that the BD3 mask leaves nonzero
-                  (what a block-sparse kernel computes), against the dense 2L attention the XLA path computes now.
+                  (what a block-sparse kernel computes), against the dense 2L attention the XLA path computes now;
+                  analytically (L^2 + L b) / (4 L^2) of the entries.
   block_sampling  tokens/s of block sampling (first-hitting inside each block) at --length with --block_size, with the
                   clean-block K/V cache and without it (the whole canvas recomputed at every step), token agreement
                   and NFE; the speedup is measured in this run.
@@ -77,7 +78,7 @@ def mask_tiles(length: int, block_size: int, tile: int) -> dict:
   tiles = m[:n // t * t, :n // t * t].reshape(n // t, t, n // t, t).any(axis=(1, 3))
   return {"bench": "mask_tiles", "seq_len": length, "block_size": block_size, "tile": t,
           "nonzero_entries": round(float(m.mean()), 4), "nonzero_tiles": round(float(tiles.mean()), 4),
-          "analytic_entries": round((length * length + 2 * length * block_size) / (4 * length * length), 4)}
+          "analytic_entries": round((length * length + length * block_size) / (4 * length * length), 4)}
 
 
 def _copy(cfg, overrides: dict):

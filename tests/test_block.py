@@ -269,3 +269,22 @@ def test_bad_input(net):
     block_diffusion(plain, jax.random.PRNGKey(0), infill, block_size=2, mask_id=MASK, inner=INNER["first_hitting"])
   with pytest.raises(ValueError, match="does not divide"):
     BlockDiffusion(vocab_size=V, block_size=5).loss(*net, _batch(l=16), jax.random.PRNGKey(0), {})
+
+
+def test_block_benchmark_runs(tiny_config):
+  """benchmarks/block.py end to end at a tiny size (figures are not checked: this only keeps it runnable)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from conftest import REPO
+  cfg = tiny_config()
+  r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "block.py"), "--config", cfg, "--sample_config",
+                      cfg, "--block_size", "4", "--length", "16", "--batch_size", "2", "--repeats", "1",
+                      "--train_steps", "1", "--tile", "8"], capture_output=True, text=True, timeout=900,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = {row["bench"]: row for row in (json.loads(l) for l in r.stdout.splitlines() if l.startswith("{"))}
+  assert set(rows) == {"mask_tiles", "train_step", "block_sampling", "ar_sampling"}
+  assert rows["mask_tiles"]["nonzero_entries"] == rows["mask_tiles"]["analytic_entries"]
+  assert rows["block_sampling"]["token_agreement"] == 1.0 and rows["ar_sampling"]["token_agreement"] == 1.0
