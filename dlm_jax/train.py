@@ -30,6 +30,7 @@ from dlm_jax.data import load_corpus, segment_ids, train_iterator
 from dlm_jax.errors import DLMError
 from dlm_jax.evaluate import evaluate_bound, generate
 from dlm_jax.logs import MetricWriter
+from dlm_jax.samplers.common import PAD
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -284,7 +285,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
           if cfg.train.eval_samples:
             toks, _ = generate(run, params, state["process_state"], num_samples=cfg.train.eval_samples,
                                length=cfg.sampler.length or cfg.data.seq_len, seed=cfg.sampler.seed + done)
-            ev["samples"] = [run.tokenizer.decode(t) for t in toks]
+            ev["samples"] = [run.tokenizer.decode(t[t != PAD]) for t in toks]
           writer.write(done, "eval", ev)
           if pbar is not None and "nelbo_bits_per_token" in ev:
             pbar.write(f"step {done}: validation bound {ev['nelbo_bits_per_token']:.4f} bits/token "

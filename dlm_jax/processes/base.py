@@ -13,7 +13,8 @@ A process is a frozen dataclass (hashable, so it is static under jit) of pure fu
   sample(apply_fn, params, key, canvas, sampler_cfg, state, gen_start=0, eos_id=None) -> (tokens, stats)
                                 the sampler named by sampler_cfg on a canvas with `mask_id` at free positions, left
                                 padding (samplers.PAD) and the generated region starting at gen_start; `key` is one
-                                key or one per row
+                                key or one per row. Block diffusion returns rows left-aligned (its blocks count
+                                from each row's first token) with PAD after a row that stopped early
 
 `apply_fn(params, tokens_or_inputs, t=..., segment_ids=...)` is the model's pure forward. `batch` is a dict with
 'tokens' [B, L] int32 and optionally 'segment_ids' [B, L]. Block diffusion and the continuous families (flow, embedding
