@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _best(fn, args, repeats):
@@ -44,19 +45,11 @@ def _best(fn, args, repeats):
 
 
 def train_step_ratio(base_cfg, block_size: int, steps: int) -> dict:
-  from dlm_jax.build import build
-  from dlm_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step, state_shardings
+  from common import train_step_setup
   out = {}
   for process in ("masked", "block"):
     cfg = _copy(base_cfg, {"diffusion.process": process, "diffusion.block_size": block_size})
-    run = build(cfg)
-    opt = make_optimizer(cfg)
-    shardings = state_shardings(run, opt, abstract_train_state(run, opt))
-    state = init_train_state(run, opt, shardings)
-    step = make_train_step(run, opt, shardings)
-    b, l = cfg.train.batch_size, cfg.data.seq_len
-    batch = jax.device_put(np.random.default_rng(0).integers(0, run.tokenizer.vocab_size, (b, l), dtype=np.int32),
-                           run.batch_sharding())
+    run, state, step, batch = train_step_setup(cfg)
     with jax.set_mesh(run.mesh):
       state, _ = jax.block_until_ready(step(state, batch))  # compile
       ts = []

@@ -34,3 +34,19 @@ def train_flops_per_token(mc, seq_len: int, attention_fraction: float = 1.0) -> 
   matmul_params = mc.num_layers * per_layer + d * mc.vocab_out
   attn = mc.num_layers * 4 * seq_len * h * hd * attention_fraction
   return 6 * matmul_params + 3 * attn
+
+
+def train_step_setup(cfg):
+  """The real train step of `cfg` (dlm-train's) with a fresh state and one batch of random token ids:
+  (run, state, step, batch)."""
+  import numpy as np
+  from dlm_jax.build import build
+  from dlm_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step, state_shardings
+  run = build(cfg)
+  opt = make_optimizer(cfg)
+  shardings = state_shardings(run, opt, abstract_train_state(run, opt))
+  state = init_train_state(run, opt, shardings)
+  step = make_train_step(run, opt, shardings)
+  b, l = cfg.train.batch_size, cfg.data.seq_len
+  tokens = np.random.default_rng(0).integers(0, run.tokenizer.vocab_size, (b, l), dtype=np.int32)
+  return run, state, step, jax.device_put(tokens, run.batch_sharding())

@@ -21,10 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax
 import numpy as np
 
-from common import matmul_peak_flops, train_flops_per_token
+from common import matmul_peak_flops, train_flops_per_token, train_step_setup
 from dlm_jax import config as config_lib
-from dlm_jax.build import build
-from dlm_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step, state_shardings
 
 
 def _time(fn, *args, repeats):
@@ -38,14 +36,8 @@ def _time(fn, *args, repeats):
 
 
 def measure(cfg, steps: int, peak: float) -> dict:
-  run = build(cfg)
-  opt = make_optimizer(cfg)
-  shardings = state_shardings(run, opt, abstract_train_state(run, opt))
-  state = init_train_state(run, opt, shardings)
-  step = make_train_step(run, opt, shardings)
+  run, state, step, batch = train_step_setup(cfg)
   b, l = cfg.train.batch_size, cfg.data.seq_len
-  rng = np.random.default_rng(0)
-  batch = jax.device_put(rng.integers(0, run.tokenizer.vocab_size, (b, l), dtype=np.int32), run.batch_sharding())
   key = jax.random.PRNGKey(0)
 
   def loss(params, tokens):

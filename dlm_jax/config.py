@@ -404,8 +404,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(s.entropy_stop == 0, "sampler.entropy_stop is a diffusion.process='block' option (variable-length "
          "generation); drop it")
   if name != "llada":
-    for key, off in (("cache", "none" if not block else s.cache), ("prophet", False), ("noise", "step"),
-                     ("threshold", 0.0), ("factor", 0.0), ("cfg_scale", 0.0)):
+    llada_only = (("prophet", False), ("noise", "step"), ("threshold", 0.0), ("factor", 0.0), ("cfg_scale", 0.0))
+    if not block:  # block diffusion's cache is its own (checked above)
+      llada_only += (("cache", "none"),)
+    for key, off in llada_only:
       need(s[key] in (off, ""), f"sampler.{key} is a sampler.name='llada' option; set sampler.name=llada or drop it")
     need(block or not s.stop_at_eos, "sampler.stop_at_eos needs sampler.name=llada or diffusion.process='block'")
   if name == "llada" or (block and df.block_size == 1):

@@ -98,3 +98,13 @@ def counting(fn):
     return fn(tokens, t)
 
   return counted, calls
+
+
+def random_transformer(vocab: int = 12):
+  """A tiny random dlm_jax transformer over `vocab` tokens plus a mask id (= vocab), init_std 0.4 so its logits are
+  far from uniform: (apply_fn, params). Sampler and block-diffusion tests run on it."""
+  from dlm_jax import model as model_lib
+  c = model_lib.ModelConfig(vocab_in=vocab + 1, vocab_out=vocab, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                            head_dim=8, mlp_dim=64, max_seq_len=64, init_std=0.4)
+  graphdef, params = model_lib.init(c, 0)
+  return model_lib.make_apply(graphdef), params

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_transformer
 from dlm_jax import model as model_lib
 from dlm_jax.processes import BlockDiffusion, MaskedDiffusion
 from dlm_jax.processes.block import bd3_mask
@@ -21,10 +22,7 @@ V, MASK = 12, 12
 
 @pytest.fixture(scope="module")
 def net():
-  c = model_lib.ModelConfig(vocab_in=V + 1, vocab_out=V, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                            head_dim=8, mlp_dim=64, max_seq_len=64, init_std=0.4)
-  graphdef, params = model_lib.init(c, 0)
-  return model_lib.make_apply(graphdef), params
+  return random_transformer(V)
 
 
 def _batch(b=4, l=16, seed=0):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, random_transformer
 from dlm_jax import model as model_lib
 from dlm_jax.samplers import PAD, ancestral, first_hitting, left_pad, llada, remdm
 
@@ -21,10 +21,7 @@ V, MASK = 12, 12
 
 @pytest.fixture(scope="module")
 def tiny_model():
-  c = model_lib.ModelConfig(vocab_in=V + 1, vocab_out=V, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                            head_dim=8, mlp_dim=64, max_seq_len=64, init_std=0.4)
-  graphdef, params = model_lib.init(c, 0)
-  apply_fn = model_lib.make_apply(graphdef)
+  apply_fn, params = random_transformer(V)
   return (model_lib.logits_fn(apply_fn, params), model_lib.cached_logits_fn(apply_fn, params))
 
 

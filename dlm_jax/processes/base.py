@@ -51,3 +51,26 @@ class Process(Protocol):
 
   def sample(self, apply_fn: ApplyFn, params, key: jax.Array, canvas: jax.Array, sampler_cfg, state,
              gen_start: int = 0, eos_id: int | None = None) -> tuple[jax.Array, dict]: ...
+
+
+class AbsorbingVocab:
+  """The vocabulary of the mask-token (absorbing-state) families, masked and block diffusion: the tokenizer's
+  `vocab_size` tokens plus one mask id (= vocab_size) on input, the tokens alone on output; no non-gradient state."""
+
+  vocab_size: int
+
+  @property
+  def mask_id(self) -> int:
+    return self.vocab_size
+
+  @property
+  def vocab_in(self) -> int:
+    return self.vocab_size + 1
+
+  @property
+  def vocab_out(self) -> int:
+    return self.vocab_size
+
+  def init_state(self, key):
+    del key
+    return {}

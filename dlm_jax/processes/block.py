@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlm_jax.processes.masked import sample_times, token_nll
+from dlm_jax.processes.base import AbsorbingVocab
 from dlm_jax.processes.schedules import Schedule
 
 
@@ -59,7 +60,7 @@ def _llada_steps(steps: int, block: int, sub_block: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockDiffusion:
+class BlockDiffusion(AbsorbingVocab):
   vocab_size: int  # tokenizer vocabulary; the mask id is vocab_size
   block_size: int = 16
   t_min: float = 1e-3  # beta
@@ -73,28 +74,12 @@ class BlockDiffusion:
     return cls(vocab_size=vocab_size, block_size=d.block_size, t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic)
 
   @property
-  def mask_id(self) -> int:
-    return self.vocab_size
-
-  @property
-  def vocab_in(self) -> int:
-    return self.vocab_size + 1
-
-  @property
-  def vocab_out(self) -> int:
-    return self.vocab_size
-
-  @property
   def time_conditioned(self) -> bool:
     return False
 
   @property
   def autoregressive(self) -> bool:
     return self.block_size == 1
-
-  def init_state(self, key):
-    del key
-    return {}
 
   def _check(self, length: int) -> int:
     if length % self.block_size:

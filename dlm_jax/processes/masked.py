@@ -25,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dlm_jax.processes.base import AbsorbingVocab
 from dlm_jax.processes.schedules import Schedule
 
 
@@ -47,7 +48,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedDiffusion:
+class MaskedDiffusion(AbsorbingVocab):
   vocab_size: int  # tokenizer vocabulary; the mask id is vocab_size
   schedule: Schedule = Schedule("linear")
   objective: str = "mdlm"
@@ -64,24 +65,8 @@ class MaskedDiffusion:
                time_conditioning=cfg.model.time_conditioning)
 
   @property
-  def mask_id(self) -> int:
-    return self.vocab_size
-
-  @property
-  def vocab_in(self) -> int:
-    return self.vocab_size + 1
-
-  @property
-  def vocab_out(self) -> int:
-    return self.vocab_size
-
-  @property
   def time_conditioned(self) -> bool:
     return self.time_conditioning
-
-  def init_state(self, key):
-    del key
-    return {}
 
   # --- corruption and per-sequence terms --------------------------------------------------------------------------
 
