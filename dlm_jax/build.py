@@ -60,7 +60,7 @@ class Run:
 def build(cfg, devices=None) -> Run:
   tokenizer = make_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
   process = make_process(cfg, tokenizer.vocab_size)
-  mc = model_lib.ModelConfig.from_config(cfg, process.vocab_in, process.vocab_out)
+  mc = model_lib.ModelConfig.from_config(cfg, process.vocab_in, process.vocab_out, **process.model_options)
   graphdef, abstract_params, axes = model_lib.abstract(mc)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   return Run(cfg, tokenizer, process, mc, graphdef, abstract_params, axes, mesh)

@@ -161,17 +161,19 @@ def _sample(rest, overrides):
   if a.prompt_file is not None:
     texts = _read_prompts(a.prompt_file)
   cfg, run, params, pstate = load_for_inference(a.workdir, overrides)
-  if cfg.sampler.precision == "float64":
-    import jax
-    jax.config.update("jax_enable_x64", True)
   from dlm_jax.evaluate import encode_prompt
   from dlm_jax.samplers import PAD
   length = cfg.sampler.length or cfg.data.seq_len
   prompts = None if texts is None else [encode_prompt(run.tokenizer, t, run.process.mask_id) for t in texts]
   tokens, stats = generate(run, params, pstate, num_samples=a.num_samples, length=length, seed=cfg.sampler.seed,
                            prompts=prompts)
-  details = {k: cfg.sampler[k] for k in ("steps", "temperature", "seed", "precision", "top_k", "top_p")}
-  details["sampler"] = cfg.sampler.name or ("first_hitting" if cfg.diffusion.process == "block" else "ancestral")
+  from dlm_jax.processes import sampler_name, sampler_precision
+  details = {k: cfg.sampler[k] for k in ("steps", "temperature", "seed", "top_k", "top_p")}
+  details.update(sampler=sampler_name(cfg), precision=sampler_precision(cfg))
+  if cfg.diffusion.process == "bitstream":  # no token distribution to truncate
+    del details["top_k"], details["top_p"]
+  if details["sampler"] == "edm_churn":
+    details.update(churn=cfg.sampler.churn, churn_band=[cfg.sampler.churn_band_lo, cfg.sampler.churn_band_hi])
   details.update(process=cfg.diffusion.process, tokenizer=run.tokenizer.fingerprint)
   if cfg.diffusion.process == "block":
     details["block_size"] = cfg.diffusion.block_size

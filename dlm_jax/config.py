@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from typing import Any, Iterable
 
@@ -19,14 +20,13 @@ from dlm_jax.errors import DLMError
 
 from dlm_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from dlm_jax.processes import PROCESSES as _PROCESSES
-from dlm_jax.samplers import SAMPLERS as _SAMPLERS
 from dlm_jax.samplers.common import PRECISIONS
 from dlm_jax.samplers.llada import CACHES, CONFIDENCE, NOISE, REMASKING
 from dlm_jax.samplers.remdm import STRATEGIES
 
 # Names valid in a config; the process, sampler and attention names come from the modules that implement them.
 PROCESSES = tuple(_PROCESSES)
-SAMPLERS = tuple(_SAMPLERS)
+SAMPLERS = tuple(dict.fromkeys(n for cls in _PROCESSES.values() for n in cls.SAMPLERS))
 SCHEDULES = ("linear", "cosine", "polynomial", "loglinear")
 OBJECTIVES = ("mdlm", "llada")
 DTYPES = ("float32", "bfloat16")
@@ -71,6 +71,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.t_max = 1.0  # block only: the clipped interval's omega (BD3-LM); `dlm-eval --clip_search` picks one
   c.diffusion.antithetic = True
   c.diffusion.block_size = 16  # block only: tokens per block; 1 = autoregressive (exact NLL), data.seq_len = masked
+  # continuous families (flow, embedding_flow, bitstream; dlm_jax/processes/<name>.py). Every family has defaults.
+  c.diffusion.bound_steps = 128  # Euler steps of the probability-flow ODE likelihood bound (Hutchinson divergence)
+  c.diffusion.self_cond_prob = 0.5  # embedding_flow, bitstream: probability of a self-conditioned training example
+  c.diffusion.schedule_update_every = 100  # embedding_flow / bitstream: loss calls between schedule refits (0 = fixed)
+  c.diffusion.schedule_buffer = 4096  # embedding_flow / bitstream: FIFO of (noise level, error) pairs for the refits
+  c.diffusion.flow_embed_state = False  # flow: carry x_g E in the model dimension (noise drawn in R^D, not R^V)
+  c.diffusion.gumbel_mu = 4.723  # embedding_flow: initial Gumbel schedule location (LangFlow's OWT fit)
+  c.diffusion.gumbel_beta = 0.852  # embedding_flow: initial Gumbel schedule scale
+  c.diffusion.bits = 0  # bitstream: bits per token (0 = the smallest width that holds the vocabulary)
+  c.diffusion.sigma_min = 0.002  # bitstream: EDM noise range
+  c.diffusion.sigma_max = 80.0
+  c.diffusion.sigma_data = 0.5  # bitstream: EDM preconditioning / loss weight constant
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -107,7 +119,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler.length = 0  # 0 = data.seq_len
   c.sampler.batch_size = 16
   c.sampler.seed = 0
-  c.sampler.precision = "float32"  # or "float64": Gumbel sampling in float64 (turns on JAX 64-bit mode)
+  c.sampler.precision = ""  # "" = family default (embedding_flow: float64, else float32); "float64": Gumbel draws /
+  # continuous state updates in float64 (64-bit JAX is turned on for the sampler)
   c.sampler.logit_shift = False  # models that predict token i at position i - 1 (Dream)
   c.sampler.stop_at_eos = False  # llada: a row that committed EOS fills the rest with EOS; block: the row ends there
   c.sampler.top_k = 0  # 0 = off; else sample only among the k most likely tokens
@@ -129,6 +142,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (nats) below entropy_stop, dropping that window (BD3-LM's variable-length rule: 4.0 over 256 tokens)
   c.sampler.entropy_stop = 0.0  # 0 = off
   c.sampler.entropy_window = 256
+  # bitstream only: edm_churn's EDM churn gamma, applied where the grid's entropy-CDF fraction lies in the band
+  c.sampler.churn = 0.2  # CoBit: 0.2 (LM1B), 0.13 (OWT)
+  c.sampler.churn_band_lo = 0.0
+  c.sampler.churn_band_hi = 1.0
   # remdm only (dlm_jax/samplers/remdm.py)
   c.sampler.remdm_strategy = "cap"  # or "rescale", "conf"
   c.sampler.eta = 0.02  # remasking strength
@@ -145,7 +162,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 # Keys that define the network's shape: a checkpoint can only be restored into the same values.
 SHAPE_KEYS = ("model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads", "model.head_dim",
-              "model.mlp_dim", "model.time_conditioning", "data.tokenizer", "diffusion.process", "diffusion.block_size")
+              "model.mlp_dim", "model.time_conditioning", "data.tokenizer", "diffusion.process", "diffusion.block_size",
+              "diffusion.bits")
 
 
 def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -379,9 +397,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(t.eval_samples >= 0, f"train.eval_samples must be >= 0, got {t.eval_samples}")
   need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
   need(e.max_batches >= 0, f"eval.max_batches must be >= 0 (0 = all), got {e.max_batches}")
-  need(not s.name or s.name in SAMPLERS, f"sampler.name must be one of {SAMPLERS} ('' = the process's default), got {s.name!r}")
+  family = _PROCESSES[df.process]
+  need(not s.name or s.name in family.SAMPLERS, f"sampler.name={s.name!r} is not a sampler of diffusion.process="
+       f"{df.process!r}; use one of {family.SAMPLERS} ('' = {family.DEFAULT_SAMPLER!r})")
   need(s.steps >= 1, f"sampler.steps must be >= 1, got {s.steps}")
-  need(s.precision in PRECISIONS, f"sampler.precision must be one of {PRECISIONS}, got {s.precision!r}")
+  need(s.precision in ("",) + PRECISIONS, f"sampler.precision must be one of {PRECISIONS} ('' = the family's default), "
+       f"got {s.precision!r}")
   need(s.noise in NOISE, f"sampler.noise must be one of {NOISE}, got {s.noise!r}")
   need(not s.cache or s.cache in CACHES, f"sampler.cache must be one of {CACHES} ('' = the process's default), got {s.cache!r}")
   need(s.cache_refresh >= 0, f"sampler.cache_refresh must be >= 0 (0 = once per block), got {s.cache_refresh}")
@@ -393,8 +414,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(0 < s.top_p <= 1, f"sampler.top_p must be in (0, 1] (1 = off), got {s.top_p}")
   need(s.entropy_stop >= 0, f"sampler.entropy_stop must be >= 0 (0 = off), got {s.entropy_stop}")
   need(s.entropy_window >= 2, f"sampler.entropy_window must be >= 2, got {s.entropy_window}")
+  _validate_continuous(cfg, need)
   block = df.process == "block"
-  name = s.name or ("first_hitting" if block else "ancestral")
+  name = s.name or family.DEFAULT_SAMPLER
   if block:
     need(s.cache in ("", "none", "prefix"),
          f"sampler.cache={s.cache!r}: block diffusion caches the K/V of its clean blocks; use 'prefix' or 'none'")
@@ -428,6 +450,27 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("data", "fsdp", "tensor"):
     need(me[key] == -1 or me[key] >= 1, f"mesh.{key} must be -1 (fill) or >= 1, got {me[key]}")
   return cfg
+
+
+def _validate_continuous(cfg, need) -> None:
+  """The continuous families' keys (all have defaults, whatever the family, so they are always checked)."""
+  df, s = cfg.diffusion, cfg.sampler
+  for key in ("sigma_min", "sigma_max", "sigma_data", "gumbel_mu", "gumbel_beta", "self_cond_prob"):
+    need(math.isfinite(df[key]), f"diffusion.{key} must be a finite number, got {df[key]}")
+  need(0 < df.sigma_min < df.sigma_max, f"the bitstream noise range needs 0 < diffusion.sigma_min < diffusion.sigma_max, "
+       f"got ({df.sigma_min}, {df.sigma_max})")
+  need(df.sigma_data > 0, f"diffusion.sigma_data must be > 0, got {df.sigma_data}")
+  need(df.gumbel_beta > 0, f"diffusion.gumbel_beta (the Gumbel schedule's scale) must be > 0, got {df.gumbel_beta}")
+  need(0 <= df.self_cond_prob <= 1, f"diffusion.self_cond_prob is a probability; it must be in [0, 1], got "
+       f"{df.self_cond_prob}")
+  need(0 <= df.bits <= 30, f"diffusion.bits must be in [0, 30] (0 = the smallest width for the vocabulary), got {df.bits}")
+  need(df.bound_steps >= 1, f"diffusion.bound_steps must be >= 1, got {df.bound_steps}")
+  need(df.schedule_update_every >= 0, f"diffusion.schedule_update_every must be >= 0 (0 = fixed schedule), got "
+       f"{df.schedule_update_every}")
+  need(df.schedule_buffer >= 16, f"diffusion.schedule_buffer must be >= 16, got {df.schedule_buffer}")
+  need(math.isfinite(s.churn) and s.churn >= 0, f"sampler.churn must be a finite number >= 0, got {s.churn}")
+  need(0 <= s.churn_band_lo <= s.churn_band_hi <= 1, f"the churn band (sampler.churn_band_lo, sampler.churn_band_hi) = "
+       f"({s.churn_band_lo}, {s.churn_band_hi}) must satisfy 0 <= lo <= hi <= 1")
 
 
 def load(path: str, overrides: Iterable[tuple[str, Any]] = ()) -> ml_collections.ConfigDict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -12,6 +13,7 @@ import numpy as np
 
 from dlm_jax.data import eval_batches
 from dlm_jax.errors import DLMError
+from dlm_jax.processes import sampler_precision
 from dlm_jax.samplers.common import PAD, left_pad
 
 
@@ -85,7 +87,7 @@ def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
   generated region starting after the longest prompt. Infilling templates (prompts holding mask ids): each row is the
   template itself, left-padded to the longest template (`length` is not used); gen_start is the first mask.
   """
-  mask_id, vocab = run.process.mask_id, run.process.vocab_out
+  mask_id, vocab = run.process.mask_id, run.process.vocab_size
   prompts = [np.zeros((0,), np.int32) if p is None else np.asarray(p, np.int32) for p in prompts]
   for p in prompts:
     bad = (p != mask_id) & ((p < 0) | (p >= vocab))
@@ -94,8 +96,8 @@ def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
                      "tokenizer the model was trained with")
   templates = [bool((p == mask_id).any()) for p in prompts]
   if any(templates) and run.process.name == "block":
-    raise DLMError("block diffusion generates left to right, so <|mask:N|> infilling templates need a "
-                   "diffusion.process='masked' model; give a plain prompt")
+    raise DLMError("block diffusion generates left to right, so <|mask:N|> infilling templates need another "
+                   "diffusion.process (masked or a continuous family); give a plain prompt")
   if any(templates):
     if not all(templates):
       raise DLMError("mix of infilling templates (with <|mask:N|>) and plain prompts; give one kind per run")
@@ -130,11 +132,14 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
   def sample(params, keys, canvas, pstate):
     return process.sample(run.apply_fn, params, keys, canvas, scfg, pstate, gen_start=gen_start, eos_id=eos_id)
 
+  # float64 sampling (sampler.precision, or the family's default) runs with 64-bit JAX turned on for the sampler only
+  x64 = jax.enable_x64(True) if sampler_precision(run.cfg) == "float64" else contextlib.nullcontext()
+
   sample_fn = run.jitted(f"sample:{gen_start}:{canvas_all.shape[1]}:{scfg.to_json()}", sample)  # traced per setting
 
   out, nfe = [], []
   base = jax.random.PRNGKey(seed)
-  with jax.set_mesh(run.mesh):
+  with jax.set_mesh(run.mesh), x64:
     for i in range(-(-n // batch_size)):
       idx = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), n - 1)  # the last batch repeats its last row
       canvas = jax.device_put(canvas_all[idx], run.batch_sharding())

@@ -42,16 +42,22 @@ class ModelConfig:
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
   attention_impl: str = "xla"
   cond_dim: int = 256
+  input_bits: int = 0  # > 0: bitstream input adapter (a token's bits -> one trunk token), no token embedding table
+  self_conditioning: bool = False  # embedding input: z + W_sc [z || self_cond] (W_sc zero-initialised; LangFlow)
 
   @classmethod
-  def from_config(cls, cfg, vocab_in: int, vocab_out: int) -> "ModelConfig":
+  def from_config(cls, cfg, vocab_in: int, vocab_out: int, **process_options) -> "ModelConfig":
+    """`process_options`: what the diffusion family fixes about the network (`Process.model_options`, e.g. the
+    continuous families' time conditioning, bit input, self-conditioning)."""
     m = cfg.model
-    return cls(vocab_in=vocab_in, vocab_out=vocab_out, num_layers=m.num_layers, d_model=m.d_model,
-               num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
-               head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim, max_seq_len=m.max_seq_len,
-               rope_theta=m.rope_theta, norm_eps=m.norm_eps, time_conditioning=m.time_conditioning,
-               init_std=m.init_std, dtype=jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32,
-               attention_impl=m.attention)
+    kw = dict(vocab_in=vocab_in, vocab_out=vocab_out, num_layers=m.num_layers, d_model=m.d_model,
+              num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
+              head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim, max_seq_len=m.max_seq_len,
+              rope_theta=m.rope_theta, norm_eps=m.norm_eps, time_conditioning=m.time_conditioning,
+              init_std=m.init_std, dtype=jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32,
+              attention_impl=m.attention)
+    kw.update(process_options)
+    return cls(**kw)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float | None):
@@ -172,12 +178,38 @@ class Block(nnx.Module):
     return x if cache is None else (x, new_cache)
 
 
+BIT_FEATURES = 64  # per-bit features of the bitstream input adapter (value and self-conditioning each)
+BIT_FOURIER = 16  # Fourier features of a bit's position within its token
+
+
+def bit_position_features(bits: int) -> jax.Array:
+  """[bits, BIT_FOURIER] fixed sin / cos features of the bit index (most significant first)."""
+  pos = jnp.arange(bits, dtype=jnp.float32)[:, None] / max(bits, 1)
+  freqs = jnp.pi * 2.0 ** jnp.arange(BIT_FOURIER // 2, dtype=jnp.float32)
+  return jnp.concatenate([jnp.sin(pos * freqs), jnp.cos(pos * freqs)], axis=-1)
+
+
 class Transformer(nnx.Module):
-  """Bidirectional transformer over token ids; returns float32 logits [B, L, vocab_out]."""
+  """Bidirectional transformer over token ids; returns float32 logits [B, L, vocab_out].
+
+  Inputs, by diffusion family: token ids (masked, block), vectors in the model dimension (`embeddings=`: one-hot flow's
+  x E, embedding flow's noisy embeddings, optionally with a self-conditioning vector), or per-token bit strings (`bits=`,
+  bitstream diffusion, `input_bits` > 0): each bit -> Linear(1 -> 64), its self-conditioning estimate -> Linear(1 -> 64)
+  and Fourier features of its index, and the token's bits patched into one trunk token by one linear map (CoBit).
+  """
 
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     self.c = c
-    self.embed = _param(rngs, (c.vocab_in, c.d_model), ("vocab", "embed"), c.init_std)
+    if c.input_bits:
+      f, nb = BIT_FEATURES, c.input_bits
+      self.bit_in = _param(rngs, (2, f), (None, None), 1.0)
+      self.bit_in_b = _param(rngs, (2, f), (None, None), None)
+      self.bit_patch = _param(rngs, (nb, 2 * f + BIT_FOURIER, c.d_model), (None, None, "embed"),
+                              (nb * (2 * f + BIT_FOURIER)) ** -0.5)
+    else:
+      self.embed = _param(rngs, (c.vocab_in, c.d_model), ("vocab", "embed"), c.init_std)
+    if c.self_conditioning:
+      self.self_cond = _param(rngs, (2 * c.d_model, c.d_model), (None, "embed"), None)
     for i in range(c.num_layers):
       setattr(self, f"layer_{i}", Block(c, rngs))
     self.final_norm = _ones((c.d_model,), ("embed",))
@@ -190,9 +222,11 @@ class Transformer(nnx.Module):
       self.final_ada = _param(rngs, (c.cond_dim, 2 * c.d_model), ("cond", "embed"), None)
 
   def __call__(self, tokens, *, t=None, positions=None, segment_ids=None, kv_segment_ids=None, mask=None,
-               embeddings=None, cache=None, cache_start=None, kv_positions=None, output_len=None):
+               embeddings=None, bits=None, self_cond=None, cache=None, cache_start=None, kv_positions=None,
+               output_len=None):
     """tokens [B, L] int; or `embeddings` [B, L, d_model] given instead of the token lookup (continuous families
-    feed noisy vectors; pass tokens=None then).
+    feed noisy vectors; pass tokens=None then); or `bits` [B, L, input_bits] (bitstream). `self_cond`: the
+    self-conditioning input ([B, L, d_model] with embeddings, [B, L, input_bits] with bits; None = zeros).
 
     K/V cache (samplers): `cache` = {'layer_i': {'k', 'v'}} with [B, Lc, K, D] arrays (`empty_cache`); the L input
     tokens are the window [cache_start, cache_start + L) of an Lc-long sequence. Their keys (before RoPE) and values
@@ -202,9 +236,20 @@ class Transformer(nnx.Module):
     `output_len` (static): logits only for the first output_len positions (block diffusion reads its x_t half of the
     [x_t | x_0] input; the head is not applied to the rest)."""
     c = self.c
-    if embeddings is not None:
+    if bits is not None:
+      b, l = bits.shape[:2]
+      sc = jnp.zeros_like(bits) if self_cond is None else self_cond
+      w, wb = self.bit_in[...], self.bit_in_b[...]
+      feats = jnp.concatenate([bits[..., None] * w[0] + wb[0], sc[..., None] * w[1] + wb[1],
+                               jnp.broadcast_to(bit_position_features(c.input_bits), (b, l, c.input_bits, BIT_FOURIER))],
+                              axis=-1)
+      x = dense(feats.astype(c.dtype), self.bit_patch[...].astype(c.dtype), n_in=2)
+    elif embeddings is not None:
       b, l = embeddings.shape[:2]
       x = embeddings.astype(c.dtype)
+      if c.self_conditioning:
+        sc = jnp.zeros_like(x) if self_cond is None else self_cond.astype(c.dtype)
+        x = x + dense(jnp.concatenate([x, sc], axis=-1), self.self_cond[...].astype(c.dtype))
     else:
       b, l = tokens.shape
       # FSDP: gather the table before the lookup (its sharding must not leak into the batch-sharded activations)
@@ -270,7 +315,7 @@ def make_apply(graphdef: nnx.GraphDef):
 
 def num_params(params: dict, exclude_embeddings: bool = False) -> int:
   """Parameter count; `exclude_embeddings` leaves out the input table and the output head (the usual convention)."""
-  skip = ("embed", "head") if exclude_embeddings else ()
+  skip = ("embed", "head", "bit_in", "bit_in_b", "bit_patch", "self_cond") if exclude_embeddings else ()
   return sum(x.size for key, sub in params.items() if key not in skip for x in jax.tree.leaves(sub))
 
 

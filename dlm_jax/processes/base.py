@@ -4,6 +4,10 @@ A process is a frozen dataclass (hashable, so it is static under jit) of pure fu
 
   vocab_in / vocab_out          the model's input and output vocabulary for a tokenizer of `vocab_size` tokens
   time_conditioned              whether the network receives the noise level
+  model_options                 what the family fixes about the network (ModelConfig fields: time conditioning, bit
+                                input, self-conditioning); {} for the mask-token families
+  SAMPLERS, DEFAULT_SAMPLER     (class attributes) the sampler names this family accepts in sampler.name, and the one
+                                sampler.name='' means
   init_state(key)               non-gradient state carried by the loop and saved in checkpoints (schedule tables,
                                 buffers); {} for families without any
   loss(apply_fn, params, batch, key, state) -> (loss, metrics, new_state)
@@ -43,6 +47,9 @@ class Process(Protocol):
   @property
   def time_conditioned(self) -> bool: ...
 
+  @property
+  def model_options(self) -> dict: ...
+
   def init_state(self, key: jax.Array) -> Any: ...
 
   def loss(self, apply_fn: ApplyFn, params, batch: dict, key: jax.Array, state) -> tuple[jax.Array, dict, Any]: ...
@@ -70,6 +77,8 @@ class AbsorbingVocab:
   @property
   def vocab_out(self) -> int:
     return self.vocab_size
+
+  model_options = {}
 
   def init_state(self, key):
     del key

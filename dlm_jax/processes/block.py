@@ -68,6 +68,10 @@ class BlockDiffusion(AbsorbingVocab):
   antithetic: bool = True
   name: str = "block"
 
+  SAMPLERS = ("ancestral", "first_hitting", "llada", "remdm")
+  DEFAULT_SAMPLER = "first_hitting"
+  DEFAULT_PRECISION = "float32"
+
   @classmethod
   def from_config(cls, cfg, vocab_size: int) -> "BlockDiffusion":
     d = cfg.diffusion
@@ -180,7 +184,7 @@ class BlockDiffusion(AbsorbingVocab):
     cached = None
     if cache == "prefix":
       cached = truncated(model_lib.cached_logits_fn(apply_fn, params, block_size=b), **trunc)
-    common = dict(mask_id=self.mask_id, temperature=s.temperature, precision=s.precision)
+    common = dict(mask_id=self.mask_id, temperature=s.temperature, precision=s.precision or self.DEFAULT_PRECISION)
     linear = Schedule("linear")
     if name == "llada":
       inner = functools.partial(

@@ -57,6 +57,10 @@ class MaskedDiffusion(AbsorbingVocab):
   time_conditioning: bool = False
   name: str = "masked"
 
+  SAMPLERS = ("ancestral", "first_hitting", "llada", "remdm")
+  DEFAULT_SAMPLER = "ancestral"
+  DEFAULT_PRECISION = "float32"
+
   @classmethod
   def from_config(cls, cfg, vocab_size: int) -> "MaskedDiffusion":
     d = cfg.diffusion
@@ -156,7 +160,8 @@ class MaskedDiffusion(AbsorbingVocab):
     name, cache = s.name or "ancestral", s.cache or "none"
     trunc = dict(top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, mask_id=self.mask_id)
     logits_fn = truncated(model_lib.logits_fn(apply_fn, params, time_conditioned=tc), **trunc)
-    common = dict(mask_id=self.mask_id, temperature=s.temperature, precision=s.precision, logit_shift=s.logit_shift)
+    common = dict(mask_id=self.mask_id, temperature=s.temperature, precision=s.precision or self.DEFAULT_PRECISION,
+                  logit_shift=s.logit_shift)
     if name == "llada":
       gen_length = canvas.shape[1] - gen_start
       adaptive = bool(s.threshold or s.factor)

@@ -1,0 +1,136 @@
+"""What the continuous families (flow, embedding_flow, bitstream) share: noise-level draws, self-conditioning, the
+row layout of sampling canvases, and the probability-flow ODE likelihood bound with its divergence estimators.
+
+Common frame. Each family writes its forward process, per token, in "y coordinates" as a Gaussian path
+
+    y = u e_x + eps,  eps ~ N(0, I_N),  u >= 0 the signal amplitude (u = 0: pure noise),
+
+with e_x the token's clean state (one-hot flow: the one-hot vector, N = V, y = x_g / (1 - g), u = g / (1 - g);
+embedding flow: the normalised embedding, N = D, y = z / sigma, u = sqrt(SNR) = exp(-g / 2); bitstream: the centred
+bits b - 1/2, N = bits, y = (x - 1/2) / sigma, u = 1 / sigma). The posterior mean xhat(y, u) = E[e_x | y] is the
+probability-flow velocity, dy/du = xhat (Lipman et al. 2023; the LangFlow form of the ODE).
+
+The likelihood bound (`ode_bound`; Song et al. 2021, Kingma et al. 2021 for the variational form, LangFlow / CoBit for
+its use in language) for a decoder p(x | y_hi) at the data end u_hi and the model density of y_hi given by pushing
+N(0, I) at u_lo through the ODE:
+
+    -log p(x) <= E_q [ -log p(x | y_hi) + int_{u_lo}^{u_hi} div_y xhat du + 1/2 ||y_lo||^2 - 1/2 ||eps||^2 ],
+
+(the last two terms: -log N(y_lo; 0, I) + log q(y_hi | x) with the 2 pi terms cancelled), integrated with Euler steps
+on the family's noise grid and the divergence from Hutchinson's estimator (one Rademacher probe per step, unbiased) or
+exactly (`divergence="exact"`, a Jacobian per step: small cases and tests).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dlm_jax.processes.masked import sample_times
+
+
+def uniform_levels(key: jax.Array, n: int, antithetic: bool) -> jax.Array:
+  """n draws in (0, 1): low-discrepancy over the batch when antithetic, else i.i.d."""
+  u = sample_times(key, n, 0.0, antithetic)
+  return jnp.clip(u, 1e-6, 1.0 - 1e-6)
+
+
+def self_conditioned(forward: Callable, zeros: jax.Array, prob: float, key: jax.Array):
+  """Self-conditioning (Chen et al. 2022) inside jit: `forward(sc) -> (out, estimate)`; with probability `prob` per
+  example the network gets its own stop-gradient estimate from a first pass with sc = 0, else zeros. Static shapes:
+  the first pass runs for the whole batch (skipped entirely when prob == 0)."""
+  if prob <= 0:
+    return forward(zeros)
+  first = jax.lax.stop_gradient(forward(zeros)[1])
+  use = jax.random.bernoulli(key, prob, (zeros.shape[0],))
+  sc = jnp.where(use.reshape((-1,) + (1,) * (zeros.ndim - 1)), first, zeros)
+  return forward(sc)
+
+
+def hutchinson_divergence(f: Callable, y: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(f(y), div_y f per row [B]) with one Rademacher probe v: E[v^T J v] = tr J (Hutchinson 1990). One VJP (reverse
+  mode: the attention kernels define custom VJPs, not JVPs)."""
+  v = jax.random.rademacher(key, y.shape, jnp.float32).astype(y.dtype)
+  out, vjp = jax.vjp(f, y)
+  (vj,) = vjp(v)
+  return out, jnp.sum((v * vj).reshape(y.shape[0], -1), axis=-1)
+
+
+def exact_divergence(f: Callable, y: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(f(y), exact div_y f per row) via the full Jacobian of each row; only for small states (tests, small cases).
+  `f` must act on rows independently."""
+  del key
+  b = y.shape[0]
+  flat = y.reshape(b, -1)
+
+  def row(yr):
+    fr = lambda z: f(z.reshape((1,) + y.shape[1:])).reshape(-1)
+    return jnp.trace(jax.jacrev(fr)(yr))
+
+  return f(y), jax.vmap(row)(flat)
+
+
+DIVERGENCES = {"hutchinson": hutchinson_divergence, "exact": exact_divergence}
+
+
+def ode_bound(velocity: Callable, decoder_nll: Callable, e: jax.Array, u_grid: jax.Array, key: jax.Array,
+              divergence: str = "hutchinson") -> tuple[jax.Array, dict]:
+  """Upper bound on -log p(x) per row (nats [B]) by the probability-flow ODE (module docstring).
+
+  velocity(y [B, L, N], u [B]) -> xhat [B, L, N]; decoder_nll(y, u) -> [B] nats of the clean tokens under the decoder
+  at u; e [B, L, N] the clean states; u_grid [K + 1] from the data end u_hi down to the noise end u_lo.
+  Returns (nats [B], parts: decoder / divergence / prior terms, each [B]).
+  """
+  k_eps, k_div = jax.random.split(key)
+  b = e.shape[0]
+  eps = jax.random.normal(k_eps, e.shape, jnp.float32)
+  u_hi = u_grid[0]
+  y0 = u_hi * e + eps
+  dec = decoder_nll(y0, jnp.full((b,), u_hi))
+  div_fn = DIVERGENCES[divergence]
+
+  def step(carry, xs):
+    y, acc = carry
+    u, u_next, k = xs
+    xhat, div = div_fn(lambda yy: velocity(yy, jnp.full((b,), u)), y, k)
+    return (y + (u_next - u) * xhat, acc + (u - u_next) * div), None
+
+  keys = jax.random.split(k_div, u_grid.shape[0] - 1)
+  (y_lo, div_total), _ = jax.lax.scan(step, (y0, jnp.zeros((b,), jnp.float32)), (u_grid[:-1], u_grid[1:], keys))
+  prior = 0.5 * (jnp.sum(jnp.square(y_lo).reshape(b, -1), -1) - jnp.sum(jnp.square(eps).reshape(b, -1), -1))
+  return dec + div_total + prior, {"decoder": dec, "divergence": div_total, "prior": prior}
+
+
+def canvas_layout(canvas: jax.Array, mask_id: int, pad_id: int) -> dict:
+  """A sampling canvas [B, L] (free positions = mask_id, left padding = pad_id, anything else fixed) -> the network's
+  row layout (PAD never attended, positions counted from each row's first token) and the masks the samplers need."""
+  valid = canvas != pad_id
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+  return {"net": {"positions": positions, "segment_ids": jnp.zeros(canvas.shape, jnp.int32),
+                  "kv_segment_ids": jnp.where(valid, 0, -1).astype(jnp.int32)},
+          "free": canvas == mask_id, "fixed": valid & (canvas != mask_id), "valid": valid,
+          "tokens": jnp.where(valid & (canvas != mask_id), canvas, 0)}
+
+
+def batch_layout(batch: dict) -> dict:
+  """The network keywords of a training / evaluation batch (packing segment ids when present)."""
+  seg = batch.get("segment_ids")
+  return {} if seg is None else {"segment_ids": seg}
+
+
+class ContinuousVocab:
+  """Vocabulary conventions of the continuous families: the network's input is a vector, not an id; sampling
+  canvases mark free positions with `mask_id` = vocab_size (never fed to the network). The network is always
+  conditioned on the noise level (model.time_conditioning is implied)."""
+
+  vocab_size: int
+
+  @property
+  def mask_id(self) -> int:
+    return self.vocab_size
+
+  @property
+  def time_conditioned(self) -> bool:
+    return True
