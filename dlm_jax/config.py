@@ -72,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.antithetic = True
   c.diffusion.block_size = 16  # block only: tokens per block; 1 = autoregressive (exact NLL), data.seq_len = masked
   # continuous families (flow, embedding_flow, bitstream; dlm_jax/processes/<name>.py). Every family has defaults.
-  c.diffusion.bound_steps = 128  # Euler steps of the probability-flow ODE likelihood bound (Hutchinson divergence)
+  c.diffusion.bound_steps = 64  # Heun steps (2 network calls each) of the ODE likelihood bound (Hutchinson divergence)
   c.diffusion.self_cond_prob = 0.5  # embedding_flow, bitstream: probability of a self-conditioned training example
   c.diffusion.schedule_update_every = 100  # embedding_flow / bitstream: loss calls between schedule refits (0 = fixed)
   c.diffusion.schedule_buffer = 4096  # embedding_flow / bitstream: FIFO of (noise level, error) pairs for the refits

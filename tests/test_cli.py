@@ -374,3 +374,81 @@ def test_bad_block_configs(tmp_path, tiny_config, overrides, expect):
               "--config.diffusion.block_size=4", *args)
   assert expect in _error_line(r, "dlm-train")
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+# --- continuous families -------------------------------------------------------------------------------------------
+
+CONTINUOUS = ("flow", "embedding_flow", "bitstream")
+
+
+@pytest.fixture(scope="module")
+def continuous_workdirs(tmp_path_factory):
+  """Tiny trained workdirs of the three continuous families on the same Markov text."""
+  import markov
+  from conftest import TINY, write_config
+  d = tmp_path_factory.mktemp("continuous")
+  (d / "chain.txt").write_text(markov.generate(20_000, seed=4))
+  out = {}
+  for name in CONTINUOUS:
+    cfg = write_config(str(d / f"{name}.py"), dict(TINY, **{
+        "data.path": str(d / "chain.txt"), "diffusion.process": name, "diffusion.bound_steps": 8,
+        "diffusion.schedule_update_every": 2, "diffusion.schedule_buffer": 16}))
+    out[name] = str(d / name)
+    r = run_cli("train", "--config", cfg, "--workdir", out[name], "--no_progress")
+    assert r.returncode == 0, r.stderr
+  return out
+
+
+@pytest.mark.parametrize("name", CONTINUOUS)
+def test_continuous_train_eval_sample(continuous_workdirs, tmp_path, name):
+  """Each continuous family through dlm-train / dlm-eval / dlm-sample: a bound in bits per token on the validation
+  split, the family's default sampler, prompts kept, records naming the sampler."""
+  wd = continuous_workdirs[name]
+  r = run_cli("eval", "--workdir", wd)
+  assert r.returncode == 0, r.stderr
+  res = json.loads(r.stdout.strip().splitlines()[-1])
+  assert res["process"] == name and 0 < res["nelbo_bits_per_token"] < 200 and res["num_tokens"] > 0
+  default = {"flow": "euler", "embedding_flow": "ddim", "bitstream": "edm_churn"}[name]
+  rows, stats = _sample(wd, str(tmp_path / "s.jsonl"), "--prompt", "abc", n=3)
+  for row in rows:
+    assert row["tokens"][:3] == [97, 98, 99] and len(row["tokens"]) == 16
+    assert row["process"] == name and row["sampler"] == default
+  assert rows[0]["precision"] == ("float64" if name == "embedding_flow" else "float32")
+  assert stats["nfe_per_batch"] == 8 + (name != "flow")
+  if name == "bitstream":
+    det, _ = _sample(wd, str(tmp_path / "d.jsonl"), "--config.sampler.name=edm", n=2)
+    det2, _ = _sample(wd, str(tmp_path / "d2.jsonl"), "--config.sampler.name=edm", n=2)
+    assert [r["tokens"] for r in det] == [r["tokens"] for r in det2] and det[0]["sampler"] == "edm"
+    assert "top_p" not in det[0] and "churn" not in det[0] and rows[0]["churn"] == 0.2
+  # infilling: fixed tokens on both sides of a span are kept
+  fill, _ = _sample(wd, str(tmp_path / "f.jsonl"), "--prompt", "ab<|mask:4|>cd", n=1)
+  assert fill[0]["tokens"][:2] == [97, 98] and fill[0]["tokens"][-2:] == [99, 100] and len(fill[0]["tokens"]) == 8
+  line = _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", str(tmp_path / "x.jsonl"),
+                             "--config.sampler.name=llada"), "dlm-sample")
+  assert "is not a sampler of diffusion.process" in line and default in line
+
+
+BAD_CONTINUOUS = [
+    ("bitstream", {"diffusion.bits": "8"}, "cannot hold a vocabulary of 257 tokens"),
+    ("bitstream", {"diffusion.sigma_max": "inf"}, "diffusion.sigma_max must be a finite number"),
+    ("bitstream", {"diffusion.sigma_min": "nan"}, "diffusion.sigma_min must be a finite number"),
+    ("bitstream", {"diffusion.sigma_min": "100"}, "0 < diffusion.sigma_min < diffusion.sigma_max"),
+    ("embedding_flow", {"diffusion.gumbel_mu": "nan"}, "diffusion.gumbel_mu must be a finite number"),
+    ("embedding_flow", {"diffusion.gumbel_beta": "0"}, "diffusion.gumbel_beta"),
+    ("embedding_flow", {"diffusion.self_cond_prob": "1.5"}, "must be in [0, 1]"),
+    ("bitstream", {"diffusion.self_cond_prob": "-0.1"}, "must be in [0, 1]"),
+    ("flow", {"sampler.steps": "0"}, "sampler.steps must be >= 1"),
+    ("flow", {"diffusion.bound_steps": "0"}, "diffusion.bound_steps must be >= 1"),
+    ("flow", {"sampler.name": "ancestral"}, "is not a sampler of diffusion.process='flow'"),
+    ("bitstream", {"sampler.churn": "-1"}, "sampler.churn"),
+    ("bitstream", {"sampler.churn_band_lo": "0.8", "sampler.churn_band_hi": "0.2"}, "churn band"),
+]
+
+
+@pytest.mark.parametrize("process,overrides,expect", BAD_CONTINUOUS)
+def test_bad_continuous_configs(tmp_path, tiny_config, process, overrides, expect):
+  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+  r = run_cli("train", "--config", tiny_config(), "--workdir", str(tmp_path / "w"),
+              f"--config.diffusion.process={process}", *args)
+  assert expect in _error_line(r, "dlm-train")
+  assert not os.path.exists(tmp_path / "w")

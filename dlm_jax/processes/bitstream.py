@@ -48,7 +48,7 @@ def bits_for(vocab_size: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Bitstream(ContinuousVocab):
   vocab_size: int
-  bits: int = 0
+  bits: int = 0  # 0 = the smallest width that holds the vocabulary
   sigma_min: float = 0.002
   sigma_max: float = 80.0
   sigma_data: float = 0.5
@@ -56,7 +56,7 @@ class Bitstream(ContinuousVocab):
   self_cond_prob: float = 0.5
   update_every: int = 100
   buffer_size: int = 4096
-  bound_steps: int = 128
+  bound_steps: int = 64
   divergence: str = "hutchinson"
   name: str = "bitstream"
 
@@ -65,6 +65,8 @@ class Bitstream(ContinuousVocab):
   DEFAULT_PRECISION = "float32"
 
   def __post_init__(self):
+    if self.bits == 0:
+      object.__setattr__(self, "bits", bits_for(self.vocab_size))  # the smallest width
     if self.bits > 30 or (1 << self.bits) < self.vocab_size:
       raise DLMError(f"diffusion.bits={self.bits} cannot hold a vocabulary of {self.vocab_size} tokens (it needs "
                      f"{bits_for(self.vocab_size)} bits, at most 30); set diffusion.bits=0 (the smallest width) or "
@@ -73,7 +75,7 @@ class Bitstream(ContinuousVocab):
   @classmethod
   def from_config(cls, cfg, vocab_size: int) -> "Bitstream":
     d = cfg.diffusion
-    return cls(vocab_size=vocab_size, bits=d.bits or bits_for(vocab_size), sigma_min=d.sigma_min,
+    return cls(vocab_size=vocab_size, bits=d.bits, sigma_min=d.sigma_min,
                sigma_max=d.sigma_max, sigma_data=d.sigma_data, antithetic=d.antithetic,
                self_cond_prob=d.self_cond_prob, update_every=d.schedule_update_every, buffer_size=d.schedule_buffer,
                bound_steps=d.bound_steps)
@@ -185,6 +187,10 @@ class Bitstream(ContinuousVocab):
       return fwd(fwd(zeros)[1] if self.self_cond_prob > 0 else zeros)[0]
     return self_conditioned(fwd, zeros, self.self_cond_prob, key)[0]
 
+  def loss_weight(self, sigma: jax.Array) -> jax.Array:
+    """EDM's lambda(sigma) = (sigma^2 + s_d^2) / (sigma s_d)^2."""
+    return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
   def to_bits(self, tokens):
     from dlm_jax.samplers.continuous import to_bits
     return to_bits(tokens, self.bits)
@@ -200,8 +206,7 @@ class Bitstream(ContinuousVocab):
     x = clean + sigma[:, None, None] * jax.random.normal(k_eps, clean.shape, jnp.float32)
     logits = self._forward(apply_fn, params, x, sigma, batch_layout(batch), k_sc)
     sq = jnp.square(jax.nn.sigmoid(logits) - clean)
-    lam = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-    loss = jnp.mean(lam[:, None] * jnp.sum(sq, axis=-1))
+    loss = jnp.mean(self.loss_weight(sigma)[:, None] * jnp.sum(sq, axis=-1))
     bce = jnp.mean(jnp.sum(_bce(logits, clean), axis=-1))
     mse = jax.lax.stop_gradient(jnp.mean(sq, axis=(1, 2)))
     new_state = self.update_schedule(state, jax.lax.stop_gradient(jnp.log(sigma)), mse)

@@ -16,8 +16,8 @@ N(0, I) at u_lo through the ODE:
 
     -log p(x) <= E_q [ -log p(x | y_hi) + int_{u_lo}^{u_hi} div_y xhat du + 1/2 ||y_lo||^2 - 1/2 ||eps||^2 ],
 
-(the last two terms: -log N(y_lo; 0, I) + log q(y_hi | x) with the 2 pi terms cancelled), integrated with Euler steps
-on the family's noise grid and the divergence from Hutchinson's estimator (one Rademacher probe per step, unbiased) or
+(the last two terms: -log N(y_lo; 0, I) + log q(y_hi | x) with the 2 pi terms cancelled), integrated with Heun steps
+(trapezoid rule for the divergence) on the family's noise grid and the divergence from Hutchinson's estimator (one Rademacher probe per step, unbiased) or
 exactly (`divergence="exact"`, a Jacobian per step: small cases and tests).
 """
 
@@ -91,11 +91,18 @@ def ode_bound(velocity: Callable, decoder_nll: Callable, e: jax.Array, u_grid: j
   dec = decoder_nll(y0, jnp.full((b,), u_hi))
   div_fn = DIVERGENCES[divergence]
 
+  def field(y, u, k):
+    return div_fn(lambda yy: velocity(yy, jnp.full(yy.shape[:1], u)), y, k)
+
   def step(carry, xs):
+    """Heun's method (second order) for the trajectory, the trapezoid rule for the divergence integral: Euler's
+    first-order error biases the log-density low by several percent at 100 steps; Heun's is far smaller."""
     y, acc = carry
     u, u_next, k = xs
-    xhat, div = div_fn(lambda yy: velocity(yy, jnp.full((b,), u)), y, k)
-    return (y + (u_next - u) * xhat, acc + (u - u_next) * div), None
+    k0, k1 = jax.random.split(k)
+    f0, d0 = field(y, u, k0)
+    f1, d1 = field(y + (u_next - u) * f0, u_next, k1)
+    return (y + 0.5 * (u_next - u) * (f0 + f1), acc + 0.5 * (u - u_next) * (d0 + d1)), None
 
   keys = jax.random.split(k_div, u_grid.shape[0] - 1)
   (y_lo, div_total), _ = jax.lax.scan(step, (y0, jnp.zeros((b,), jnp.float32)), (u_grid[:-1], u_grid[1:], keys))

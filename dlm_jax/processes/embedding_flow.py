@@ -94,7 +94,7 @@ class EmbeddingFlow(ContinuousVocab):
   gumbel_beta: float = 0.852
   update_every: int = 100  # refit the Gumbel schedule every this many loss calls (0 = keep it fixed)
   buffer_size: int = 4096
-  bound_steps: int = 128
+  bound_steps: int = 64
   divergence: str = "hutchinson"
   name: str = "embedding_flow"
 
