@@ -46,7 +46,7 @@ def evaluate_bound(run, params, val: np.ndarray, process_state=None, *, batch_si
       total_tokens += float(ntok)
   nats_per_token = total_nats / total_tokens
   return {"nelbo_bits_per_token": nats_per_token / math.log(2.0), "nelbo_nats_per_token": nats_per_token,
-          "perplexity_bound": math.exp(nats_per_token), "num_tokens": int(total_tokens)}
+          "perplexity_bound": math.exp(min(nats_per_token, 700.0)), "num_tokens": int(total_tokens)}
 
 
 def _round_to_batch_shards(run, batch_size: int) -> int:

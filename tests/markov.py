@@ -59,3 +59,16 @@ def bigram_tv(texts: list[str], p: np.ndarray = TRANSITIONS) -> tuple[float, np.
   emp = counts / np.maximum(counts.sum(1, keepdims=True), 1)
   tv = 0.5 * np.abs(emp - p).sum(1)
   return float(tv.max()), counts
+
+
+def write_char_tokenizer(path) -> str:
+  """A tokenizer.json with one token per chain symbol plus <|endoftext|> (a 5-token vocabulary), for the families whose
+  state grows with the vocabulary (one-hot flow) or whose noise schedule assumes the vocabulary is used."""
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+  vocab = {c: i for i, c in enumerate(SYMBOLS)}
+  vocab["<|endoftext|>"] = len(SYMBOLS)
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+  tok.decoder = decoders.Fuse()
+  tok.save(str(path))
+  return str(path)
