@@ -143,9 +143,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler.entropy_stop = 0.0  # 0 = off
   c.sampler.entropy_window = 256
   # bitstream only: edm_churn's EDM churn gamma, applied where the grid's entropy-CDF fraction lies in the band
-  c.sampler.churn = 0.2  # CoBit: 0.2 (LM1B), 0.13 (OWT)
-  c.sampler.churn_band_lo = 0.0
-  c.sampler.churn_band_hi = 1.0
+  c.sampler.churn = 0.2  # CoBit: 0.2 (LM1B), 0.13 (OWT); at most sqrt(2) - 1 (EDM's cap)
+  c.sampler.churn_band_lo = 0.1  # CoBit's default entropy quantiles of the churn window
+  c.sampler.churn_band_hi = 0.9
   # remdm only (dlm_jax/samplers/remdm.py)
   c.sampler.remdm_strategy = "cap"  # or "rescale", "conf"
   c.sampler.eta = 0.02  # remasking strength
@@ -468,7 +468,8 @@ def _validate_continuous(cfg, need) -> None:
   need(df.schedule_update_every >= 0, f"diffusion.schedule_update_every must be >= 0 (0 = fixed schedule), got "
        f"{df.schedule_update_every}")
   need(df.schedule_buffer >= 16, f"diffusion.schedule_buffer must be >= 16, got {df.schedule_buffer}")
-  need(math.isfinite(s.churn) and s.churn >= 0, f"sampler.churn must be a finite number >= 0, got {s.churn}")
+  need(0 <= s.churn <= math.sqrt(2) - 1,
+       f"sampler.churn must be in [0, sqrt(2) - 1] (EDM's cap on gamma), got {s.churn}")
   need(0 <= s.churn_band_lo <= s.churn_band_hi <= 1, f"the churn band (sampler.churn_band_lo, sampler.churn_band_hi) = "
        f"({s.churn_band_lo}, {s.churn_band_hi}) must satisfy 0 <= lo <= hi <= 1")
 

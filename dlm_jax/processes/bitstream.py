@@ -20,7 +20,7 @@ Samplers (`dlm_jax.samplers.continuous.edm`) on the inverse entropy-CDF grid (si
 log sigma into equal parts): "edm_churn" (default: EDM churn sampler.churn where the grid point lies in the gated band
 sampler.churn_band of the entropy CDF) and "edm" (deterministic).
 Bound: the probability-flow ODE bound with y = (x - 1/2) / sigma = u (b - 1/2) + eps, u = 1 / sigma (decoder: per-bit
-Bernoulli at sigma_min; prior N(0, I) at sigma_max) on the entropy grid of diffusion.bound_steps points.
+Bernoulli at sigma_min; prior N(0, I) at sigma_max) with diffusion.bound_steps Heun steps log-uniform in sigma.
 """
 
 from __future__ import annotations
@@ -217,7 +217,9 @@ class Bitstream(ContinuousVocab):
   def bound(self, apply_fn, params, batch, key, state):
     tokens = batch["tokens"]
     layout = batch_layout(batch)
-    u_grid = 1.0 / self.sigma_grid(state, self.bound_steps)[::-1]  # data end (1 / sigma_min) first
+    # log-uniform in sigma, data end (1 / sigma_min) first: the entropy grid leaves steps at both ends that are far
+    # too long for the divergence integral (it is a sampling grid)
+    u_grid = jnp.exp(-jnp.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.bound_steps + 1))
     clean = self.to_bits(tokens)
 
     def logits_at(y, u):

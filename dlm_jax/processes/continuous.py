@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax.processes.masked import sample_times
+from dlm_jax.sharding import constrain
 
 
 def uniform_levels(key: jax.Array, n: int, antithetic: bool) -> jax.Array:
@@ -119,6 +120,12 @@ def canvas_layout(canvas: jax.Array, mask_id: int, pad_id: int) -> dict:
                   "kv_segment_ids": jnp.where(valid, 0, -1).astype(jnp.int32)},
           "free": canvas == mask_id, "fixed": valid & (canvas != mask_id), "valid": valid,
           "tokens": jnp.where(valid & (canvas != mask_id), canvas, 0)}
+
+
+def lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+  """table[tokens] for a parameter-derived table: gathered to every device first (as the model's own embedding
+  lookup), so its vocab / embed sharding does not leak into the batch-sharded result."""
+  return jnp.take(constrain(table, (None, None)), tokens, axis=0)
 
 
 def batch_layout(batch: dict) -> dict:

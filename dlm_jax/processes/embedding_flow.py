@@ -29,8 +29,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.processes.continuous import (ContinuousVocab, batch_layout, canvas_layout, ode_bound, self_conditioned,
-                                          uniform_levels)
+from dlm_jax.processes.continuous import (ContinuousVocab, batch_layout, canvas_layout, lookup, ode_bound,
+                                          self_conditioned, uniform_levels)
 from dlm_jax.processes.masked import token_nll
 
 C_CLAMP = 1e-5
@@ -166,7 +166,7 @@ class EmbeddingFlow(ContinuousVocab):
     g = self.levels(state, uniform_levels(k_u, b, self.antithetic))
     e = self.embeddings(params)
     gb = g[:, None, None]
-    z = jnp.sqrt(jax.nn.sigmoid(-gb)) * e[tokens] + jnp.sqrt(jax.nn.sigmoid(gb)) * jax.random.normal(
+    z = jnp.sqrt(jax.nn.sigmoid(-gb)) * lookup(e, tokens) + jnp.sqrt(jax.nn.sigmoid(gb)) * jax.random.normal(
         k_eps, tokens.shape + (e.shape[1],), jnp.float32)
     logits = self._forward(apply_fn, params, z, g, batch_layout(batch), k_sc)
     ce = token_nll(logits, tokens)
@@ -206,7 +206,7 @@ class EmbeddingFlow(ContinuousVocab):
 
     velocity = lambda y, u: jax.nn.softmax(logits_at(y, u), axis=-1) @ e_tab
     decoder = lambda y, u: jnp.sum(token_nll(logits_at(y, u), tokens), axis=-1)
-    nats, _ = ode_bound(velocity, decoder, e_tab[tokens], u_grid, key, self.divergence)
+    nats, _ = ode_bound(velocity, decoder, lookup(e_tab, tokens), u_grid, key, self.divergence)
     return nats, jnp.full(tokens.shape[:1], tokens.shape[1], jnp.float32)
 
   # --- sampling -------------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlm_jax.processes.continuous import ContinuousVocab, batch_layout, canvas_layout, ode_bound, uniform_levels
+from dlm_jax.processes.continuous import (ContinuousVocab, batch_layout, canvas_layout, lookup, ode_bound,
+                                          uniform_levels)
 from dlm_jax.processes.masked import token_nll
 
 GH_NODES = 100
@@ -123,7 +124,7 @@ class OneHotFlow(ContinuousVocab):
     gb = g[:, None, None]
     if self.embed_state:
       n = jax.random.normal(key, tokens.shape + (e.shape[1],), jnp.float32)
-      return (1.0 - gb) * (n @ self.noise_factor(params).T) + gb * e[tokens]
+      return (1.0 - gb) * (n @ self.noise_factor(params).T) + gb * lookup(e, tokens)
     eps = jax.random.normal(key, tokens.shape + (self.vocab_size,), jnp.float32)
     x_g = (1.0 - gb) * eps + gb * jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32)
     return x_g @ e
