@@ -431,22 +431,14 @@ def test_continuous_train_eval_sample(continuous_workdirs, tmp_path, name):
 BAD_CONTINUOUS = [
     ("bitstream", {"diffusion.bits": "8"}, "cannot hold a vocabulary of 257 tokens"),
     ("bitstream", {"diffusion.sigma_max": "inf"}, "diffusion.sigma_max must be a finite number"),
-    ("bitstream", {"diffusion.sigma_min": "nan"}, "diffusion.sigma_min must be a finite number"),
-    ("bitstream", {"diffusion.sigma_min": "100"}, "0 < diffusion.sigma_min < diffusion.sigma_max"),
-    ("embedding_flow", {"diffusion.gumbel_mu": "nan"}, "diffusion.gumbel_mu must be a finite number"),
-    ("embedding_flow", {"diffusion.gumbel_beta": "0"}, "diffusion.gumbel_beta"),
     ("embedding_flow", {"diffusion.self_cond_prob": "1.5"}, "must be in [0, 1]"),
-    ("bitstream", {"diffusion.self_cond_prob": "-0.1"}, "must be in [0, 1]"),
     ("flow", {"sampler.steps": "0"}, "sampler.steps must be >= 1"),
-    ("flow", {"diffusion.bound_steps": "0"}, "diffusion.bound_steps must be >= 1"),
-    ("flow", {"sampler.name": "ancestral"}, "is not a sampler of diffusion.process='flow'"),
-    ("bitstream", {"sampler.churn": "-1"}, "sampler.churn"),
-    ("bitstream", {"sampler.churn_band_lo": "0.8", "sampler.churn_band_hi": "0.2"}, "churn band"),
 ]
 
 
 @pytest.mark.parametrize("process,overrides,expect", BAD_CONTINUOUS)
 def test_bad_continuous_configs(tmp_path, tiny_config, process, overrides, expect):
+  """One error line from dlm-train and nothing written (the rest of the checks: tests/test_config.py)."""
   args = [f"--config.{k}={v}" for k, v in overrides.items()]
   r = run_cli("train", "--config", tiny_config(), "--workdir", str(tmp_path / "w"),
               f"--config.diffusion.process={process}", *args)

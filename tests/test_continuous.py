@@ -127,6 +127,21 @@ def test_embedding_flow_skip_term_is_the_gaussian_posterior():
                                atol=2e-4)
 
 
+def test_embedding_flow_and_bitstream_corruption_closed_form():
+  """LangFlow: z = sqrt(sigmoid(-g)) e_x + sqrt(sigmoid(g)) eps with normalised rows; CoBit: x = b + sigma eps."""
+  proc = EmbeddingFlow(vocab_size=9)
+  params = {"embed": jax.random.normal(jax.random.PRNGKey(0), (9, 16))}
+  tokens, g, key = jnp.array([[1, 4, 8]]), jnp.array([1.3]), jax.random.PRNGKey(1)
+  e = params["embed"] / jnp.linalg.norm(params["embed"], axis=-1, keepdims=True) * 4.0
+  want = math.sqrt(1 / (1 + math.exp(1.3))) * e[tokens] + math.sqrt(1 / (1 + math.exp(-1.3))) * jax.random.normal(
+      key, (1, 3, 16))
+  np.testing.assert_allclose(np.asarray(proc.corrupt(key, tokens, g, params)), np.asarray(want), rtol=1e-5, atol=1e-5)
+  bits = Bitstream(vocab_size=9)
+  x = bits.corrupt(key, tokens, jnp.array([0.7]))
+  want = np.asarray(to_bits(tokens, 4)) + 0.7 * np.asarray(jax.random.normal(key, (1, 3, 4)))
+  np.testing.assert_allclose(np.asarray(x), want, rtol=1e-5, atol=1e-6)
+
+
 def test_gumbel_schedule_range_and_fit():
   """g = F^-1(u) of Gumbel(mu, beta) clamped at u in [1e-5, 1 - 1e-5]: LangFlow's released mu = 4.723, beta = 0.852
   give g in [2.64, 14.53]; draws follow the Gumbel law; the least-squares fit recovers a known curve."""
@@ -300,3 +315,25 @@ def test_ode_bound_with_the_exact_velocity_approaches_the_entropy():
   u_grid = 1.0 / jnp.exp(jnp.linspace(math.log(0.002), math.log(80.0), 33))
   hutch, _ = jax.jit(lambda k: ode_bound(velocity, decoder, b - 0.5, u_grid, k))(jax.random.PRNGKey(1))
   assert abs(float(hutch.mean()) / 2 - means[0]) < 4 * float(hutch.std()) / 2 / math.sqrt(b.shape[0])
+
+
+def test_families_benchmark_runs(tiny_config):
+  """benchmarks/families.py end to end at a tiny size; the head-memory figure is checked (bitstream's per-bit head
+  and loss take far less than one V-way logits array), speeds only have to be positive."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from conftest import REPO
+  cfg = tiny_config(sampler__steps=4)
+  r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "families.py"), "--config", cfg,
+                      "--batch_size", "2", "--seq_len", "16", "--train_steps", "1", "--sample_batch", "2",
+                      "--repeats", "1", "--head_vocab", "8192", "--head_seq_len", "256"],
+                     capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = {row["kind"]: row for row in (json.loads(l) for l in r.stdout.splitlines() if l.startswith("{"))}
+  assert set(rows) == {"head_memory", "train", "sampling"}
+  assert rows["head_memory"]["bits"] == 13 and rows["head_memory"]["bitstream_fraction_of_logits"] <= 0.1
+  for kind in ("train", "sampling"):
+    assert set(rows[kind]["tokens_per_second"]) == {"masked", "flow", "embedding_flow", "bitstream"}
+    assert all(v > 0 for v in rows[kind]["tokens_per_second"].values())

@@ -107,20 +107,19 @@ def test_markov_chain_bound_and_samples(tmp_path):
 # The continuous families use a character tokenizer (the chain's 4 symbols + EOS): the one-hot flow's state and its
 # time reparameterisation are built for the vocabulary it is given, which must then be the one the data uses. Their
 # ODE bound is a Monte Carlo estimate (Gaussian draws, Hutchinson probes) of an upper bound whose Heun discretisation
-# errs upwards: its mean over 1000 validation sequences must not be below the truth by more than 2 standard errors,
+# errs upwards: its mean over 600 validation sequences must not be below the truth by more than 2 standard errors,
 # and must be within 3% of it.
 
 
-@pytest.mark.parametrize("process", ["flow", "embedding_flow", "bitstream"])
-def test_continuous_family_on_a_markov_chain(tmp_path, process):
+@pytest.mark.parametrize("process,steps", [("flow", 2500), ("embedding_flow", 1800), ("bitstream", 2500)])
+def test_continuous_family_on_a_markov_chain(tmp_path, process, steps):
   import jax
   tok = markov.write_char_tokenizer(tmp_path / "chars.json")
   cfg, run, params, pstate, val = _train(tmp_path, **{
-      "diffusion.process": process, "data.tokenizer": tok, "train.steps": 2500, "train.learning_rate": 1e-3,
+      "diffusion.process": process, "data.tokenizer": tok, "train.steps": steps, "train.learning_rate": 1e-3,
       "sampler.steps": 128})
   bound_fn = jax.jit(lambda p, t, k: run.process.bound(run.apply_fn, p, {"tokens": t}, k, pstate)[0])
-  nats = np.concatenate([np.asarray(bound_fn(params, val[i * 500:(i + 1) * 500], jax.random.PRNGKey(i)))
-                         for i in range(2)]) / (L * np.log(2.0))
+  nats = np.asarray(bound_fn(params, val[:600], jax.random.PRNGKey(0))) / (L * np.log(2.0))
   bound, se = float(nats.mean()), float(nats.std() / np.sqrt(len(nats)))
   truth = markov.sequence_entropy_bits_per_token(L)
   print(f"{process}: ODE bound {bound:.4f} +- {se:.4f} bits/token over {len(nats)} sequences, true entropy "

@@ -187,6 +187,11 @@ class Bitstream(ContinuousVocab):
       return fwd(fwd(zeros)[1] if self.self_cond_prob > 0 else zeros)[0]
     return self_conditioned(fwd, zeros, self.self_cond_prob, key)[0]
 
+  def corrupt(self, key, tokens, sigma):
+    """x = b + sigma eps [B, L, bits] for per-row noise levels sigma [B]."""
+    clean = self.to_bits(tokens)
+    return clean + sigma[:, None, None] * jax.random.normal(key, clean.shape, jnp.float32)
+
   def loss_weight(self, sigma: jax.Array) -> jax.Array:
     """EDM's lambda(sigma) = (sigma^2 + s_d^2) / (sigma s_d)^2."""
     return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
@@ -203,7 +208,7 @@ class Bitstream(ContinuousVocab):
     k_u, k_eps, k_sc = jax.random.split(key, 3)
     sigma = self.sample_sigma(state, uniform_levels(k_u, b, self.antithetic))
     clean = self.to_bits(tokens)
-    x = clean + sigma[:, None, None] * jax.random.normal(k_eps, clean.shape, jnp.float32)
+    x = self.corrupt(k_eps, tokens, sigma)
     logits = self._forward(apply_fn, params, x, sigma, batch_layout(batch), k_sc)
     sq = jnp.square(jax.nn.sigmoid(logits) - clean)
     loss = jnp.mean(self.loss_weight(sigma)[:, None] * jnp.sum(sq, axis=-1))
