@@ -247,7 +247,7 @@ def test_sampler_options_from_the_cli(trained, tmp_path):
     assert all(len(r["tokens"]) == 16 and all(0 <= x < 257 for x in r["tokens"]) for r in rows)
   os.remove(out)
   for args, expect in ((["--config.sampler.cache=dual"], "sampler.cache is a sampler.name='llada' option"),
-                       (["--config.sampler.name=fancy"], "sampler.name must be one of"),
+                       (["--config.sampler.name=fancy"], "is not a sampler of diffusion.process"),
                        (["--config.sampler.no_such_key=1"], "no_such_key"),
                        (["--config.sampler.precision=float16"], "sampler.precision")):
     assert expect in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out, *args),
