@@ -33,6 +33,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import config_with as _copy  # noqa: E402
+
 
 def _best(fn, args, repeats):
   out = jax.block_until_ready(fn(*args))
@@ -45,19 +47,10 @@ def _best(fn, args, repeats):
 
 
 def train_step_ratio(base_cfg, block_size: int, steps: int) -> dict:
-  from common import train_step_setup
-  out = {}
-  for process in ("masked", "block"):
-    cfg = _copy(base_cfg, {"diffusion.process": process, "diffusion.block_size": block_size})
-    run, state, step, batch = train_step_setup(cfg)
-    with jax.set_mesh(run.mesh):
-      state, _ = jax.block_until_ready(step(state, batch))  # compile
-      ts = []
-      for _ in range(steps):
-        t = time.perf_counter()
-        state, _ = jax.block_until_ready(step(state, batch))
-        ts.append(time.perf_counter() - t)
-    out[process] = float(np.median(ts))
+  from common import median_step_seconds
+  out = {process: median_step_seconds(_copy(base_cfg, {"diffusion.process": process,
+                                                       "diffusion.block_size": block_size}), steps)[0]
+         for process in ("masked", "block")}
   return {"bench": "train_step", "seq_len": base_cfg.data.seq_len, "batch_size": base_cfg.train.batch_size,
           "block_size": block_size, "masked_s": round(out["masked"], 4), "block_s": round(out["block"], 4),
           "block_over_masked": round(out["block"] / out["masked"], 3)}
@@ -72,13 +65,6 @@ def mask_tiles(length: int, block_size: int, tile: int) -> dict:
   return {"bench": "mask_tiles", "seq_len": length, "block_size": block_size, "tile": t,
           "nonzero_entries": round(float(m.mean()), 4), "nonzero_tiles": round(float(tiles.mean()), 4),
           "analytic_entries": round((length * length + length * block_size) / (4 * length * length), 4)}
-
-
-def _copy(cfg, overrides: dict):
-  from dlm_jax import config as config_lib
-  c = config_lib.config_from_dict(config_lib.to_dict(cfg))
-  config_lib.apply_overrides(c, overrides.items(), origin="benchmark")
-  return config_lib.validate(c)
 
 
 def sampling(base_cfg, block_size: int, length: int, batch_size: int, repeats: int, label: str) -> dict:

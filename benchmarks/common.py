@@ -50,3 +50,25 @@ def train_step_setup(cfg):
   b, l = cfg.train.batch_size, cfg.data.seq_len
   tokens = np.random.default_rng(0).integers(0, run.tokenizer.vocab_size, (b, l), dtype=np.int32)
   return run, state, step, jax.device_put(tokens, run.batch_sharding())
+
+
+def config_with(cfg, overrides: dict):
+  """A validated copy of `cfg` with dotted-key overrides (the benchmarks' variants of one base config)."""
+  from dlm_jax import config as config_lib
+  c = config_lib.config_from_dict(config_lib.to_dict(cfg))
+  config_lib.apply_overrides(c, overrides.items(), origin="benchmark")
+  return config_lib.validate(c)
+
+
+def median_step_seconds(cfg, steps: int) -> tuple[float, int]:
+  """(median seconds of the real train step of `cfg` after compilation, tokens per step)."""
+  import numpy as np
+  run, state, step, batch = train_step_setup(cfg)
+  with jax.set_mesh(run.mesh):
+    state, _ = jax.block_until_ready(step(state, batch))  # compile
+    ts = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      state, _ = jax.block_until_ready(step(state, batch))
+      ts.append(time.perf_counter() - t)
+  return float(np.median(ts)), int(batch.size)

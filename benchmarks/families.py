@@ -35,29 +35,17 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import config_with as _copy  # noqa: E402
+
 FAMILIES = ("masked", "flow", "embedding_flow", "bitstream")
 
 
-def _copy(cfg, overrides: dict):
-  from dlm_jax import config as config_lib
-  c = config_lib.config_from_dict(config_lib.to_dict(cfg))
-  config_lib.apply_overrides(c, overrides.items(), origin="benchmark")
-  return config_lib.validate(c)
-
-
 def train_speed(cfg, steps: int) -> dict:
-  from common import train_step_setup
+  from common import median_step_seconds
   out = {}
   for family in FAMILIES:
-    run, state, step, batch = train_step_setup(_copy(cfg, {"diffusion.process": family}))
-    with jax.set_mesh(run.mesh):
-      state, _ = jax.block_until_ready(step(state, batch))  # compile
-      ts = []
-      for _ in range(steps):
-        t = time.perf_counter()
-        state, _ = jax.block_until_ready(step(state, batch))
-        ts.append(time.perf_counter() - t)
-    out[family] = batch.size / float(np.median(ts))
+    seconds, tokens = median_step_seconds(_copy(cfg, {"diffusion.process": family}), steps)
+    out[family] = tokens / seconds
   return {"kind": "train", "tokens_per_second": out, "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len}
 
 

@@ -86,11 +86,10 @@ def test_eight_devices_match_one(tmp_path, tiny_config):
   np.testing.assert_allclose([moved_losses[5], moved_losses[6]], [cont_losses[5], cont_losses[6]], rtol=2e-5)
 
 
-def test_block_diffusion_on_eight_devices_matches_one(tmp_path, tiny_config):
-  """The [x_t | x_0] objective, its bound and block sampling on a (2, 2, 2) mesh equal the one-device run."""
+def _eight_devices_match_one(tmp_path, cfg_path):
+  """Training losses (3 steps), the validation bound and prompted samples on a (2, 2, 2) mesh equal the one-device
+  run, with no involuntary rematerialisation."""
   import json
-  cfg_path = tiny_config(train__steps=3, model__d_model=64, model__num_heads=4, model__mlp_dim=128,
-                         diffusion__process="block", diffusion__block_size=4)
   eight_env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
   assert run_cli("train", "--config", cfg_path, "--workdir", one, "--no_progress").returncode == 0
@@ -112,6 +111,13 @@ def test_block_diffusion_on_eight_devices_matches_one(tmp_path, tiny_config):
     assert r.returncode == 0, r.stderr
     rows[name] = [json.loads(l)["tokens"] for l in open(out)]
   assert rows["one"] == rows["eight"]
+
+
+def test_block_diffusion_on_eight_devices_matches_one(tmp_path, tiny_config):
+  """The [x_t | x_0] objective, its bound and block sampling on a (2, 2, 2) mesh equal the one-device run."""
+  cfg_path = tiny_config(train__steps=3, model__d_model=64, model__num_heads=4, model__mlp_dim=128,
+                         diffusion__process="block", diffusion__block_size=4)
+  _eight_devices_match_one(tmp_path, cfg_path)
 
 
 def test_gradient_accumulation_matches_large_batch(tmp_path, tiny_config):
@@ -284,28 +290,7 @@ def test_continuous_family_on_eight_devices_matches_one(tmp_path, tiny_config, p
   """Losses, the ODE bound and samples of a continuous family on a (2, 2, 2) mesh equal the one-device run (bitstream:
   the bit adapter, self-conditioning and the schedule state; the embedding families' table lookups are gathered the
   same way as the model's)."""
-  import json
   cfg_path = tiny_config(train__steps=3, model__d_model=64, model__num_heads=4, model__mlp_dim=128,
                          diffusion__process=process, diffusion__bound_steps=4, diffusion__schedule_update_every=2,
                          diffusion__schedule_buffer=16)
-  eight_env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
-  r1 = run_cli("train", "--config", cfg_path, "--workdir", one, "--no_progress")
-  assert r1.returncode == 0, r1.stderr
-  r8 = run_cli("train", "--config", cfg_path, "--workdir", eight, "--no_progress", "--config.mesh.data=2",
-               "--config.mesh.fsdp=2", "--config.mesh.tensor=2", env=eight_env)
-  assert r8.returncode == 0, r8.stderr
-  assert "Involuntary full rematerialization" not in r8.stderr
-  a, b = losses(one), losses(eight)
-  np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=2e-5)
-  e1, e8 = run_cli("eval", "--workdir", one), run_cli("eval", "--workdir", one, env=eight_env)
-  v1, v8 = (json.loads(e.stdout.strip().splitlines()[-1]) for e in (e1, e8))
-  np.testing.assert_allclose(v8["nelbo_bits_per_token"], v1["nelbo_bits_per_token"], rtol=1e-4)
-  rows = {}
-  for name, env in (("one", None), ("eight", eight_env)):
-    out = str(tmp_path / f"{name}.jsonl")
-    r = run_cli("sample", "--workdir", one, "--num_samples", "8", "--output", out, "--prompt", "ab",
-                "--config.sampler.batch_size=8", env=env)
-    assert r.returncode == 0, r.stderr
-    rows[name] = [json.loads(l)["tokens"] for l in open(out)]
-  assert rows["one"] == rows["eight"]
+  _eight_devices_match_one(tmp_path, cfg_path)

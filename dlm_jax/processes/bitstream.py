@@ -81,16 +81,12 @@ class Bitstream(ContinuousVocab):
                bound_steps=d.bound_steps)
 
   @property
-  def vocab_in(self) -> int:
-    return self.vocab_size  # not used: the input is the bit adapter
-
-  @property
   def vocab_out(self) -> int:
-    return self.bits
+    return self.bits  # one logit per bit (vocab_in is not used: the input is the bit adapter)
 
   @property
   def model_options(self) -> dict:
-    return {"time_conditioning": True, "input_bits": self.bits}
+    return {**super().model_options, "input_bits": self.bits}
 
   # --- the entropy-rate schedule ----------------------------------------------------------------------------------------
 

@@ -137,7 +137,8 @@ def batch_layout(batch: dict) -> dict:
 class ContinuousVocab:
   """Vocabulary conventions of the continuous families: the network's input is a vector, not an id; sampling
   canvases mark free positions with `mask_id` = vocab_size (never fed to the network). The network is always
-  conditioned on the noise level (model.time_conditioning is implied)."""
+  conditioned on the noise level (model.time_conditioning is implied). The input table and the output classes are the
+  tokenizer's `vocab_size` tokens unless a family says otherwise (bitstream: one output per bit)."""
 
   vocab_size: int
 
@@ -146,5 +147,17 @@ class ContinuousVocab:
     return self.vocab_size
 
   @property
+  def vocab_in(self) -> int:
+    return self.vocab_size
+
+  @property
+  def vocab_out(self) -> int:
+    return self.vocab_size
+
+  @property
   def time_conditioned(self) -> bool:
     return True
+
+  @property
+  def model_options(self) -> dict:
+    return {"time_conditioning": True}

@@ -110,16 +110,8 @@ class EmbeddingFlow(ContinuousVocab):
                buffer_size=d.schedule_buffer, bound_steps=d.bound_steps)
 
   @property
-  def vocab_in(self) -> int:
-    return self.vocab_size
-
-  @property
-  def vocab_out(self) -> int:
-    return self.vocab_size
-
-  @property
   def model_options(self) -> dict:
-    return {"time_conditioning": True, "self_conditioning": True}
+    return {**super().model_options, "self_conditioning": True}
 
   def init_state(self, key):
     del key

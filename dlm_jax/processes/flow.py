@@ -83,18 +83,6 @@ class OneHotFlow(ContinuousVocab):
     return cls(vocab_size=vocab_size, antithetic=d.antithetic, embed_state=d.flow_embed_state, t_end=d.t_min,
                bound_steps=d.bound_steps)
 
-  @property
-  def vocab_in(self) -> int:
-    return self.vocab_size
-
-  @property
-  def vocab_out(self) -> int:
-    return self.vocab_size
-
-  @property
-  def model_options(self) -> dict:
-    return {"time_conditioning": True}
-
   def init_state(self, key):
     del key
     return {}
