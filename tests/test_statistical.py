@@ -1,7 +1,8 @@
 """Statistical tests on a source of known law: a first-order Markov chain over four symbols.
 
 Small models are trained through the real pipeline (text file -> tokens -> packing -> training loop): masked diffusion,
-block diffusion at block sizes 1 (the autoregressive model), 4 and L, and the continuous families (one-hot flow,
+block diffusion at block sizes 1 (the autoregressive model) and 4 (block size L, one block in the 2L layout, is checked
+to be masked diffusion for the same noise in tests/test_block.py), and the continuous families (one-hot flow,
 embedding flow, bitstream). Each validation bound must be an upper bound on the true entropy per token and close to it
 (5% for the discrete families, the ODE bounds within the tolerance given per family), and the bigram statistics of
 samples must be within total variation 0.05 of the true transitions.
@@ -29,7 +30,7 @@ def _train(tmp_path, **overrides):
   values = dict(TINY)
   values.update({
       "data.path": str(text), "data.seq_len": L, "data.val_fraction": 0.2,
-      "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.mlp_dim": 256, "model.max_seq_len": L,
+      "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 4, "model.mlp_dim": 128, "model.max_seq_len": L,
       "train.steps": 1500, "train.batch_size": 64, "train.learning_rate": 3e-3, "train.warmup_steps": 100,
       "train.ema_decay": 0.99, "train.log_every": 100, "train.checkpoint_every": 1500,
       "eval.batch_size": 500, "sampler.steps": L, "sampler.batch_size": 256,
@@ -55,11 +56,11 @@ def _train_and_check_bound(tmp_path, label, **overrides):
   return cfg, run, params, pstate
 
 
-@pytest.mark.parametrize("block_size", [1, 4, L])
+@pytest.mark.parametrize("block_size", [1, 4])
 def test_block_diffusion_on_a_markov_chain(tmp_path, block_size):
-  """Block diffusion at block size 1 (the AR model: exact NLL, KV-cached decoding), 4 (first-hitting inside blocks
-  with the clean-block K/V cache) and L (one block: masked diffusion in the 2L layout)."""
-  label = {1: "AR (block 1)", 4: "BD3 block 4", L: f"BD3 block {L}"}[block_size]
+  """Block diffusion at block size 1 (the AR model: exact NLL, KV-cached decoding) and 4 (first-hitting inside blocks
+  with the clean-block K/V cache)."""
+  label = {1: "AR (block 1)", 4: "BD3 block 4"}[block_size]
   cfg, run, params, pstate = _train_and_check_bound(tmp_path, label, **{"diffusion.process": "block",
                                                                         "diffusion.block_size": block_size})
   tokens, stats = generate(run, params, pstate, num_samples=512, length=L, seed=0)
@@ -107,19 +108,21 @@ def test_markov_chain_bound_and_samples(tmp_path):
 # The continuous families use a character tokenizer (the chain's 4 symbols + EOS): the one-hot flow's state and its
 # time reparameterisation are built for the vocabulary it is given, which must then be the one the data uses. Their
 # ODE bound is a Monte Carlo estimate (Gaussian draws, Hutchinson probes) of an upper bound whose Heun discretisation
-# errs upwards: its mean over 600 validation sequences must not be below the truth by more than 2 standard errors,
-# and must be within 3% of it.
+# errs upwards: its mean over 400 validation sequences must not be below the truth by more than 2 standard errors,
+# and must be within 3% of it. The one-hot flow and bitstream samplers need a wider trunk than the others to reach
+# the total-variation bar in this step budget (at width 32: flow 0.045, bitstream 0.076).
 
 
-@pytest.mark.parametrize("process,steps", [("flow", 2500), ("embedding_flow", 1800), ("bitstream", 2500)])
-def test_continuous_family_on_a_markov_chain(tmp_path, process, steps):
+@pytest.mark.parametrize("process,steps,width", [("flow", 2500, 64), ("embedding_flow", 1800, 32),
+                                                 ("bitstream", 2500, 64)])
+def test_continuous_family_on_a_markov_chain(tmp_path, process, steps, width):
   import jax
   tok = markov.write_char_tokenizer(tmp_path / "chars.json")
   cfg, run, params, pstate, val = _train(tmp_path, **{
       "diffusion.process": process, "data.tokenizer": tok, "train.steps": steps, "train.learning_rate": 1e-3,
-      "sampler.steps": 128})
+      "sampler.steps": 128, "model.d_model": width, "model.mlp_dim": 4 * width})
   bound_fn = jax.jit(lambda p, t, k: run.process.bound(run.apply_fn, p, {"tokens": t}, k, pstate)[0])
-  nats = np.asarray(bound_fn(params, val[:600], jax.random.PRNGKey(0))) / (L * np.log(2.0))
+  nats = np.asarray(bound_fn(params, val[:400], jax.random.PRNGKey(0))) / (L * np.log(2.0))
   bound, se = float(nats.mean()), float(nats.std() / np.sqrt(len(nats)))
   truth = markov.sequence_entropy_bits_per_token(L)
   print(f"{process}: ODE bound {bound:.4f} +- {se:.4f} bits/token over {len(nats)} sequences, true entropy "
