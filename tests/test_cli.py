@@ -227,6 +227,7 @@ def test_infilling_template_from_the_cli(trained, tmp_path):
                                          str(tmp_path / "o.jsonl"), "--prompt", "a<|mask:0|>"), "dlm-sample")
 
 
+@pytest.mark.slow
 def test_sampler_options_from_the_cli(trained, tmp_path):
   _, wd = trained
   out = str(tmp_path / "o.jsonl")

@@ -317,6 +317,7 @@ def test_ode_bound_with_the_exact_velocity_approaches_the_entropy():
   assert abs(float(hutch.mean()) / 2 - means[0]) < 4 * float(hutch.std()) / 2 / math.sqrt(b.shape[0])
 
 
+@pytest.mark.slow
 def test_families_benchmark_runs(tiny_config):
   """benchmarks/families.py end to end at a tiny size; the head-memory figure is checked (bitstream's per-bit head
   and loss take far less than one V-way logits array), speeds only have to be positive."""

@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import REPO, losses, run_cli
 from dlm_jax import config as config_lib
@@ -46,6 +47,7 @@ def test_sigterm_saves_and_resume_reproduces_uninterrupted(tmp_path, tiny_config
     assert got[step] == want[step], (step, got[step], want[step])  # bit-exact on CPU
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(tmp_path, tiny_config):
   cfg_path = tiny_config(train__steps=4, model__d_model=64, model__num_heads=4, model__mlp_dim=128)
   one = str(tmp_path / "one")
@@ -113,6 +115,7 @@ def _eight_devices_match_one(tmp_path, cfg_path):
   assert rows["one"] == rows["eight"]
 
 
+@pytest.mark.slow
 def test_block_diffusion_on_eight_devices_matches_one(tmp_path, tiny_config):
   """The [x_t | x_0] objective, its bound and block sampling on a (2, 2, 2) mesh equal the one-device run."""
   cfg_path = tiny_config(train__steps=3, model__d_model=64, model__num_heads=4, model__mlp_dim=128,
@@ -151,6 +154,7 @@ def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, tiny_confi
     assert os.path.isdir(os.path.join(wd, "checkpoints", c))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, tiny_config):
   """Two local processes (loopback coordinator, as on a multi-host slice) reproduce the single-process losses."""
   cfg_path = tiny_config(train__steps=4, train__eval_every=2, train__eval_samples=1)
@@ -166,9 +170,6 @@ def test_two_processes_match_one(tmp_path, tiny_config):
   a, b = losses(one), losses(two)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=2e-5)
-
-
-import pytest
 
 
 @pytest.mark.parametrize("overrides", [
@@ -248,9 +249,6 @@ def test_sigterm_right_after_a_periodic_save(tmp_path, tiny_config):
   assert steps[-1] == last and len(steps) <= 2
 
 
-import pytest  # noqa: E402
-
-
 @pytest.mark.parametrize("process", ["embedding_flow", "bitstream"])
 def test_schedule_state_is_checkpointed_and_resume_reproduces(tmp_path, tiny_config, process):
   """The learned noise schedules (LangFlow's Gumbel fit, CoBit's entropy table and buffer) live in process_state:
@@ -285,6 +283,7 @@ def jax_leaves(tree):
   return jax.tree.leaves(tree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("process", ["bitstream"])
 def test_continuous_family_on_eight_devices_matches_one(tmp_path, tiny_config, process):
   """Losses, the ODE bound and samples of a continuous family on a (2, 2, 2) mesh equal the one-device run (bitstream:
