@@ -25,6 +25,7 @@ def pytest_collection_modifyitems(items):
     return (mark is None, -(mark.kwargs.get("minutes", 1) if mark else 0))
   items.sort(key=order)
 
+
 TINY = {
     "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64, "model.max_seq_len": 32,
     "data.seq_len": 16, "data.val_fraction": 0.1, "train.steps": 6, "train.batch_size": 8, "train.warmup_steps": 2,
