@@ -13,7 +13,7 @@ def get_config():
   c.data.seq_len = 128
   c.data.val_fraction = 0.002
   c.train.steps = 600
-  c.train.batch_size = 32
+  c.train.batch_size = 16
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 50
   c.train.ema_decay = 0.99
