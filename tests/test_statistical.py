@@ -23,7 +23,7 @@ from dlm_jax.train import load_for_inference, train
 pytestmark = pytest.mark.slow(minutes=3)
 
 L = 16  # sequence length
-SAMPLES = 1024  # sampled sequences per check: as many bigrams as 512 sequences of length 32
+SAMPLES = 1024  # sampled sequences of length L per check (longer sequences: proportionally fewer)
 
 
 def _train(tmp_path, length=L, **overrides):
@@ -61,16 +61,14 @@ def _train_and_check_bound(tmp_path, label, seeds=3, length=L, **overrides):
   return cfg, run, params, pstate
 
 
-@pytest.mark.parametrize("block_size", [1, 4])
-def test_block_diffusion_on_a_markov_chain(tmp_path, block_size):
-  """Block diffusion at block size 1 (the AR model: exact NLL, KV-cached decoding) and 4 (first-hitting inside blocks
-  with the clean-block K/V cache)."""
-  label = {1: "AR (block 1)", 4: "BD3 block 4"}[block_size]
-  overrides = {"diffusion.process": "block", "diffusion.block_size": block_size}
-  # block size 1 is the exact NLL: one evaluation seed
-  cfg, run, params, pstate = _train_and_check_bound(tmp_path, label, seeds=1 if block_size == 1 else 3, **overrides)
-  tokens, stats = generate(run, params, pstate, num_samples=SAMPLES, length=L, seed=0)
-  texts = [run.tokenizer.decode(t) for t in tokens]
+def _sample(run, params, pstate, length=L, seed=0):
+  """SAMPLES * L / length sampled sequences of `length` (as many bigrams at every length): (tokens, texts, stats)."""
+  tokens, stats = generate(run, params, pstate, num_samples=SAMPLES * L // length, length=length, seed=seed)
+  return tokens, [run.tokenizer.decode(t) for t in tokens], stats
+
+
+def _check_discrete_samples(label, texts, stats):
+  """Almost no symbols the chain never emits, and bigram total variation <= 0.05."""
   off_chain = sum(c not in markov.SYMBOLS for t in texts for c in t) / sum(len(t) for t in texts)
   assert off_chain < 1e-3, f"{off_chain:.4%} of sampled symbols are ones the chain never emits"
   tv, counts = markov.bigram_tv(texts)
@@ -79,24 +77,31 @@ def test_block_diffusion_on_a_markov_chain(tmp_path, block_size):
   assert tv <= 0.05
 
 
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_block_diffusion_on_a_markov_chain(tmp_path, block_size):
+  """Block diffusion at block size 1 (the AR model: exact NLL, KV-cached decoding) and 4 (first-hitting inside blocks
+  with the clean-block K/V cache)."""
+  label = {1: "AR (block 1)", 4: "BD3 block 4"}[block_size]
+  overrides = {"diffusion.process": "block", "diffusion.block_size": block_size}
+  # block size 1 is the exact NLL: one evaluation seed
+  cfg, run, params, pstate = _train_and_check_bound(tmp_path, label, seeds=1 if block_size == 1 else 3, **overrides)
+  _, texts, stats = _sample(run, params, pstate)
+  _check_discrete_samples(label, texts, stats)
+
+
 def test_markov_chain_bound_and_samples(tmp_path):
   # Masked diffusion at length 2L = 32: at length 16 and the same step budget the samples of even the exact
   # first-hitting sampler are at TV 0.05 (the bound 0.35% above the truth), at 32 they are at 0.026.
   n = 2 * L
   cfg, run, params, pstate = _train_and_check_bound(tmp_path, "masked", length=n)
 
-  tokens, stats = generate(run, params, pstate, num_samples=SAMPLES // 2, length=n, seed=0)
-  texts = [run.tokenizer.decode(t) for t in tokens]
-  off_chain = sum(c not in markov.SYMBOLS for t in texts for c in t) / sum(len(t) for t in texts)
-  assert off_chain < 1e-3, f"{off_chain:.4%} of sampled symbols are ones the chain never emits"
-  tv, counts = markov.bigram_tv(texts)
-  print(f"bigram total variation {tv:.4f} over {int(counts.sum())} bigrams; NFE per batch {stats['nfe_per_batch']}")
-  assert tv <= 0.05
+  _, texts, stats = _sample(run, params, pstate, n)
+  _check_discrete_samples("masked", texts, stats)
 
   cfg.sampler.name = "first_hitting"  # exact one-position-per-call sampler: same statistics
   run_fh = dataclasses.replace(run)
-  tokens, stats = generate(run_fh, params, pstate, num_samples=SAMPLES // 2, length=n, seed=1)
-  tv_fh, _ = markov.bigram_tv([run.tokenizer.decode(t) for t in tokens])
+  _, texts, stats = _sample(run_fh, params, pstate, n, seed=1)
+  tv_fh, _ = markov.bigram_tv(texts)
   print(f"first-hitting bigram total variation {tv_fh:.4f}; NFE per batch {stats['nfe_per_batch']}")
   assert tv_fh <= 0.05 and stats["nfe_per_batch"] == n
 
@@ -107,8 +112,8 @@ def test_markov_chain_bound_and_samples(tmp_path):
     cfg.sampler.name = name
     for k, v in overrides.items():
       cfg.sampler[k] = v
-    tokens, stats = generate(dataclasses.replace(run), params, pstate, num_samples=SAMPLES // 2, length=n, seed=2)
-    tv_s, _ = markov.bigram_tv([run.tokenizer.decode(t) for t in tokens])
+    _, texts, stats = _sample(dataclasses.replace(run), params, pstate, n, seed=2)
+    tv_s, _ = markov.bigram_tv(texts)
     print(f"{name} bigram total variation {tv_s:.4f}; NFE per batch {stats['nfe_per_batch']}")
     assert tv_s <= 0.05, (name, tv_s)
     cfg.sampler.block_length, cfg.sampler.remasking = 0, "low_confidence"
@@ -139,8 +144,7 @@ def test_continuous_family_on_a_markov_chain(tmp_path, process, steps, width):
   assert bound >= truth - 2 * se, (bound, se, truth)
   assert bound <= 1.05 * truth, (bound, truth)
 
-  tokens, stats = generate(run, params, pstate, num_samples=SAMPLES, length=L, seed=0)
-  texts = [run.tokenizer.decode(t) for t in tokens]
+  tokens, texts, stats = _sample(run, params, pstate)
   off_chain = float(np.mean(np.asarray(tokens) >= len(markov.SYMBOLS)))  # EOS (in the data once per document)
   assert off_chain < 2e-3, f"{off_chain:.4%} of sampled tokens are not chain symbols"
   tv, counts = markov.bigram_tv(texts)
