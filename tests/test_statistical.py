@@ -127,7 +127,7 @@ def test_markov_chain_bound_and_samples(tmp_path):
 # the total-variation bar in this step budget (at width 32 and length 32: flow 0.045, bitstream 0.076).
 
 
-@pytest.mark.parametrize("process,steps,width", [("flow", 2500, 64), ("embedding_flow", 1800, 32),
+@pytest.mark.parametrize("process,steps,width", [("flow", 2500, 64), ("embedding_flow", 2500, 32),
                                                  ("bitstream", 2500, 64)])
 def test_continuous_family_on_a_markov_chain(tmp_path, process, steps, width):
   import jax
