@@ -21,6 +21,7 @@ are counted; batch size is --batch_size; wall time after compilation, best of --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -48,9 +49,9 @@ def _best(fn, args, repeats):
 
 def train_step_ratio(base_cfg, block_size: int, steps: int) -> dict:
   from common import median_step_seconds
-  out = {process: median_step_seconds(_copy(base_cfg, {"diffusion.process": process,
-                                                       "diffusion.block_size": block_size}), steps)[0]
-         for process in ("masked", "block")}
+  out = {"masked": median_step_seconds(_copy(base_cfg, {"diffusion.process": "masked"}), steps)[0],
+         "block": median_step_seconds(_copy(base_cfg, {"diffusion.process": "block",
+                                                       "diffusion.block_size": block_size}), steps)[0]}
   return {"bench": "train_step", "seq_len": base_cfg.data.seq_len, "batch_size": base_cfg.train.batch_size,
           "block_size": block_size, "masked_s": round(out["masked"], 4), "block_s": round(out["block"], 4),
           "block_over_masked": round(out["block"] / out["masked"], 3)}
@@ -69,6 +70,7 @@ def mask_tiles(length: int, block_size: int, tile: int) -> dict:
 
 def sampling(base_cfg, block_size: int, length: int, batch_size: int, repeats: int, label: str) -> dict:
   from dlm_jax.build import build, init_params
+  from dlm_jax.evaluate import sampler_fn
   from dlm_jax.samplers import left_pad
   cfg = _copy(base_cfg, {"diffusion.process": "block", "diffusion.block_size": block_size, "data.seq_len": length,
                          "model.max_seq_len": max(length, base_cfg.model.max_seq_len), "sampler.length": length})
@@ -79,8 +81,8 @@ def sampling(base_cfg, block_size: int, length: int, batch_size: int, repeats: i
   keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(0), r))(jnp.arange(batch_size))
   res = {}
   for cache in ("prefix", "none"):
-    scfg = _copy(cfg, {"sampler.cache": cache}).sampler
-    fn = jax.jit(lambda p, k, c, scfg=scfg: run.process.sample(run.apply_fn, p, k, c, scfg, {}))
+    sample, _, _ = sampler_fn(dataclasses.replace(run, cfg=_copy(cfg, {"sampler.block.cache": cache})))
+    fn = jax.jit(lambda p, k, c, sample=sample: sample(p, k, c, {}))
     with jax.set_mesh(run.mesh):
       (tokens, stats), best, _ = _best(fn, (params, keys, jnp.asarray(canvas)), repeats)
     gen = batch_size * (length - len(prompt))

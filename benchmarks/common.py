@@ -37,10 +37,11 @@ def train_flops_per_token(mc, seq_len: int, attention_fraction: float = 1.0) -> 
 
 
 def train_step_setup(cfg):
-  """The real train step of `cfg` (dlm-train's) with a fresh state and one batch of random token ids:
-  (run, state, step, batch)."""
+  """The real train step of `cfg` (dlm-train's) with a fresh state and one batch of random token ids, as the data
+  pipeline would give it (with segment ids when data.segment_attention): (run, state, step, batch dict)."""
   import numpy as np
   from dlm_jax.build import build
+  from dlm_jax.data import segment_ids
   from dlm_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step, state_shardings
   run = build(cfg)
   opt = make_optimizer(cfg)
@@ -49,7 +50,10 @@ def train_step_setup(cfg):
   step = make_train_step(run, opt, shardings)
   b, l = cfg.train.batch_size, cfg.data.seq_len
   tokens = np.random.default_rng(0).integers(0, run.tokenizer.vocab_size, (b, l), dtype=np.int32)
-  return run, state, step, jax.device_put(tokens, run.batch_sharding())
+  batch = {"tokens": tokens}
+  if cfg.data.segment_attention:
+    batch["segment_ids"] = segment_ids(tokens, run.tokenizer.eos_id)
+  return run, state, step, {k: jax.device_put(v, run.batch_sharding(v.ndim)) for k, v in batch.items()}
 
 
 def config_with(cfg, overrides: dict):
@@ -71,4 +75,4 @@ def median_step_seconds(cfg, steps: int) -> tuple[float, int]:
       t = time.perf_counter()
       state, _ = jax.block_until_ready(step(state, batch))
       ts.append(time.perf_counter() - t)
-  return float(np.median(ts)), int(batch.size)
+  return float(np.median(ts)), int(batch["tokens"].size)

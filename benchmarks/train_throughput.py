@@ -40,8 +40,8 @@ def measure(cfg, steps: int, peak: float) -> dict:
   b, l = cfg.train.batch_size, cfg.data.seq_len
   key = jax.random.PRNGKey(0)
 
-  def loss(params, tokens):
-    return run.process.loss(run.apply_fn, params, {"tokens": tokens}, key, state["process_state"])[0]
+  def loss(params, batch):
+    return run.process.loss(run.apply_fn, params, batch, key, state["process_state"])[0]
 
   with jax.set_mesh(run.mesh):
     fwd_med, _ = _time(jax.jit(loss), state["params"], batch, repeats=max(2, steps // 2))

@@ -16,5 +16,5 @@ def get_config():
   c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py"))
   c.diffusion.process = "block"
   c.diffusion.block_size = 1
-  c.sampler.top_p = 0.95  # nucleus sampling for the decoder (sampler.temperature / top_k / top_p)
+  c.sampler.first_hitting.top_p = 0.95  # nucleus sampling for the decoder (sampler.temperature / top_k / top_p)
   return c

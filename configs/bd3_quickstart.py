@@ -4,7 +4,7 @@ to right with a K/V cache of the clean blocks and the first-hitting sampler insi
   dlm-train --config configs/bd3_quickstart.py --workdir runs/bd3
   dlm-eval --workdir runs/bd3                   NELBO (bits per token), comparable with the masked and AR presets
   dlm-eval --workdir runs/bd3 --clip_search     the noise interval (t_min, t_max) with the lowest loss variance
-  dlm-sample --workdir runs/bd3 --num_samples 4 --output s.jsonl [--config.sampler.stop_at_eos=true]
+  dlm-sample --workdir runs/bd3 --num_samples 4 --output s.jsonl [--config.sampler.block.stop_at_eos=true]
 """
 
 import os

@@ -19,7 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "reference")
+from dlm_jax import registry
+
+IMPLEMENTATIONS = registry.register_attention(("xla", "reference"))
 
 
 # Internal layout: q [B, K, G, Lq, D] (K key/value heads, G query heads per key head), k / v [B, K, Lk, D],

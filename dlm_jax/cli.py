@@ -106,10 +106,9 @@ def _eval(rest, overrides):
     return
   res = evaluate.evaluate_bound(run, params, corpus.val, pstate, batch_size=cfg.eval.batch_size,
                                 max_batches=cfg.eval.max_batches, seed=cfg.eval.seed)
-  res.update(process=cfg.diffusion.process, schedule=cfg.diffusion.schedule, seed=cfg.eval.seed,
-             num_sequences=int(min(len(corpus.val), (cfg.eval.max_batches or 10**12) * cfg.eval.batch_size)))
-  if cfg.diffusion.process == "block":
-    res.update(block_size=cfg.diffusion.block_size, exact_nll=cfg.diffusion.block_size == 1)
+  res.update(process=cfg.diffusion.process, seed=cfg.eval.seed,
+             num_sequences=int(min(len(corpus.val), (cfg.eval.max_batches or 10**12) * cfg.eval.batch_size)),
+             **run.process.describe())
   print(json.dumps(res))
 
 
@@ -162,21 +161,14 @@ def _sample(rest, overrides):
     texts = _read_prompts(a.prompt_file)
   cfg, run, params, pstate = load_for_inference(a.workdir, overrides)
   from dlm_jax.evaluate import encode_prompt
-  from dlm_jax.samplers import PAD
+  from dlm_jax.maths import PAD
   length = cfg.sampler.length or cfg.data.seq_len
   prompts = None if texts is None else [encode_prompt(run.tokenizer, t, run.process.mask_id) for t in texts]
   tokens, stats = generate(run, params, pstate, num_samples=a.num_samples, length=length, seed=cfg.sampler.seed,
                            prompts=prompts)
-  from dlm_jax.processes import sampler_name, sampler_precision
-  details = {k: cfg.sampler[k] for k in ("steps", "temperature", "seed", "top_k", "top_p")}
-  details.update(sampler=sampler_name(cfg), precision=sampler_precision(cfg))
-  if cfg.diffusion.process == "bitstream":  # no token distribution to truncate
-    del details["top_k"], details["top_p"]
-  if details["sampler"] == "edm_churn":
-    details.update(churn=cfg.sampler.churn, churn_band=[cfg.sampler.churn_band_lo, cfg.sampler.churn_band_hi])
-  details.update(process=cfg.diffusion.process, tokenizer=run.tokenizer.fingerprint)
-  if cfg.diffusion.process == "block":
-    details["block_size"] = cfg.diffusion.block_size
+  from dlm_jax.evaluate import sampler_record
+  details = {**sampler_record(cfg), "process": cfg.diffusion.process, **run.process.describe(),
+             "tokenizer": run.tokenizer.fingerprint}
   tmp = a.output + ".tmp"
   decoded = []
   with open(tmp, "w") as f:

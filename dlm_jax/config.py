@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 from typing import Any, Iterable
 
 import ml_collections
 
+from dlm_jax import registry
 from dlm_jax.errors import DLMError
 
-from dlm_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from dlm_jax.processes import PROCESSES as _PROCESSES
-from dlm_jax.samplers.common import PRECISIONS
-from dlm_jax.samplers.llada import CACHES, CONFIDENCE, NOISE, REMASKING
-from dlm_jax.samplers.remdm import STRATEGIES
-
-# Names valid in a config; the process, sampler and attention names come from the modules that implement them.
-PROCESSES = tuple(_PROCESSES)
-SAMPLERS = tuple(dict.fromkeys(n for cls in _PROCESSES.values() for n in cls.SAMPLERS))
-SCHEDULES = ("linear", "cosine", "polynomial", "loglinear")
 OBJECTIVES = ("mdlm", "llada")
 DTYPES = ("float32", "bfloat16")
+# sampler.* keys every sampler shares; everything else lives in a sampler's own section sampler.<name>.*
+SHARED_SAMPLER_KEYS = ("name", "steps", "temperature", "length", "batch_size", "seed")
+# keys of the flat sampler section before per-sampler sections (saved configs are migrated; overrides get an error)
+RENAMED = {"remdm_strategy": "strategy", "churn_band_lo": "band_lo", "churn_band_hi": "band_hi"}
+FLAT_SAMPLER_KEYS = ("precision", "logit_shift", "stop_at_eos", "top_k", "top_p", "block_length", "remasking",
+                     "confidence", "threshold", "factor", "cfg_scale", "position_temperature", "cache", "cache_refresh",
+                     "prophet", "noise", "entropy_stop", "entropy_window", "churn", "churn_band_lo", "churn_band_hi",
+                     "remdm_strategy", "eta", "t_on")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -111,45 +109,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.use_ema = True
 
   c.sampler = ml_collections.ConfigDict()
-  # ancestral (MDLM), first_hitting (one position per call, exact), llada (semi-AR remasking, Fast-dLLM, caches, Prophet),
-  # remdm (remasking). All in dlm_jax/samplers/. --prompt may hold <|mask:N|> spans (infilling, see README).
-  c.sampler.name = ""  # "" = the process's default (masked: ancestral; block: first_hitting inside each block)
-  c.sampler.steps = 128  # block diffusion: steps per block (llada uses at most one per token of the block)
+  # Shared by every sampler (dlm_jax/samplers/); each sampler's own options are the section sampler.<name>.* built from
+  # its Options dataclass (dlm_jax/registry.py). --prompt may hold <|mask:N|> spans (infilling, see README).
+  c.sampler.name = ""  # "" = the process's default (masked: ancestral; block: first_hitting inside each block; ...)
+  c.sampler.steps = 128  # block diffusion: steps per block; samplers that do not read it reject a non-default value
   c.sampler.temperature = 1.0
   c.sampler.length = 0  # 0 = data.seq_len
   c.sampler.batch_size = 16
   c.sampler.seed = 0
-  c.sampler.precision = ""  # "" = family default (embedding_flow: float64, else float32); "float64": Gumbel draws /
-  # continuous state updates in float64 (64-bit JAX is turned on for the sampler)
-  c.sampler.logit_shift = False  # models that predict token i at position i - 1 (Dream)
-  c.sampler.stop_at_eos = False  # llada: a row that committed EOS fills the rest with EOS; block: the row ends there
-  c.sampler.top_k = 0  # 0 = off; else sample only among the k most likely tokens
-  c.sampler.top_p = 1.0  # nucleus sampling (1 = off): the smallest set of tokens holding probability top_p
-  # llada only (dlm_jax/samplers/llada.py): semi-autoregressive blocks and remasking, Fast-dLLM parallel decoding
-  c.sampler.block_length = 0  # 0 = the whole generated region is one block
-  c.sampler.remasking = "low_confidence"  # or "random"
-  c.sampler.confidence = "max_prob"  # or "margin", "neg_entropy"
-  c.sampler.threshold = 0.0  # 0 = off; in (0, 1]: commit every position at least this confident (always >= 1)
-  c.sampler.factor = 0.0  # 0 = off; > 0: Fast-dLLM factor rule
-  c.sampler.cfg_scale = 0.0  # classifier-free guidance (prompt masked for the unconditional call)
-  c.sampler.position_temperature = 0.0  # > 0: sample the committed positions from softmax(confidence / this)
-  c.sampler.cache = ""  # "" = process default (masked: "none"; block: "prefix" = K/V of the clean blocks).
-  # masked + llada: "prefix" / "dual" Fast-dLLM K/V caches, rebuilt at every block start; block: "none" or "prefix"
-  c.sampler.cache_refresh = 0  # also rebuild the cache every k steps within a block (0 = only at block starts)
-  c.sampler.prophet = False  # Prophet early commit: decode everything once the top-1/top-2 logit gap is large
-  c.sampler.noise = "step"  # or "position": one Gumbel draw per position for the whole decode (see llada.py)
-  # block only (dlm_jax/samplers/block.py): stop a row whose last entropy_window tokens have a unigram entropy
-  # (nats) below entropy_stop, dropping that window (BD3-LM's variable-length rule: 4.0 over 256 tokens)
-  c.sampler.entropy_stop = 0.0  # 0 = off
-  c.sampler.entropy_window = 256
-  # bitstream only: edm_churn's EDM churn gamma, applied where the grid's entropy-CDF fraction lies in the band
-  c.sampler.churn = 0.2  # CoBit: 0.2 (LM1B), 0.13 (OWT); at most sqrt(2) - 1 (EDM's cap)
-  c.sampler.churn_band_lo = 0.1  # CoBit's default entropy quantiles of the churn window
-  c.sampler.churn_band_hi = 0.9
-  # remdm only (dlm_jax/samplers/remdm.py)
-  c.sampler.remdm_strategy = "cap"  # or "rescale", "conf"
-  c.sampler.eta = 0.02  # remasking strength
-  c.sampler.t_on = 1.0  # remask only for t <= t_on
+  for name, spec in registry.samplers().items():
+    c.sampler[name] = ml_collections.ConfigDict(spec.options.fields())
+  for family, options in registry.family_options().items():
+    c.sampler[family] = ml_collections.ConfigDict(options.fields())
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices
@@ -180,12 +151,37 @@ def flat_items(cfg) -> dict[str, Any]:
   return _flat(cfg)
 
 
+def _sections_with(option: str) -> list[str]:
+  """The sampler sections (sampler names, or a family's generation options) that have `option`."""
+  sections = {**{n: s.options for n, s in registry.samplers().items()}, **registry.family_options()}
+  return [n for n, cls in sections.items() if option in cls.fields()]
+
+
+def unknown_key_message(key: str) -> str:
+  """The error for a key that is not in the schema: a flat sampler key of earlier versions names its new key; an
+  option given to a sampler that does not have it names the samplers that do."""
+  parts = key.split(".")
+  if len(parts) == 2 and parts[0] == "sampler" and parts[1] in FLAT_SAMPLER_KEYS:
+    option = RENAMED.get(parts[1], parts[1])
+    where = _sections_with(option)
+    if len(where) == 1:
+      return f"sampler.{parts[1]} is now sampler.{where[0]}.{option}"
+    return (f"sampler.{parts[1]} is now an option of each sampler that has it: use sampler.NAME.{option} for the "
+            f"running sampler NAME (one of {', '.join(where)})")
+  if len(parts) == 3 and parts[0] == "sampler":
+    where = _sections_with(parts[2])
+    if where:
+      return (f"sampler.{parts[1]} has no option '{parts[2]}'; it is an option of "
+              + ", ".join(f"sampler.{w}" for w in where) + f" (run that sampler with sampler.name=NAME)")
+  return f"unknown config key '{key}'; valid keys are listed in dlm_jax/config.py:default_config"
+
+
 def _check_schema(cfg: ml_collections.ConfigDict, where: str) -> None:
   schema = _flat(default_config())
   got = _flat(cfg)
   for key in got:
     if key not in schema:
-      raise DLMError(f"{where}: unknown config key '{key}'; valid keys are listed in dlm_jax/config.py:default_config")
+      raise DLMError(f"{where}: {unknown_key_message(key)}")
   for key in schema:
     if key not in got:
       raise DLMError(f"{where}: config key '{key}' is missing; start the config from dlm_jax.config.default_config()")
@@ -226,7 +222,7 @@ def _key_error_text(e: Exception) -> str:
   msg = str(e).strip("'\"").splitlines()[0]
   m = re.search(r"[Kk]ey ['\"]?([A-Za-z0-9_]+)['\"]? does not exist", msg) or re.search(r"'([A-Za-z0-9_]+)'", msg)
   key = m.group(1) if m else msg[:80]
-  return f"unknown config key '{key}'; valid keys are listed in dlm_jax/config.py:default_config"
+  return unknown_key_message(f"sampler.{key}" if key in FLAT_SAMPLER_KEYS else key)
 
 
 def config_from_dict(d: dict) -> ml_collections.ConfigDict:
@@ -242,8 +238,29 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
         flat[f"{prefix}{k}"] = v
 
   walk(d)
+  _migrate_flat_sampler_keys(flat)
   apply_overrides(cfg, flat.items(), origin="saved config")
   return cfg
+
+
+def _migrate_flat_sampler_keys(flat: dict) -> None:
+  """Saved configs of earlier versions have one flat sampler section: each non-default flat option moves to the
+  section of the sampler (or of block diffusion's generation) that reads it; an option the saved sampler did not have
+  had no effect and is dropped."""
+  old = [k for k in flat if k.startswith("sampler.") and k.count(".") == 1 and k[8:] in FLAT_SAMPLER_KEYS]
+  if not old:
+    return
+  family = flat.get("diffusion.process", "masked")
+  name = flat.get("sampler.name") or registry.processes()[family].DEFAULT_SAMPLER
+  schema = _flat(default_config())
+  for key in old:
+    value = flat.pop(key)
+    option = RENAMED.get(key[8:], key[8:])
+    for section in (family, name):
+      target = f"sampler.{section}.{option}"
+      if target in schema and value != schema[target] and value != "":
+        flat[target] = value
+        break
 
 
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:
@@ -287,10 +304,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, items: Iterable[tuple[str, A
   schema = _flat(default_config())
   for key, raw in items:
     if key not in schema:
-      raise DLMError(f"{origin}: unknown config key '{key}'; valid keys are listed in dlm_jax/config.py:default_config")
-    section, name = key.split(".", 1)
-    current = cfg[section][name]
-    cfg[section][name] = _coerce(key, raw, current, origin)
+      raise DLMError(f"{origin}: {unknown_key_message(key)}")
+    *path, name = key.split(".")
+    section = cfg
+    for part in path:
+      section = section[part]
+    section[name] = _coerce(key, raw, section[name], origin)
 
 
 def parse_override_args(argv: list[str]) -> list[tuple[str, str]]:
@@ -328,7 +347,8 @@ def strip_override_args(argv: list[str]) -> list[str]:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks ranges and cross-field rules; returns the config unchanged or raises DLMError."""
+  """Checks ranges and cross-field rules; returns the config unchanged or raises DLMError. The family's own keys are
+  checked by its process class (`check_config`), the sampler's by its Options class (`sampler_options`)."""
   m, d, df, t, e, s, me = cfg.model, cfg.data, cfg.diffusion, cfg.train, cfg.eval, cfg.sampler, cfg.mesh
 
   def need(ok: bool, msg: str):
@@ -345,39 +365,24 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   hd = m.head_dim or m.d_model // m.num_heads
   need(hd % 2 == 0, f"the attention head dimension ({hd}) must be even for RoPE; change model.d_model or model.head_dim")
   need(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
-  need(m.attention in ATTENTION_IMPLEMENTATIONS,
-       f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {m.attention!r}")
+  impls = registry.attention_implementations()
+  need(m.attention in impls, f"model.attention must be one of {impls}, got {m.attention!r}")
   need(d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}")
   need(d.seq_len <= m.max_seq_len,
        f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower data.seq_len or raise model.max_seq_len")
   need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
   need(d.max_documents >= 0, f"data.max_documents must be >= 0 (0 = all), got {d.max_documents}")
   need(bool(d.tokenizer), "data.tokenizer is empty; use 'bytes' or a path to a tokenizer.json file")
-  need(df.process in PROCESSES, f"diffusion.process must be one of {PROCESSES}, got {df.process!r}")
-  need(df.schedule in SCHEDULES, f"diffusion.schedule must be one of {SCHEDULES}, got {df.schedule!r}")
-  need(df.objective in OBJECTIVES, f"diffusion.objective must be one of {OBJECTIVES}, got {df.objective!r}")
-  need(df.objective != "llada" or df.schedule == "linear",
-       f"diffusion.objective='llada' is the linear schedule with p_mask = (1 - t_min) t + t_min; set "
-       f"diffusion.schedule='linear' (got {df.schedule!r})")
-  need(df.schedule_power > 0, f"diffusion.schedule_power must be > 0, got {df.schedule_power}")
-  need(0 < df.schedule_eps < 1, f"diffusion.schedule_eps must be in (0, 1), got {df.schedule_eps}")
-  need(0 < df.t_min < 1, f"diffusion.t_min must be in (0, 1), got {df.t_min}")
-  need(0 < df.t_max <= 1 and df.t_min < df.t_max,
-       f"the clipped noise interval (diffusion.t_min, diffusion.t_max) = ({df.t_min}, {df.t_max}) must lie in (0, 1] "
-       "and be non-empty (t_min < t_max)")
-  need(df.process == "block" or df.t_max == 1.0,
-       f"diffusion.t_max={df.t_max} clips the noise interval, which only diffusion.process='block' does; set it to 1.0")
-  need(df.block_size >= 1, f"diffusion.block_size must be >= 1, got {df.block_size}")
-  if df.process == "block":
-    need(d.seq_len % df.block_size == 0,
-         f"diffusion.block_size ({df.block_size}) must divide data.seq_len ({d.seq_len}); change one of them")
-    need((s.length or d.seq_len) % df.block_size == 0,
-         f"sampler.length ({s.length or d.seq_len}) must be a multiple of diffusion.block_size ({df.block_size})")
-    need(not m.time_conditioning, "diffusion.process='block' trains one sequence with a noise level per block, so the "
-         "network cannot take a single t; set model.time_conditioning=False")
-    need(df.objective == "mdlm" and df.schedule == "linear",
-         "diffusion.process='block' uses the linear schedule with the 1/t weight (BD3-LM); leave diffusion.schedule="
-         "'linear' and diffusion.objective='mdlm'")
+  families = registry.processes()
+  need(df.process in families, f"diffusion.process must be one of {tuple(families)}, got {df.process!r}")
+  family = families[df.process]
+  defaults = default_config().diffusion
+  for key in defaults:
+    if key != "process" and key not in family.CONFIG_KEYS and df[key] != defaults[key]:
+      users = [n for n, c in families.items() if key in c.CONFIG_KEYS]
+      need(False, f"diffusion.{key}={df[key]!r} has no effect on diffusion.process={df.process!r} (a key of "
+           f"{', '.join(users)}); drop it")
+  family.check_config(cfg)
   need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
   need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
   need(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,
@@ -397,81 +402,70 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(t.eval_samples >= 0, f"train.eval_samples must be >= 0, got {t.eval_samples}")
   need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
   need(e.max_batches >= 0, f"eval.max_batches must be >= 0 (0 = all), got {e.max_batches}")
-  family = _PROCESSES[df.process]
-  need(not s.name or s.name in family.SAMPLERS, f"sampler.name={s.name!r} is not a sampler of diffusion.process="
-       f"{df.process!r}; use one of {family.SAMPLERS} ('' = {family.DEFAULT_SAMPLER!r})")
   need(s.steps >= 1, f"sampler.steps must be >= 1, got {s.steps}")
-  need(s.precision in ("",) + PRECISIONS, f"sampler.precision must be one of {PRECISIONS} ('' = the family's default), "
-       f"got {s.precision!r}")
-  need(s.noise in NOISE, f"sampler.noise must be one of {NOISE}, got {s.noise!r}")
-  need(not s.cache or s.cache in CACHES, f"sampler.cache must be one of {CACHES} ('' = the process's default), got {s.cache!r}")
-  need(s.cache_refresh >= 0, f"sampler.cache_refresh must be >= 0 (0 = once per block), got {s.cache_refresh}")
-  need(s.position_temperature >= 0, f"sampler.position_temperature must be >= 0, got {s.position_temperature}")
-  need(s.remdm_strategy in STRATEGIES, f"sampler.remdm_strategy must be one of {STRATEGIES}, got {s.remdm_strategy!r}")
-  need(0 <= s.eta <= 1, f"sampler.eta must be in [0, 1], got {s.eta}")
-  need(0 <= s.t_on <= 1, f"sampler.t_on must be in [0, 1], got {s.t_on}")
-  need(s.top_k >= 0, f"sampler.top_k must be >= 0 (0 = off), got {s.top_k}")
-  need(0 < s.top_p <= 1, f"sampler.top_p must be in (0, 1] (1 = off), got {s.top_p}")
-  need(s.entropy_stop >= 0, f"sampler.entropy_stop must be >= 0 (0 = off), got {s.entropy_stop}")
-  need(s.entropy_window >= 2, f"sampler.entropy_window must be >= 2, got {s.entropy_window}")
-  _validate_continuous(cfg, need)
-  block = df.process == "block"
-  name = s.name or family.DEFAULT_SAMPLER
-  if block:
-    need(s.cache in ("", "none", "prefix"),
-         f"sampler.cache={s.cache!r}: block diffusion caches the K/V of its clean blocks; use 'prefix' or 'none'")
-    for key, off in (("cfg_scale", 0.0), ("noise", "step")):
-      need(s[key] == off, f"sampler.{key} is not available inside block diffusion's blocks; drop it")
-  else:
-    need(s.entropy_stop == 0, "sampler.entropy_stop is a diffusion.process='block' option (variable-length "
-         "generation); drop it")
-  if name != "llada":
-    llada_only = (("prophet", False), ("noise", "step"), ("threshold", 0.0), ("factor", 0.0), ("cfg_scale", 0.0))
-    if not block:  # block diffusion's cache is its own (checked above)
-      llada_only += (("cache", "none"),)
-    for key, off in llada_only:
-      need(s[key] in (off, ""), f"sampler.{key} is a sampler.name='llada' option; set sampler.name=llada or drop it")
-    need(block or not s.stop_at_eos, "sampler.stop_at_eos needs sampler.name=llada or diffusion.process='block'")
-  if name == "llada" or (block and df.block_size == 1):
-    need(s.temperature >= 0, f"sampler.temperature must be >= 0 (0 = greedy), got {s.temperature}")
-  else:
-    need(s.temperature > 0, f"sampler.temperature must be > 0 for sampler.name={name!r}, got {s.temperature}")
-  need(s.block_length >= 0, f"sampler.block_length must be >= 0 (0 = one block), got {s.block_length}")
-  need(s.remasking in REMASKING, f"sampler.remasking must be one of {REMASKING}, got {s.remasking!r}")
-  need(s.confidence in CONFIDENCE, f"sampler.confidence must be one of {CONFIDENCE}, got {s.confidence!r}")
-  need(0 <= s.threshold <= 1, f"sampler.threshold must be in (0, 1] (0 = off), got {s.threshold}")
-  need(s.factor >= 0, f"sampler.factor must be >= 0 (0 = off), got {s.factor}")
-  need(not (s.threshold and s.factor), "set at most one of sampler.threshold and sampler.factor")
-  need(s.cfg_scale >= 0, f"sampler.cfg_scale must be >= 0, got {s.cfg_scale}")
+  need(s.temperature >= 0, f"sampler.temperature must be >= 0 (0 = greedy where the sampler allows it), got "
+       f"{s.temperature}")
   need(s.length >= 0, f"sampler.length must be >= 0 (0 = data.seq_len), got {s.length}")
   need(s.length <= m.max_seq_len,
        f"sampler.length ({s.length}) exceeds model.max_seq_len ({m.max_seq_len}); lower sampler.length")
   need(s.batch_size >= 1, f"sampler.batch_size must be >= 1, got {s.batch_size}")
+  sampler_options(cfg)
   for key in ("data", "fsdp", "tensor"):
     need(me[key] == -1 or me[key] >= 1, f"mesh.{key} must be -1 (fill) or >= 1, got {me[key]}")
   return cfg
 
 
-def _validate_continuous(cfg, need) -> None:
-  """The continuous families' keys (all have defaults, whatever the family, so they are always checked)."""
-  df, s = cfg.diffusion, cfg.sampler
-  for key in ("sigma_min", "sigma_max", "sigma_data", "gumbel_mu", "gumbel_beta", "self_cond_prob"):
-    need(math.isfinite(df[key]), f"diffusion.{key} must be a finite number, got {df[key]}")
-  need(0 < df.sigma_min < df.sigma_max, f"the bitstream noise range needs 0 < diffusion.sigma_min < diffusion.sigma_max, "
-       f"got ({df.sigma_min}, {df.sigma_max})")
-  need(df.sigma_data > 0, f"diffusion.sigma_data must be > 0, got {df.sigma_data}")
-  need(df.gumbel_beta > 0, f"diffusion.gumbel_beta (the Gumbel schedule's scale) must be > 0, got {df.gumbel_beta}")
-  need(0 <= df.self_cond_prob <= 1, f"diffusion.self_cond_prob is a probability; it must be in [0, 1], got "
-       f"{df.self_cond_prob}")
-  need(0 <= df.bits <= 30, f"diffusion.bits must be in [0, 30] (0 = the smallest width for the vocabulary), got {df.bits}")
-  need(df.bound_steps >= 1, f"diffusion.bound_steps must be >= 1, got {df.bound_steps}")
-  need(df.schedule_update_every >= 0, f"diffusion.schedule_update_every must be >= 0 (0 = fixed schedule), got "
-       f"{df.schedule_update_every}")
-  need(df.schedule_buffer >= 16, f"diffusion.schedule_buffer must be >= 16, got {df.schedule_buffer}")
-  need(0 <= s.churn <= math.sqrt(2) - 1,
-       f"sampler.churn must be in [0, sqrt(2) - 1] (EDM's cap on gamma), got {s.churn}")
-  need(0 <= s.churn_band_lo <= s.churn_band_hi <= 1, f"the churn band (sampler.churn_band_lo, sampler.churn_band_hi) = "
-       f"({s.churn_band_lo}, {s.churn_band_hi}) must satisfy 0 <= lo <= hi <= 1")
+def sampler_name(cfg) -> str:
+  """The sampler a config selects: sampler.name, or the family's default when it is ''."""
+  return cfg.sampler.name or registry.processes()[cfg.diffusion.process].DEFAULT_SAMPLER
+
+
+def sampler_options(cfg):
+  """(SamplerSpec, its Options, the family's generation Options or None) for the config, validated: the running
+  sampler must serve the family; every option of another sampler (or of another family's generation) must be at its
+  default; a sampler that does not read sampler.steps rejects a non-default one; temperature 0 needs a sampler that
+  decodes greedily. The Options classes check their own ranges."""
+  s, family = cfg.sampler, cfg.diffusion.process
+  process = registry.processes()[family]
+  specs = registry.samplers()
+  name = sampler_name(cfg)
+  served = registry.samplers_of(family)
+  if name not in served:
+    raise DLMError(f"sampler.name={name!r} is not a sampler of diffusion.process={family!r}; use one of {served} "
+                   f"('' = {process.DEFAULT_SAMPLER!r})")
+  for other, spec in specs.items():
+    if other != name:
+      for key, value in spec.options.fields().items():
+        if s[other][key] != value:
+          raise DLMError(f"{spec.key(key)} is an option of sampler.name={other!r}, but {name!r} runs; set "
+                         f"sampler.name={other} or drop it")
+  for fam, options in registry.family_options().items():
+    if fam != family:
+      for key, value in options.fields().items():
+        if s[fam][key] != value:
+          raise DLMError(f"sampler.{fam}.{key} is an option of diffusion.process={fam!r}'s generation, not of "
+                         f"{family!r}; drop it")
+  spec = specs[name]
+  block_size = process.decode_block_size(cfg)
+  opts = spec.options(**s[name].to_dict())
+  opts.check(spec.key, family, block_size)
+  fam_cls = registry.family_options().get(family)
+  fam_opts = None if fam_cls is None else fam_cls(**s[family].to_dict())
+  if fam_opts is not None:
+    fam_opts.check(lambda k: f"sampler.{family}.{k}", family, block_size)
+  if block_size == 1:  # every token is one direct draw: only the draw's options mean anything
+    for key in opts.changed():
+      if key not in registry.DRAW_FIELDS:
+        raise DLMError(f"{spec.key(key)} has no effect at diffusion.block_size=1 (autoregressive decoding draws each "
+                       "token directly); drop it")
+  if s.steps != default_config().sampler.steps and (block_size == 1 or not spec.uses_steps(opts)):
+    why = "autoregressive decoding: one step per token" if block_size == 1 else spec.steps_note
+    raise DLMError(f"sampler.steps={s.steps} is not used by sampler.name={name!r} ({why}); leave it at its default "
+                   f"({default_config().sampler.steps}) or choose a sampler with a step budget")
+  if s.temperature == 0 and not (spec.greedy or block_size == 1):
+    raise DLMError(f"sampler.temperature=0 (greedy) is not available with sampler.name={name!r}; use a temperature "
+                   "> 0 or sampler.name=llada")
+  return spec, opts, fam_opts
 
 
 def load(path: str, overrides: Iterable[tuple[str, Any]] = ()) -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import sysconfig
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import grain
 import numpy as np
@@ -242,18 +242,29 @@ def load_corpus(cfg, tokenizer: Tokenizer) -> Corpus:
 
 
 def segment_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
-  """Document index of every position in packed sequences (EOS belongs to the document it ends)."""
+  """Document index (int32) of every position in packed sequences (EOS belongs to the document it ends).
+
+  The training pipeline computes it on the host (`train_iterator(..., segment_attention=True)`); it uses only array
+  methods, so it also runs on a jax array.
+  """
   is_eos = (tokens == eos_id).astype(np.int32)
-  return np.cumsum(is_eos, axis=-1) - is_eos
+  return is_eos.cumsum(axis=-1, dtype=np.int32) - is_eos
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # grain pipeline
 
 
-def train_iterator(corpus: Corpus, batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite iterator of host-local training batches {'tokens': int32 [batch_size // process_count, L]}.
+def train_iterator(corpus: Corpus, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1, *,
+                   segment_attention: bool = False,
+                   batch_fn: Callable[[dict], dict] | None = None) -> grain.DatasetIterator:
+  """Infinite iterator of host-local training batches: dicts of arrays whose first axis is the batch
+  (batch_size // process_count rows on this host).
+
+  'tokens' int32 [B, L] always; 'segment_ids' int32 [B, L] (`segment_ids`, the document index of every position) when
+  `segment_attention`; then whatever `batch_fn(batch) -> batch` adds (e.g. a 'loss_mask'). `batch_fn` runs on the host
+  inside the grain map, on this host's rows; it must be a deterministic function of its input, so that a resumed run
+  (the iterator state is in the checkpoint) sees the same batches.
 
   The global batch order depends only on the seed (reshuffled every epoch); each host takes its contiguous slice of
   rows, so the global batch is identical for any number of hosts.
@@ -262,10 +273,18 @@ def train_iterator(corpus: Corpus, batch_size: int, seed: int, process_index: in
     raise DLMError(f"train.batch_size ({batch_size}) must be divisible by the number of hosts ({process_count})")
   per_host = batch_size // process_count
   lo = process_index * per_host
-  train = corpus.train
-  ds = (grain.MapDataset.source(train).shuffle(seed=seed).repeat()
+  eos_id = corpus.eos_id
+
+  def host_batch(rows: np.ndarray) -> dict:
+    tokens = np.asarray(rows[lo:lo + per_host], dtype=np.int32)
+    batch = {"tokens": tokens}
+    if segment_attention:
+      batch["segment_ids"] = segment_ids(tokens, eos_id)
+    return batch if batch_fn is None else batch_fn(batch)
+
+  ds = (grain.MapDataset.source(corpus.train).shuffle(seed=seed).repeat()
         .batch(batch_size, drop_remainder=True)
-        .map(lambda b: {"tokens": np.asarray(b[lo:lo + per_host], dtype=np.int32)}))
+        .map(host_batch))
   return iter(ds.to_iter_dataset())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -11,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlm_jax import config as config_lib
+from dlm_jax import registry
 from dlm_jax.data import eval_batches
 from dlm_jax.errors import DLMError
-from dlm_jax.processes import sampler_precision
-from dlm_jax.samplers.common import PAD, left_pad
+from dlm_jax.maths import PAD
+from dlm_jax.samplers.common import left_pad
 
 
 def evaluate_bound(run, params, val: np.ndarray, process_state=None, *, batch_size: int, max_batches: int = 0,
@@ -95,9 +98,10 @@ def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
       raise DLMError(f"prompt token id {int(p[bad][0])} is outside the model's vocabulary [0, {vocab}); use the "
                      "tokenizer the model was trained with")
   templates = [bool((p == mask_id).any()) for p in prompts]
-  if any(templates) and run.process.name == "block":
-    raise DLMError("block diffusion generates left to right, so <|mask:N|> infilling templates need another "
-                   "diffusion.process (masked or a continuous family); give a plain prompt")
+  if any(templates) and "infilling" not in run.process.capabilities:
+    infill = [n for n, c in registry.processes().items() if "infilling" in getattr(c, "capabilities", ())]
+    raise DLMError(f"diffusion.process={run.process.name!r} generates left to right, so <|mask:N|> infilling "
+                   f"templates need another diffusion.process ({', '.join(infill)}); give a plain prompt")
   if any(templates):
     if not all(templates):
       raise DLMError("mix of infilling templates (with <|mask:N|>) and plain prompts; give one kind per run")
@@ -118,24 +122,18 @@ def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
 
 def generate(run, params, process_state=None, *, num_samples: int, length: int, seed: int,
              prompts: list | None = None, batch_size: int | None = None) -> tuple[np.ndarray, dict]:
-  """Samples with the configured sampler (sampler.* keys): `num_samples` rows for every prompt (or unconditional
-  rows when `prompts` is None). Row n uses the key fold_in(PRNGKey(seed), n), so samples do not depend on the batch
-  size or on the number of devices. Returns (tokens [len(prompts) * num_samples, width], stats)."""
+  """Samples with the configured sampler (`sampler.name` and its section `sampler.<name>.*`, through the registry):
+  `num_samples` rows for every prompt (or unconditional rows when `prompts` is None). Row n uses the key
+  fold_in(PRNGKey(seed), n), so samples do not depend on the batch size or on the number of devices. Returns
+  (tokens [len(prompts) * num_samples, width], stats)."""
   scfg = run.cfg.sampler
   rows = [p for p in (prompts or [None]) for _ in range(num_samples)]
   canvas_all, gen_start = make_canvas(run, rows, length)
   n = len(rows)
   batch_size = _round_to_batch_shards(run, min(batch_size or scfg.batch_size, n))
-  process = run.process
-  eos_id = getattr(run.tokenizer, "eos_id", None)
-
-  def sample(params, keys, canvas, pstate):
-    return process.sample(run.apply_fn, params, keys, canvas, scfg, pstate, gen_start=gen_start, eos_id=eos_id)
-
-  # float64 sampling (sampler.precision, or the family's default) runs with 64-bit JAX turned on for the sampler only
-  x64 = jax.enable_x64(True) if sampler_precision(run.cfg) == "float64" else contextlib.nullcontext()
-
-  sample_fn = run.jitted(f"sample:{gen_start}:{canvas_all.shape[1]}:{scfg.to_json()}", sample)  # traced per setting
+  sample, x64, setting = sampler_fn(run, gen_start)
+  sample_fn = run.jitted(f"sample:{gen_start}:{canvas_all.shape[1]}:{setting}", sample)  # traced per setting
+  spec = config_lib.sampler_options(run.cfg)[0]
 
   out, nfe = [], []
   base = jax.random.PRNGKey(seed)
@@ -147,11 +145,43 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
       try:
         tokens, stats = sample_fn(params, keys, canvas, process_state or {})
       except ValueError as err:  # the sampler's own checks (block / step divisibility, ...) run before compiling
-        raise DLMError(f"sampler.name={scfg.name!r}: {err} (the generated length is sampler.length minus the prompt; "
-                       "adjust sampler.block_length, sampler.steps or sampler.length)") from None
+        raise DLMError(f"sampler.name={spec.name!r}: {err} (the generated length is sampler.length minus the prompt; "
+                       f"adjust {spec.section()}.*, sampler.steps or sampler.length)") from None
       out.append(_to_host(tokens))
       nfe.append(int(stats["nfe"]))
   return np.concatenate(out)[:n], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps}
+
+
+def sampler_fn(run, gen_start: int = 0):
+  """The configured sampler as a pure function (params, keys, canvas, process_state) -> (tokens, stats) for canvases
+  whose generated region starts at gen_start: the family's network (`Process.sampling_net`) and the registry's
+  sampler with its options. Returns (fn, the context it must run in (64-bit JAX for float64 samplers), a string that
+  identifies the setting)."""
+  scfg = run.cfg.sampler
+  spec, opts, family_opts = config_lib.sampler_options(run.cfg)
+  shared = registry.Shared(steps=scfg.steps, temperature=scfg.temperature)
+  eos_id = getattr(run.tokenizer, "eos_id", None)
+  process = run.process
+
+  def sample(params, keys, canvas, pstate):
+    net = process.sampling_net(run.apply_fn, params, pstate, canvas, shared.steps)
+    return spec.run(net, opts, shared, keys, canvas, gen_start=gen_start, eos_id=eos_id, family_options=family_opts)
+
+  x64 = jax.enable_x64(True) if getattr(opts, "precision", "") == "float64" else contextlib.nullcontext()
+  return sample, x64, json.dumps([spec.name, repr(opts), repr(family_opts), repr(shared)])
+
+
+def sampler_record(cfg) -> dict:
+  """What a samples file records about how it was made: the sampler, the shared keys, every option of the running
+  sampler (and of the family's generation), the family."""
+  spec, opts, family_opts = config_lib.sampler_options(cfg)
+  s = cfg.sampler
+  record = {"sampler": spec.name, "seed": s.seed, "temperature": s.temperature, **dataclasses.asdict(opts)}
+  if spec.uses_steps(opts):
+    record["steps"] = s.steps
+  if family_opts is not None:
+    record.update({f"{cfg.diffusion.process}.{k}": v for k, v in dataclasses.asdict(family_opts).items()})
+  return record
 
 
 # --- block diffusion: clipped-schedule search and generative perplexity ---------------------------------------------
@@ -179,9 +209,9 @@ def clip_search(run, params, val: np.ndarray, *, batch_size: int, max_batches: i
   over the blocks of each validation batch, averaged over batches; the interval with the lowest variance is the one to
   train with (`diffusion.t_min`, `diffusion.t_max`). Every interval sees the same batches and keys."""
   process = run.process
-  if process.name != "block" or process.block_size == 1:
-    raise DLMError("--clip_search needs a block diffusion model with diffusion.block_size > 1 (the interval does not "
-                   "matter at block size 1, and the masked process has no per-block noise)")
+  if "clip_search" not in process.capabilities:
+    raise DLMError(f"--clip_search needs a block diffusion model with diffusion.block_size > 1 (the interval does not "
+                   f"matter at block size 1, and diffusion.process={process.name!r} has no per-block noise)")
   if len(val) == 0:
     raise DLMError("the validation split is empty; set data.val_fraction > 0")
   batch_size = _round_to_batch_shards(run, batch_size)
@@ -222,11 +252,11 @@ def score_samples(run, params, records: list[dict], *, batch_size: int, source: 
   good, so the two are reported together, with the sampler settings the samples file records.
   """
   process = run.process
-  if process.name != "block" or process.block_size != 1:
-    raise DLMError(f"the scoring workdir holds a diffusion.process={process.name!r} model"
-                   + (f" with block_size={process.block_size}" if process.name == "block" else "")
-                   + "; generative perplexity needs an autoregressive model (diffusion.process='block', "
-                   "diffusion.block_size=1, e.g. configs/ar_quickstart.py)")
+  if "exact_nll" not in process.capabilities:
+    described = "".join(f" with {k}={v}" for k, v in process.describe().items() if k != "exact_nll")
+    raise DLMError(f"the scoring workdir holds a diffusion.process={process.name!r} model{described}; generative "
+                   "perplexity needs an autoregressive model (diffusion.process='block', diffusion.block_size=1, e.g. "
+                   "configs/ar_quickstart.py)")
   tok = run.tokenizer
   seq_len = run.cfg.data.seq_len
   rows, weights, entropies, n_scored = [], [], [], 0
@@ -276,7 +306,7 @@ def score_samples(run, params, records: list[dict], *, batch_size: int, source: 
       total += float(fn(params, jax.device_put(tokens, run.batch_sharding()),
                         jax.device_put(w, run.batch_sharding())))
   details = {}
-  for key in ("sampler", "steps", "temperature", "precision", "seed", "top_p", "process", "block_size"):
+  for key in ("sampler", "steps", "temperature", "precision", "seed", "top_k", "top_p", "process", "block_size"):
     vals = sorted({json.dumps(r[key]) for r in records if key in r})
     if vals:
       details[key] = json.loads(vals[0]) if len(vals) == 1 else [json.loads(v) for v in vals]

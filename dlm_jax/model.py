@@ -13,7 +13,6 @@ nested dict of arrays (`init()` returns both).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dlm_jax.attention import attention
+from dlm_jax.maths import PAD, pad_layout
 from dlm_jax.sharding import constrain
 
 
@@ -309,8 +309,28 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, **kwargs) -> 
   return nnx.merge(graphdef, params)(tokens, **kwargs)
 
 
-def make_apply(graphdef: nnx.GraphDef):
-  return functools.partial(apply, graphdef)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Network:
+  """The model as the processes and samplers see it (`dlm_jax.processes.base.Network`): the pure forward, the input
+  table, and the sampler-facing forwards (`logits_fn`, `cached_logits_fn`). Processes never read parameter names."""
+  graphdef: Any
+
+  def __call__(self, params: dict, tokens, **kwargs):
+    return apply(self.graphdef, params, tokens, **kwargs)
+
+  def input_table(self, params: dict) -> jax.Array:
+    """[vocab_in, d_model] float32: the token embedding table."""
+    return params["embed"].astype(jnp.float32)
+
+  def logits_fn(self, params: dict, *, time_conditioned: bool = False, block_size: int | None = None):
+    return logits_fn(self, params, time_conditioned=time_conditioned, block_size=block_size)
+
+  def cached_logits_fn(self, params: dict, *, time_conditioned: bool = False, block_size: int | None = None):
+    return cached_logits_fn(self, params, time_conditioned=time_conditioned, block_size=block_size)
+
+
+def make_apply(graphdef: nnx.GraphDef) -> Network:
+  return Network(graphdef)
 
 
 def num_params(params: dict, exclude_embeddings: bool = False) -> int:
@@ -322,14 +342,6 @@ def num_params(params: dict, exclude_embeddings: bool = False) -> int:
 # --- the model seen by samplers -------------------------------------------------------------------------------------
 
 
-def _pad_layout(tokens: jax.Array, pad_id: int):
-  """Left padding (samplers' PAD ids): (safe token ids, kv segment ids with -1 at PAD, positions counted from each
-  row's first real token)."""
-  valid = tokens != pad_id
-  positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
-  return jnp.where(valid, tokens, 0), jnp.where(valid, 0, -1).astype(jnp.int32), positions
-
-
 def block_causal_mask(q_positions: jax.Array, kv_positions: jax.Array, block_size: int | None):
   """[B, 1, Lq, Lk] bool: a query sees the keys whose block (position // block_size) is not after its own; None for
   block_size None (bidirectional). Block diffusion's inference-time attention (Arriola et al. 2025, BD3-LM): clean
@@ -339,16 +351,17 @@ def block_causal_mask(q_positions: jax.Array, kv_positions: jax.Array, block_siz
   return (kv_positions[:, None, None, :] // block_size) <= (q_positions[:, None, :, None] // block_size)
 
 
-def logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = -1, block_size: int | None = None):
+def logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = PAD, block_size: int | None = None):
   """(tokens [B, L], t [B]) -> logits: the sampler-facing forward. PAD positions are never attended to and positions
   are numbered from each row's first real token, so a left-padded row gives the logits it gives alone. With
   `block_size` (block diffusion) attention is block-causal over those positions (`block_causal_mask`)."""
 
   def fn(tokens, t):
-    safe, seg, positions = _pad_layout(tokens, pad_id)
+    row = pad_layout(tokens, pad_id)
     kw = {"t": t} if time_conditioned else {}
-    return apply_fn(params, safe, positions=positions, segment_ids=jnp.zeros_like(seg), kv_segment_ids=seg,
-                    mask=block_causal_mask(positions, positions, block_size), **kw)
+    return apply_fn(params, row["ids"], positions=row["positions"], segment_ids=row["segment_ids"],
+                    kv_segment_ids=row["kv_segment_ids"],
+                    mask=block_causal_mask(row["positions"], row["positions"], block_size), **kw)
 
   return fn
 
@@ -363,7 +376,7 @@ def empty_cache(params: dict, batch: int, length: int, dtype=jnp.float32) -> dic
   return cache
 
 
-def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = -1, dtype=jnp.float32,
+def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = PAD, dtype=jnp.float32,
                      block_size: int | None = None):
   """The cache-aware forward for the Fast-dLLM prefix / dual caches (`dlm_jax.samplers.llada`, cache="prefix"/"dual").
 
@@ -382,10 +395,11 @@ def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id
     b, w = window.shape
     kw = {"t": t} if time_conditioned else {}
     if cache is None or w == cache["positions"].shape[1]:
-      safe, seg, positions = _pad_layout(window, pad_id)
+      row = pad_layout(window, pad_id)
+      positions, seg = row["positions"], row["kv_segment_ids"]
       kv = empty_cache(params, b, w, dtype)
-      logits, kv = apply_fn(params, safe, positions=positions, segment_ids=jnp.zeros_like(seg), kv_segment_ids=seg,
-                            mask=block_causal_mask(positions, positions, block_size), cache=kv,
+      logits, kv = apply_fn(params, row["ids"], positions=positions, segment_ids=row["segment_ids"],
+                            kv_segment_ids=seg, mask=block_causal_mask(positions, positions, block_size), cache=kv,
                             cache_start=jnp.zeros((), jnp.int32), kv_positions=positions, **kw)
       return logits, {"kv": kv, "segments": seg, "positions": positions}
     start = jnp.asarray(start, jnp.int32)

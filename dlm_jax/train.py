@@ -1,22 +1,50 @@
-"""The one training loop, for every diffusion family.
+"""The one training loop, for every diffusion family, and the hooks that run around it.
 
-State is a plain pytree {params, opt_state, ema, step, process_state}. One jit-compiled step: the process's loss
-(corruption on device), gradients (accumulated over micro-batches with `lax.scan`), optax AdamW with warmup + cosine
-decay and global-norm clipping, EMA, and a guard that leaves the state untouched when the loss or gradient is not finite.
-The step's randomness is fold_in(PRNGKey(train.seed), step), so a resumed run repeats the uninterrupted one exactly.
-It runs under a (data, fsdp, tensor) mesh over all devices: parameters and optimizer state are sharded by logical axis
-rules, batches along data x fsdp.
+State is a plain pytree {params, opt_state, ema, step, process_state}. One jit-compiled step: the objective (by default
+the process's loss, corruption on device), gradients (accumulated over micro-batches with `lax.scan`), optax AdamW with
+warmup + cosine decay and global-norm clipping, EMA, and a guard that leaves the state untouched when the loss or
+gradient is not finite. The step's randomness is fold_in(PRNGKey(train.seed), step), so a resumed run repeats the
+uninterrupted one exactly. It runs under a (data, fsdp, tensor) mesh over all devices: parameters and optimizer state
+are sharded by logical axis rules, batches (dicts of arrays: 'tokens', 'segment_ids', any extra field) along data x fsdp.
+
+`train()` is three parts:
+
+  setup(cfg, workdir, ...) -> Trainer   run, corpus, optimizer, state (restored or new), checkpointer, data iterator,
+                                        metric writer, the compiled step
+  run_loop(trainer, hooks)              the step loop: next batch -> step -> every hook's on_step
+  default_hooks(extra)                  LogHook (metrics.jsonl, TensorBoard, progress bar), EvalHook (validation bound),
+                                        SampleHook (eval samples), CheckpointHook (periodic saves), the caller's extra
+                                        hooks, PreemptionHook (SIGTERM: save, exit 143)
+
+A hook is any object with `on_step(step, state, fetch)`; `on_start(trainer)`, `on_end(step, state)` and `close()` are
+optional (subclass `Hook` for no-op defaults; its on_start keeps the trainer as `self.trainer`):
+
+  on_start(trainer)         once, before the first step (inside the mesh context)
+  on_step(step, state, fetch)
+                            after every step, in list order: `step` counts steps done (1-based, as in metrics.jsonl),
+                            `state` is the train state after it (device arrays; donated to the next step, so do not
+                            keep it), `fetch` is this step's metrics (`Fetch`): `fetch()` copies them to the host (one
+                            device sync, at most once per step), `fetch.device` are the device arrays. Metrics stay on
+                            the device unless a hook asks, so the built-in hooks sync only at log, eval and checkpoint
+                            steps. Rows for metrics.jsonl go through `trainer.log(step, kind, values)`
+  on_end(step, state)       after the last step, when the loop finished normally
+  close()                   at the end, also after an error or SIGTERM (hooks whose on_start ran, in reverse order)
+
+Non-finite steps: the step itself leaves the state untouched, and the loop keeps the first non-finite step on the
+device. `fetch()` and `fetch.check()` raise DLMError naming it, so a hook that writes anything derived from the state
+(a checkpoint, an evaluation) must call one of them first; the built-in hooks do, and the loop checks after the last
+step. A post-training objective plugs in as `train(cfg, workdir, objective=..., hooks=[...], batch_fn=...)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,27 +54,29 @@ import optax
 from dlm_jax import config as config_lib
 from dlm_jax.build import Run, build, init_params
 from dlm_jax.checkpoint import Checkpointer
-from dlm_jax.data import load_corpus, segment_ids, train_iterator
+from dlm_jax.data import Corpus, load_corpus, segment_ids, train_iterator
 from dlm_jax.errors import DLMError
 from dlm_jax.evaluate import evaluate_bound, generate
 from dlm_jax.logs import MetricWriter
-from dlm_jax.samplers.common import PAD
+from dlm_jax.samplers import PAD
+
+# objective(apply_fn, params, batch, key, process_state) -> (loss, metrics, new_process_state); runs on device, in jit
+Objective = Callable[..., tuple[Any, dict, Any]]
+
+
+def lr_schedule(cfg) -> optax.Schedule:
+  """Linear warmup from 0 to train.learning_rate, then cosine decay to learning_rate * min_lr_ratio at train.steps."""
+  t = cfg.train
+  return optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
+                                            end_value=t.learning_rate * t.min_lr_ratio)
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
   t = cfg.train
-  decay_steps = max(t.steps, t.warmup_steps + 1)
-  lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, decay_steps,
-                                          end_value=t.learning_rate * t.min_lr_ratio)
+  lr = lr_schedule(cfg)
   # identity() has the same (empty) state as clipping, so grad_clip can change between resumes
   clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
   return optax.chain(clip, optax.adamw(lr, b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay))
-
-
-def learning_rate(cfg, step):
-  t = cfg.train
-  return optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
-                                            end_value=t.learning_rate * t.min_lr_ratio)(step)
 
 
 def state_shardings(run: Run, opt: optax.GradientTransformation, abstract_state: dict) -> dict:
@@ -91,35 +121,52 @@ def init_train_state(run: Run, opt, shardings: dict) -> dict:
     return jax.jit(rest, out_shardings=shardings)(params)
 
 
-def make_train_step(run: Run, opt, shardings: dict):
-  """The jit-compiled step: (state, tokens [B, L]) -> (state, metrics)."""
+def abstract_batch(run: Run) -> dict:
+  """The global batch the training pipeline produces, as sharded ShapeDtypeStructs (AOT-compile and export targets)."""
+  shape = (run.cfg.train.batch_size, run.cfg.data.seq_len)
+  batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding())}
+  if run.cfg.data.segment_attention:
+    batch["segment_ids"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding())
+  return batch
+
+
+def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None = None):
+  """The jit-compiled step: (state, batch) -> (state, metrics).
+
+  `batch` is a dict of arrays with the global batch as first axis ('tokens' [B, L] int32, 'segment_ids' [B, L] when
+  data.segment_attention, any extra field), sharded along it and passed to the objective unchanged; gradient
+  accumulation splits every field into train.grad_accum_steps micro-batches. A bare token array is taken as the batch
+  the pipeline makes of it ({'tokens'}, plus 'segment_ids' when data.segment_attention).
+  `objective(apply_fn, params, batch, key, process_state) -> (loss, metrics, new_process_state)` defaults to the
+  process's loss. Metrics: the objective's, plus loss, grad_norm, finite (1.0, or 0.0 when the state was left
+  untouched) and learning_rate.
+  """
   cfg, process = run.cfg, run.process
+  objective = process.loss if objective is None else objective
   accum = cfg.train.grad_accum_steps
   ema_decay = cfg.train.ema_decay
   eos_id = run.tokenizer.eos_id
   use_segments = cfg.data.segment_attention
+  schedule = lr_schedule(cfg)
   base_key = jax.random.PRNGKey(cfg.train.seed)
 
-  def batch_of(tokens):
-    batch = {"tokens": tokens}
-    if use_segments:
-      is_eos = (tokens == eos_id).astype(jnp.int32)
-      batch["segment_ids"] = jnp.cumsum(is_eos, axis=-1) - is_eos
-    return batch
-
-  def loss_fn(params, tokens, key, pstate):
-    loss, metrics, new_pstate = process.loss(run.apply_fn, params, batch_of(tokens), key, pstate)
+  def loss_fn(params, batch, key, pstate):
+    loss, metrics, new_pstate = objective(run.apply_fn, params, batch, key, pstate)
     return loss, (metrics, new_pstate)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state, tokens):
+  def step(state, batch):
+    if not isinstance(batch, dict):
+      batch = {"tokens": batch}
+      if use_segments:
+        batch["segment_ids"] = segment_ids(batch["tokens"], eos_id)
     key = jax.random.fold_in(base_key, state["step"])
     params, pstate = state["params"], state["process_state"]
     if accum == 1:
-      (loss, (metrics, new_pstate)), grads = grad_fn(params, tokens, key, pstate)
+      (loss, (metrics, new_pstate)), grads = grad_fn(params, batch, key, pstate)
     else:
-      micro = tokens.reshape(accum, tokens.shape[0] // accum, *tokens.shape[1:])
+      micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
       keys = jax.random.split(key, accum)
 
       def body(carry, xs):
@@ -129,7 +176,8 @@ def make_train_step(run: Run, opt, shardings: dict):
         return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, jax.tree.map(jnp.add, m_sum, m), ps), None
 
       zeros_g = jax.tree.map(jnp.zeros_like, params)
-      m_shape = jax.eval_shape(lambda: loss_fn(params, micro[0], keys[0], pstate)[1][0])
+      first = jax.tree.map(lambda x: x[0], micro)
+      m_shape = jax.eval_shape(lambda: loss_fn(params, first, keys[0], pstate)[1][0])
       zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
       (grads, loss, metrics, new_pstate), _ = jax.lax.scan(body, (zeros_g, 0.0, zeros_m, pstate), (micro, keys))
       grads = jax.tree.map(lambda g: g / accum, grads)
@@ -151,10 +199,11 @@ def make_train_step(run: Run, opt, shardings: dict):
                  "process_state": new_pstate}
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=ok.astype(jnp.float32),
-                   learning_rate=learning_rate(cfg, state["step"]))
+                   learning_rate=schedule(state["step"]))
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(shardings, run.batch_sharding()),
+  # one sharding for every batch field (a prefix of the batch pytree): rows split along data x fsdp, the rest replicated
+  return jax.jit(step, in_shardings=(shardings, run.batch_sharding(1)),
                  out_shardings=(shardings, run.replicated), donate_argnums=0)
 
 
@@ -199,14 +248,92 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+      self._old = None
 
 
 def _use_ema(cfg) -> bool:
   return cfg.eval.use_ema and cfg.train.ema_decay > 0
 
 
-def train(cfg, workdir: str, *, progress: bool = True) -> dict:
-  """Trains (or resumes) in `workdir`. Returns the final metrics. Exits via DLMError on user errors."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+class Throughput:
+  """Steps and wall time since the last reset: the logged tokens_per_second. A hook that does slow work between steps
+  (evaluation, sampling) calls `reset()` afterwards, so the rate measures training alone."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self.start, self.steps = time.perf_counter(), 0
+
+  def tick(self) -> None:
+    self.steps += 1
+
+  def rate(self, tokens_per_step: int) -> float:
+    return self.steps * tokens_per_step / max(time.perf_counter() - self.start, 1e-9)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """What the loop and its hooks share, built by `setup`. `state` is the current train state (the loop replaces it
+  after every step); `start` the number of steps done before this call (the restored checkpoint's step, or 0)."""
+
+  cfg: Any
+  workdir: str
+  run: Run
+  corpus: Corpus
+  opt: optax.GradientTransformation
+  shardings: dict
+  state: dict
+  start: int
+  iterator: Any  # grain.DatasetIterator of host batch dicts; its get_state() goes into every checkpoint
+  checkpointer: Checkpointer
+  writer: MetricWriter
+  step_fn: Callable  # the jit-compiled (state, batch) -> (state, metrics)
+  config_dict: dict
+  pbar: Any = None  # the tqdm progress bar on process 0 when progress=True, else None
+  throughput: Throughput = dataclasses.field(default_factory=Throughput)
+  _rows: dict = dataclasses.field(default_factory=dict)
+
+  def device_batch(self, host: dict) -> dict:
+    """A host-local batch dict -> global arrays, every field split along the batch over data x fsdp."""
+    return {k: jax.make_array_from_process_local_data(self.run.batch_sharding(np.ndim(v)), v) for k, v in host.items()}
+
+  def eval_params(self, state: dict):
+    """The parameters evaluation and sampling use: the EMA when eval.use_ema and train.ema_decay > 0."""
+    return state["ema"] if _use_ema(self.cfg) else state["params"]
+
+  def log(self, step: int, kind: str, values: dict) -> None:
+    """Adds values to the metrics row (step, kind); the loop writes the step's rows once all hooks ran, so several
+    hooks can fill one row (EvalHook and SampleHook fill the 'eval' row)."""
+    self._rows.setdefault((int(step), kind), {}).update(values)
+
+  def flush(self) -> None:
+    rows, self._rows = self._rows, {}
+    for (step, kind), values in rows.items():
+      self.writer.write(step, kind, values)
+
+  def note(self, message: str) -> None:
+    """A line for the user, printed above the progress bar (nothing without one)."""
+    if self.pbar is not None:
+      self.pbar.write(message)
+
+  def close(self) -> None:
+    if self.pbar is not None:
+      self.pbar.close()
+    self.checkpointer.close()
+    self.flush()
+    self.writer.close()
+
+
+def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Callable[[dict], dict] | None = None,
+          progress: bool = True) -> Trainer:
+  """Checks the config and the workdir, builds the run, corpus, optimizer, data iterator and compiled step, and restores
+  the latest checkpoint in `workdir` (or initialises a new state). Nothing is written to `workdir` before every check
+  passed. `objective` and `batch_fn` as in `train`."""
   config_lib.validate(cfg)
   existing = Checkpointer(workdir, read_only=True)  # creates nothing
   check_workdir_compatible(existing, cfg)
@@ -217,9 +344,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   abstract = abstract_train_state(run, opt)
   shardings = state_shardings(run, opt, abstract)
   check_batch(run)
-  n_batch = cfg.train.batch_size
-
-  it = train_iterator(corpus, n_batch, cfg.data.shuffle_seed, jax.process_index(), jax.process_count())
+  it = train_iterator(corpus, cfg.train.batch_size, cfg.data.shuffle_seed, jax.process_index(), jax.process_count(),
+                      segment_attention=cfg.data.segment_attention, batch_fn=batch_fn)
   # Everything the user can get wrong has been checked: only now is anything written to the workdir.
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
@@ -230,80 +356,264 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   else:
     state = init_train_state(run, opt, shardings)
     start = 0
-  step_fn = make_train_step(run, opt, shardings)
+  step_fn = make_train_step(run, opt, shardings, objective)
   writer = MetricWriter(workdir)
   cfg_dict = config_lib.to_dict(cfg)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(cfg_dict, f, indent=2)
-
-  tokens_per_step = n_batch * cfg.data.seq_len
-  last: dict = {}
   pbar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
     pbar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+  return Trainer(cfg, workdir, run, corpus, opt, shardings, state, start, it, ckpt, writer, step_fn, cfg_dict, pbar)
 
-  saved = {"step": start}
 
-  def save(step, wait=False):
-    if saved["step"] != step:  # a step is saved once (SIGTERM right after a periodic save only waits for it)
-      ckpt.save(step, state, it.get_state(), cfg_dict)
-      saved["step"] = step
-    if wait:
-      ckpt.wait()
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
 
-  t_window, n_window = time.perf_counter(), 0
+
+def _non_finite_error(guard: dict) -> DLMError | None:
+  step = int(guard["first_bad"])
+  if not step:
+    return None
+  return DLMError(f"non-finite loss or gradient at step {step} (loss={float(guard['loss'])}); the state was not "
+                  f"updated and no checkpoint was written - lower train.learning_rate or set train.grad_clip, "
+                  f"then rerun to resume from the last checkpoint")
+
+
+class Fetch:
+  """One step's metrics, left on the device until a hook asks.
+
+  `fetch()`: the metrics on the host (a dict of numpy scalars), copied on the first call (one device sync per step at
+  most). `fetch.check()`: copies only the loop's record of the first non-finite step. Both raise DLMError naming that
+  step when this step or any earlier one had a non-finite loss or gradient. `fetch.device`: the metrics as device
+  arrays (no sync). `fetch.step`: the step they belong to.
+  """
+
+  def __init__(self, step: int, metrics: dict, guard: dict):
+    self.step, self.device, self._guard = step, metrics, guard
+    self._host: dict | None = None
+    self._checked = False
+
+  def __call__(self) -> dict:
+    if self._host is None:
+      host, guard = jax.device_get((self.device, self._guard))
+      if (e := _non_finite_error(guard)) is not None:
+        raise e
+      self._host, self._checked = host, True
+    return self._host
+
+  def check(self) -> None:
+    if not self._checked:
+      if (e := _non_finite_error(jax.device_get(self._guard))) is not None:
+        raise e
+      self._checked = True
+
+  @property
+  def fetched(self) -> bool:
+    """Whether a hook copied this step's metrics to the host."""
+    return self._host is not None
+
+
+def _record_non_finite(guard: dict, metrics: dict) -> dict:
+  """The device-side record of the first non-finite step (0 = none yet) and its loss; `count` counts steps."""
+  count = guard["count"] + 1
+  first = (guard["first_bad"] == 0) & (metrics["finite"] == 0)
+  return {"count": count, "first_bad": jnp.where(first, count, guard["first_bad"]),
+          "loss": jnp.where(first, metrics["loss"].astype(jnp.float32), guard["loss"])}
+
+
+def run_loop(trainer: Trainer, hooks: Sequence[Any]) -> None:
+  """Runs the steps trainer.start + 1 .. train.steps: next batch -> compiled step -> every hook's on_step. Then the
+  non-finite check of the last step and every hook's on_end. Hooks are closed (those whose on_start ran, in reverse
+  order) and the trainer is closed at the end, also after an error or SIGTERM."""
+  run = trainer.run
+  started: list = []
   try:
-    with _Preemption() as preempt, jax.set_mesh(run.mesh):
-      for step in range(start, cfg.train.steps):
-        host = next(it)["tokens"]
-        batch = jax.make_array_from_process_local_data(run.batch_sharding(), host)
-        state, metrics = step_fn(state, batch)
-        m = jax.device_get(metrics)
-        n_window += 1
-        done = step + 1
-        if not m["finite"]:
-          raise DLMError(f"non-finite loss or gradient at step {done} (loss={float(m['loss'])}); the state was not "
-                         f"updated and no checkpoint was written - lower train.learning_rate or set train.grad_clip, "
-                         f"then rerun to resume from the last checkpoint")
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-          dt = time.perf_counter() - t_window
-          tps = n_window * tokens_per_step / max(dt, 1e-9)
-          last = {k: float(v) for k, v in m.items()}
-          last["tokens_per_second"] = tps
-          writer.write(done, "train", last)
-          if pbar is not None:
-            pbar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:,.0f}")
-          t_window, n_window = time.perf_counter(), 0
-        if pbar is not None:
-          pbar.update(1)
-        if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-          params = state["ema"] if _use_ema(cfg) else state["params"]
-          ev = evaluate_bound(run, params, corpus.val, state["process_state"], batch_size=cfg.eval.batch_size,
-                              max_batches=cfg.eval.max_batches, seed=cfg.eval.seed) if len(corpus.val) else {}
-          if cfg.train.eval_samples:
-            toks, _ = generate(run, params, state["process_state"], num_samples=cfg.train.eval_samples,
-                               length=cfg.sampler.length or cfg.data.seq_len, seed=cfg.sampler.seed + done)
-            ev["samples"] = [run.tokenizer.decode(t[t != PAD]) for t in toks]
-          writer.write(done, "eval", ev)
-          if pbar is not None and "nelbo_bits_per_token" in ev:
-            pbar.write(f"step {done}: validation bound {ev['nelbo_bits_per_token']:.4f} bits/token "
-                       f"(perplexity <= {ev['perplexity_bound']:.3f})")
-          t_window, n_window = time.perf_counter(), 0
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-          save(done)
-        if preempt.requested_anywhere():
-          save(done, wait=True)
-          if pbar is not None:
-            pbar.write(f"SIGTERM: saved checkpoint at step {done}; rerun the same command to resume")
-          raise SystemExit(143)
+    with jax.set_mesh(run.mesh):
+      for h in hooks:
+        if hasattr(h, "on_start"):
+          h.on_start(trainer)
+        started.append(h)
+      start = trainer.start
+      guard = jax.jit(lambda: {"count": jnp.int32(start), "first_bad": jnp.int32(0), "loss": jnp.float32(0.0)},
+                      out_shardings=run.replicated)()
+      record = jax.jit(_record_non_finite, out_shardings=run.replicated)
+      trainer.throughput.reset()
+      done, fetch = start, None
+      for done in range(start + 1, trainer.cfg.train.steps + 1):
+        batch = trainer.device_batch(next(trainer.iterator))
+        trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+        guard = record(guard, metrics)
+        fetch = Fetch(done, metrics, guard)
+        for h in hooks:
+          h.on_step(done, trainer.state, fetch)
+        trainer.flush()
+      if fetch is not None:
+        fetch.check()
+      for h in hooks:
+        if hasattr(h, "on_end"):
+          h.on_end(done, trainer.state)
   finally:
-    if pbar is not None:
-      pbar.close()
-    ckpt.close()
-    writer.close()
-  return last
+    try:
+      for h in reversed(started):
+        if hasattr(h, "close"):
+          h.close()
+    finally:
+      trainer.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hooks
+
+
+class Hook:
+  """No-op base of the hook protocol (module docstring): override what you need."""
+
+  def on_start(self, trainer: Trainer) -> None:
+    self.trainer = trainer
+
+  def on_step(self, step: int, state: dict, fetch: Fetch) -> None:
+    pass
+
+  def on_end(self, step: int, state: dict) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _every(step: int, every: int, steps: int) -> bool:
+  """Periodic hooks run every `every` steps and at the last step (never when every == 0)."""
+  return bool(every) and (step % every == 0 or step == steps)
+
+
+class LogHook(Hook):
+  """Train metrics every train.log_every steps and at the last step: a 'train' row in metrics.jsonl / TensorBoard
+  (the step's metrics and tokens_per_second) and the progress bar. `last` is the latest row (what train() returns)."""
+
+  def __init__(self):
+    self.last: dict = {}
+
+  def on_step(self, step, state, fetch):
+    t = self.trainer
+    t.throughput.tick()
+    if _every(step, t.cfg.train.log_every, t.cfg.train.steps):
+      m = fetch()
+      tps = t.throughput.rate(t.cfg.train.batch_size * t.cfg.data.seq_len)
+      self.last = {k: float(v) for k, v in m.items()}
+      self.last["tokens_per_second"] = tps
+      t.log(step, "train", self.last)
+      if t.pbar is not None:
+        t.pbar.set_postfix(loss=f"{self.last['loss']:.4f}", tok_s=f"{tps:,.0f}")
+      t.throughput.reset()
+    if t.pbar is not None:
+      t.pbar.update(1)
+
+
+class EvalHook(Hook):
+  """The validation bound (eval.* settings, EMA parameters when configured) every train.eval_every steps and at the
+  last step, into the 'eval' row; the progress bar prints it."""
+
+  def on_step(self, step, state, fetch):
+    t = self.trainer
+    cfg = t.cfg
+    if not _every(step, cfg.train.eval_every, cfg.train.steps):
+      return
+    fetch.check()
+    ev = evaluate_bound(t.run, t.eval_params(state), t.corpus.val, state["process_state"],
+                        batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches,
+                        seed=cfg.eval.seed) if len(t.corpus.val) else {}
+    t.log(step, "eval", ev)
+    if "nelbo_bits_per_token" in ev:
+      t.note(f"step {step}: validation bound {ev['nelbo_bits_per_token']:.4f} bits/token "
+             f"(perplexity <= {ev['perplexity_bound']:.3f})")
+    t.throughput.reset()
+
+
+class SampleHook(Hook):
+  """train.eval_samples samples (sampler.* settings, seed sampler.seed + step) at every evaluation step, decoded
+  into the 'eval' row as 'samples'."""
+
+  def on_step(self, step, state, fetch):
+    t = self.trainer
+    cfg = t.cfg
+    if not (cfg.train.eval_samples and _every(step, cfg.train.eval_every, cfg.train.steps)):
+      return
+    fetch.check()
+    toks, _ = generate(t.run, t.eval_params(state), state["process_state"], num_samples=cfg.train.eval_samples,
+                       length=cfg.sampler.length or cfg.data.seq_len, seed=cfg.sampler.seed + step)
+    t.log(step, "eval", {"samples": [t.run.tokenizer.decode(row[row != PAD]) for row in toks]})
+    t.throughput.reset()
+
+
+class CheckpointHook(Hook):
+  """Saves the state and the data iterator's position every train.checkpoint_every steps and at the last step
+  (asynchronously; the trainer's close waits). A step is saved once, and never after a non-finite step."""
+
+  def on_start(self, trainer):
+    super().on_start(trainer)
+    self.saved = trainer.start
+
+  def save(self, step: int, state: dict, fetch: Fetch, wait: bool = False) -> None:
+    fetch.check()
+    t = self.trainer
+    if self.saved != step:  # a step is saved once (SIGTERM right after a periodic save only waits for it)
+      t.checkpointer.save(step, state, t.iterator.get_state(), t.config_dict)
+      self.saved = step
+    if wait:
+      t.checkpointer.wait()
+
+  def on_step(self, step, state, fetch):
+    if _every(step, self.trainer.cfg.train.checkpoint_every, self.trainer.cfg.train.steps):
+      self.save(step, state, fetch)
+
+
+class PreemptionHook(Hook):
+  """SIGTERM (on any host): after the step's other hooks, saves it through `checkpoint`, waits for the save and exits
+  with status 143; rerunning the same command resumes. Runs last, so the other hooks have seen the saved step."""
+
+  def __init__(self, checkpoint: CheckpointHook):
+    self.checkpoint = checkpoint
+    self._preempt = _Preemption()
+
+  def on_start(self, trainer):
+    super().on_start(trainer)
+    self._preempt.__enter__()
+
+  def on_step(self, step, state, fetch):
+    if self._preempt.requested_anywhere():
+      self.checkpoint.save(step, state, fetch, wait=True)
+      self.trainer.note(f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
+      raise SystemExit(143)
+
+  def close(self):
+    self._preempt.__exit__()
+
+
+def default_hooks(extra: Sequence[Any] = ()) -> list:
+  """[LogHook, EvalHook, SampleHook, CheckpointHook, *extra, PreemptionHook]: extra hooks see every step after the
+  periodic save and before a SIGTERM exit."""
+  checkpoint = CheckpointHook()
+  return [LogHook(), EvalHook(), SampleHook(), checkpoint, *extra, PreemptionHook(checkpoint)]
+
+
+def train(cfg, workdir: str, *, progress: bool = True, objective: Objective | None = None, hooks: Sequence[Any] = (),
+          batch_fn: Callable[[dict], dict] | None = None) -> dict:
+  """Trains (or resumes) in `workdir`. Returns the last logged train metrics. Exits via DLMError on user errors.
+
+  objective  (apply_fn, params, batch, key, process_state) -> (loss, metrics, new_process_state), run in the compiled
+             step instead of the process's loss (the default); metrics must be scalars (they are logged)
+  hooks      extra hooks (see the module docstring), run after the built-in ones at every step
+  batch_fn   host-side batch dict -> batch dict, applied to every batch in the data pipeline (e.g. to add a 'loss_mask'
+             [B, L] the objective reads); every field must have the batch as first axis, and it must be deterministic
+             so that a resumed run sees the same batches
+  """
+  trainer = setup(cfg, workdir, objective=objective, batch_fn=batch_fn, progress=progress)
+  all_hooks = default_hooks(hooks)
+  run_loop(trainer, all_hooks)
+  return all_hooks[0].last
 
 
 def load_for_inference(workdir: str, overrides=()) -> tuple[Any, Run, Any, Any]:

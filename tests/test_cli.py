@@ -165,10 +165,10 @@ def test_sample_rejects_bad_requests(trained, tmp_path):
 def test_sample_with_llada_sampler_from_the_cli(trained, tmp_path):
   _, wd = trained
   out = str(tmp_path / "l.jsonl")
-  for extra in (["--config.sampler.steps=12"], ["--config.sampler.threshold=0.9", "--config.sampler.temperature=0"],
-                ["--config.sampler.factor=1.0", "--config.sampler.cfg_scale=0.5", "--config.sampler.temperature=0"]):
+  for extra in (["--config.sampler.steps=12"], ["--config.sampler.llada.threshold=0.9", "--config.sampler.temperature=0"],
+                ["--config.sampler.llada.factor=1.0", "--config.sampler.llada.cfg_scale=0.5", "--config.sampler.temperature=0"]):
     r = run_cli("sample", "--workdir", wd, "--num_samples", "3", "--output", out, "--prompt", "abca",
-                "--config.sampler.name=llada", "--config.sampler.block_length=4", *extra)
+                "--config.sampler.name=llada", "--config.sampler.llada.block_length=4", *extra)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(l) for l in open(out)]
     assert len(rows) == 3 and all(row["tokens"][:4] == [ord(c) for c in "abca"] for row in rows)
@@ -179,11 +179,11 @@ def test_sample_with_llada_sampler_from_the_cli(trained, tmp_path):
   assert json.loads(r.stderr.strip().splitlines()[-1])["nfe_per_batch"] == 14  # one call per generated position
   os.remove(out)
   msg = _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out, "--prompt", "abca",
-                            "--config.sampler.name=llada", "--config.sampler.block_length=5"), "dlm-sample")
+                            "--config.sampler.name=llada", "--config.sampler.llada.block_length=5"), "dlm-sample")
   assert "block_length" in msg
-  assert "sampler.threshold" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out,
-                                                    "--config.sampler.name=llada", "--config.sampler.threshold=1.5"),
-                                            "dlm-sample")
+  assert "sampler.llada.threshold" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output",
+                                                          out, "--config.sampler.name=llada",
+                                                          "--config.sampler.llada.threshold=1.5"), "dlm-sample")
   assert not os.path.exists(out)
 
 
@@ -198,7 +198,7 @@ def test_prompt_file_batches_prompts_of_different_lengths(trained, tmp_path):
   prompts = ["abcab", "a", "cab"]
   pf = tmp_path / "prompts.jsonl"
   pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-  greedy = ["--config.sampler.name=llada", "--config.sampler.temperature=0", "--config.sampler.block_length=11",
+  greedy = ["--config.sampler.name=llada", "--config.sampler.temperature=0", "--config.sampler.llada.block_length=11",
             "--config.sampler.steps=11", "--config.sampler.batch_size=8"]
   rows, _ = _sample(wd, str(tmp_path / "b.jsonl"), "--prompt_file", str(pf), *greedy)
   assert [r["prompt"] for r in rows] == [p for p in prompts for _ in range(2)]
@@ -216,9 +216,10 @@ def test_prompt_file_batches_prompts_of_different_lengths(trained, tmp_path):
 
 def test_infilling_template_from_the_cli(trained, tmp_path):
   _, wd = trained
-  for sampler in ("ancestral", "llada", "remdm", "first_hitting"):
+  for sampler in ("ancestral", "llada", "remdm", "first_hitting", "maskgit"):
+    steps = [] if sampler == "first_hitting" else ["--config.sampler.steps=5"]  # first_hitting: one step per token
     rows, _ = _sample(wd, str(tmp_path / "i.jsonl"), "--prompt", "ab<|mask:3|>ca<|mask:2|>b",
-                      f"--config.sampler.name={sampler}", "--config.sampler.steps=5")
+                      f"--config.sampler.name={sampler}", *steps)
     for r in rows:
       t = r["tokens"]
       assert len(t) == 10 and t[:2] == [97, 98] and t[5:7] == [99, 97] and t[9] == 98, (sampler, t)
@@ -231,26 +232,29 @@ def test_infilling_template_from_the_cli(trained, tmp_path):
 def test_sampler_options_from_the_cli(trained, tmp_path):
   _, wd = trained
   out = str(tmp_path / "o.jsonl")
-  llada_opts = ["--config.sampler.name=llada", "--config.sampler.block_length=4", "--config.sampler.steps=12",
+  llada_opts = ["--config.sampler.name=llada", "--config.sampler.llada.block_length=4", "--config.sampler.steps=12",
                 "--prompt", "abca"]
-  for extra in (["--config.sampler.cache=dual", "--config.sampler.threshold=0.5"],
-                ["--config.sampler.cache=dual", "--config.sampler.cfg_scale=1.0", "--config.sampler.logit_shift=true"],
-                ["--config.sampler.cache=prefix", "--config.sampler.cache_refresh=2"],
-                ["--config.sampler.prophet=true", "--config.sampler.stop_at_eos=true"],
-                ["--config.sampler.confidence=margin", "--config.sampler.position_temperature=0.5",
-                 "--config.sampler.logit_shift=true"],
-                ["--config.sampler.precision=float64", "--config.sampler.temperature=1.0"]):
+  for extra in (["--config.sampler.llada.cache=dual", "--config.sampler.llada.threshold=0.5",
+                 "--config.sampler.steps=128"],
+                ["--config.sampler.llada.cache=dual", "--config.sampler.llada.cfg_scale=1.0",
+                 "--config.sampler.llada.logit_shift=true"],
+                ["--config.sampler.llada.cache=prefix", "--config.sampler.llada.cache_refresh=2"],
+                ["--config.sampler.llada.prophet=true", "--config.sampler.llada.stop_at_eos=true"],
+                ["--config.sampler.llada.confidence=margin", "--config.sampler.llada.position_temperature=0.5",
+                 "--config.sampler.llada.logit_shift=true"],
+                ["--config.sampler.llada.precision=float64", "--config.sampler.temperature=1.0"]):
     rows, stats = _sample(wd, out, *llada_opts, *extra)
     assert all(r["tokens"][:4] == [97, 98, 99, 97] and len(r["tokens"]) == 16 for r in rows), extra
   for strategy in ("cap", "rescale", "conf"):
-    rows, _ = _sample(wd, out, "--config.sampler.name=remdm", f"--config.sampler.remdm_strategy={strategy}",
-                      "--config.sampler.eta=0.3")
+    rows, _ = _sample(wd, out, "--config.sampler.name=remdm", f"--config.sampler.remdm.strategy={strategy}",
+                      "--config.sampler.remdm.eta=0.3")
     assert all(len(r["tokens"]) == 16 and all(0 <= x < 257 for x in r["tokens"]) for r in rows)
   os.remove(out)
-  for args, expect in ((["--config.sampler.cache=dual"], "sampler.cache is a sampler.name='llada' option"),
+  for args, expect in ((["--config.sampler.llada.cache=dual"], "sampler.llada.cache is an option of sampler.name='llada'"),
+                       (["--config.sampler.cache=dual"], "sampler.cache is now an option of each sampler"),
                        (["--config.sampler.name=fancy"], "is not a sampler of diffusion.process"),
                        (["--config.sampler.no_such_key=1"], "no_such_key"),
-                       (["--config.sampler.precision=float16"], "sampler.precision")):
+                       (["--config.sampler.ancestral.precision=float16"], "sampler.ancestral.precision")):
     assert expect in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out, *args),
                                  "dlm-sample")
   assert not os.path.exists(out)
@@ -285,7 +289,8 @@ def block_workdirs(tmp_path_factory):
   (d / "chain.txt").write_text(markov.generate(20_000, seed=3))
   out = {}
   for name, bs in (("bd3", 4), ("ar", 1)):
-    cfg = write_config(str(d / f"{name}.py"), dict(TINY, **{"data.path": str(d / "chain.txt"),
+    tiny = {k: v for k, v in TINY.items() if k != "sampler.steps"}  # first_hitting (the default) has no step budget
+    cfg = write_config(str(d / f"{name}.py"), dict(tiny, **{"data.path": str(d / "chain.txt"),
                                                             "diffusion.process": "block", "diffusion.block_size": bs}))
     out[name] = str(d / name)
     r = run_cli("train", "--config", cfg, "--workdir", out[name], "--no_progress")
@@ -303,18 +308,22 @@ def test_block_and_ar_train_eval_sample_and_score(block_workdirs, tmp_path):
     assert res[name]["process"] == "block" and res[name]["nelbo_bits_per_token"] > 0
   assert res["ar"]["exact_nll"] is True and res["bd3"]["exact_nll"] is False
   samples = str(tmp_path / "bd3.jsonl")
-  rows, stats = _sample(bd3, samples, "--prompt", "abca", "--config.sampler.stop_at_eos=true",
-                        "--config.sampler.top_p=0.9", n=3)
+  rows, stats = _sample(bd3, samples, "--prompt", "abca", "--config.sampler.block.stop_at_eos=true",
+                        "--config.sampler.first_hitting.top_p=0.9", n=3)
   for row in rows:
     assert row["tokens"][:4] == [97, 98, 99, 97] and 4 < len(row["tokens"]) <= 16
     assert row["process"] == "block" and row["block_size"] == 4 and row["sampler"] == "first_hitting"
     assert row["tokenizer"] == "bytes" and row["prompt_tokens"] == 4 and row["top_p"] == 0.9
-  for extra in (["--config.sampler.name=llada", "--config.sampler.threshold=0.5", "--config.sampler.block_length=2"],
-                ["--config.sampler.name=ancestral", "--config.sampler.cache=none"],
-                ["--config.sampler.name=remdm", "--config.sampler.eta=0.2"]):
+    assert row["block.stop_at_eos"] is True and "steps" not in row  # first_hitting does not read sampler.steps
+  for extra in (["--config.sampler.name=llada", "--config.sampler.llada.threshold=0.5",
+                 "--config.sampler.llada.block_length=2"],
+                ["--config.sampler.name=ancestral", "--config.sampler.block.cache=none"],
+                ["--config.sampler.name=remdm", "--config.sampler.remdm.eta=0.2"],
+                ["--config.sampler.name=maskgit", "--config.sampler.steps=2"]):
     rows_x, _ = _sample(bd3, str(tmp_path / "x.jsonl"), "--prompt", "ab", *extra)
     assert all(r["tokens"][:2] == [97, 98] and len(r["tokens"]) == 16 for r in rows_x), extra
-  ar_rows, _ = _sample(ar, str(tmp_path / "ar.jsonl"), "--config.sampler.temperature=0", "--config.sampler.top_k=3")
+  ar_rows, _ = _sample(ar, str(tmp_path / "ar.jsonl"), "--config.sampler.temperature=0",
+                       "--config.sampler.first_hitting.top_k=3")
   assert all(len(r["tokens"]) == 16 for r in ar_rows)
 
   r = run_cli("eval", "--workdir", ar, "--score_samples", samples)
@@ -364,7 +373,7 @@ BAD_BLOCK = [
     ({"diffusion.t_max": "1.5"}, "must lie in (0, 1]"),
     ({"diffusion.t_min": "0.6", "diffusion.t_max": "0.5"}, "non-empty"),
     ({"model.time_conditioning": "true"}, "model.time_conditioning=False"),
-    ({"sampler.cache": "dual"}, "use 'prefix' or 'none'"),
+    ({"sampler.block.cache": "dual"}, "use 'prefix' or 'none'"),
 ]
 
 
@@ -421,6 +430,8 @@ def test_continuous_train_eval_sample(continuous_workdirs, tmp_path, name):
     det2, _ = _sample(wd, str(tmp_path / "d2.jsonl"), "--config.sampler.name=edm", n=2)
     assert [r["tokens"] for r in det] == [r["tokens"] for r in det2] and det[0]["sampler"] == "edm"
     assert "top_p" not in det[0] and "churn" not in det[0] and rows[0]["churn"] == 0.2
+    assert "top_p" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output",
+                                          str(tmp_path / "x.jsonl"), "--config.sampler.edm.top_p=0.9"), "dlm-sample")
   # infilling: fixed tokens on both sides of a span are kept
   fill, _ = _sample(wd, str(tmp_path / "f.jsonl"), "--prompt", "ab<|mask:4|>cd", n=1)
   assert fill[0]["tokens"][:2] == [97, 98] and fill[0]["tokens"][-2:] == [99, 100] and len(fill[0]["tokens"]) == 8

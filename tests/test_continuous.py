@@ -14,12 +14,23 @@ from dlm_jax.processes.bitstream import BINS, Bitstream
 from dlm_jax.processes.continuous import exact_divergence, hutchinson_divergence, ode_bound
 from dlm_jax.processes.embedding_flow import EmbeddingFlow, c_skip, fit_gumbel, gumbel_curve, gumbel_g
 from dlm_jax.processes.flow import OneHotFlow, signal_level, signal_level_table
-from dlm_jax.samplers.continuous import ddim, edm, flow_euler, from_bits, to_bits
+from dlm_jax.maths import from_bits, to_bits
+from dlm_jax.samplers.continuous import ddim, edm, flow_euler
 
 # --- one-hot flow (FLM) ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("k", [4, 257, 50257])
+
+class _Table:
+  """The model adapter's input table for a bare parameter dict (these tests have no trunk)."""
+
+  def input_table(self, params):
+    return params["embed"].astype(jnp.float32)
+
+
+NET = _Table()
+
 def test_signal_level_table_matches_direct_quadrature(k):
   """alpha(g) = K/(K-1) (E_z[Phi(z + g/(1-g))^(K-1)] - 1/K): the 100-node Gauss-Hermite table against adaptive
   quadrature of the same integral, and the interpolated inverse against the table."""
@@ -53,16 +64,16 @@ def test_flow_corruption_closed_form():
   tokens = jnp.array([[0, 3, 6, 2]])
   g = jnp.array([0.7])
   key = jax.random.PRNGKey(1)
-  h = proc.corrupt(key, tokens, g, params)
+  h = proc.corrupt(key, tokens, g, NET, params)
   eps = jax.random.normal(key, tokens.shape + (v,))
   want = (0.3 * eps + 0.7 * jax.nn.one_hot(tokens, v)) @ e
   np.testing.assert_allclose(np.asarray(h), np.asarray(want), rtol=1e-5, atol=1e-6)
   # the embedding-dimension state: same law, eps E ~ N(0, E^T E) drawn in R^D
   carried = OneHotFlow(vocab_size=v, embed_state=True)
-  c = carried.noise_factor(params)
+  c = carried.noise_factor(NET, params)
   np.testing.assert_allclose(np.asarray(c @ c.T), np.asarray(e.T @ e), rtol=1e-4, atol=1e-4)
   tok = jnp.zeros((20000, 1), jnp.int32)
-  hs = np.asarray(carried.corrupt(jax.random.PRNGKey(2), tok, jnp.full((20000,), 0.4), params))[:, 0]
+  hs = np.asarray(carried.corrupt(jax.random.PRNGKey(2), tok, jnp.full((20000,), 0.4), NET, params))[:, 0]
   np.testing.assert_allclose(hs.mean(0), 0.4 * np.asarray(e[0]), atol=0.06)
   cov = np.cov(hs.T) / 0.36
   np.testing.assert_allclose(cov, np.asarray(e.T @ e), atol=0.08 * float(jnp.max(jnp.abs(e.T @ e))))
@@ -114,7 +125,7 @@ def test_embedding_flow_skip_term_is_the_gaussian_posterior():
   constant per position, i.e. the exact token posterior under a uniform prior."""
   proc = EmbeddingFlow(vocab_size=9)
   params = {"embed": jax.random.normal(jax.random.PRNGKey(0), (9, 16))}
-  e = proc.embeddings(params)
+  e = proc.embeddings(NET, params)
   np.testing.assert_allclose(np.asarray(jnp.linalg.norm(e, axis=-1)), 4.0, rtol=1e-5)
   for g in (-2.0, 0.5, 4.0):
     alpha, sigma = math.sqrt(1 / (1 + math.exp(g))), math.sqrt(1 / (1 + math.exp(-g)))
@@ -135,7 +146,7 @@ def test_embedding_flow_and_bitstream_corruption_closed_form():
   e = params["embed"] / jnp.linalg.norm(params["embed"], axis=-1, keepdims=True) * 4.0
   want = math.sqrt(1 / (1 + math.exp(1.3))) * e[tokens] + math.sqrt(1 / (1 + math.exp(-1.3))) * jax.random.normal(
       key, (1, 3, 16))
-  np.testing.assert_allclose(np.asarray(proc.corrupt(key, tokens, g, params)), np.asarray(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(proc.corrupt(key, tokens, g, NET, params)), np.asarray(want), rtol=1e-5, atol=1e-5)
   bits = Bitstream(vocab_size=9)
   x = bits.corrupt(key, tokens, jnp.array([0.7]))
   want = np.asarray(to_bits(tokens, 4)) + 0.7 * np.asarray(jax.random.normal(key, (1, 3, 4)))
@@ -162,7 +173,7 @@ def test_ddim_samples_a_known_law_with_the_exact_posterior():
   The DDIM sampler on a Gumbel grid reproduces pi (float32 and float64 state)."""
   v, d = len(PI), 8
   proc = EmbeddingFlow(vocab_size=v)
-  e = proc.embeddings({"embed": jax.random.normal(jax.random.PRNGKey(0), (v, d))})
+  e = proc.embeddings(NET, {"embed": jax.random.normal(jax.random.PRNGKey(0), (v, d))})
   log_pi = jnp.log(jnp.asarray(PI) + 1e-12)
   exact = lambda z, g, sc: log_pi + c_skip(g)[:, None, None] * (z @ e.T)
   grid = gumbel_g(jnp.linspace(1 - 1e-5, 1e-5, 65), 1.0, 1.5)

@@ -382,6 +382,14 @@ def test_segment_ids():
   np.testing.assert_array_equal(segment_ids(np.array([1, 2, 3]), eos), [0, 0, 0])
 
 
+def test_segment_ids_int32_on_numpy_and_jax():
+  import jax.numpy as jnp
+  tokens = np.array([[1, 9, 2, 9, 9, 3]], np.int32)
+  host = segment_ids(tokens, 9)
+  assert host.dtype == np.int32
+  np.testing.assert_array_equal(np.asarray(segment_ids(jnp.asarray(tokens), 9)), host)
+
+
 def test_segment_ids_match_packing():
   docs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9, 10])]
   packed = pack(docs, 0, 13)  # exactly the whole stream in one row
@@ -412,6 +420,30 @@ def test_train_iterator_batches():
   assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape == (5, 3)
   assert set(batch["tokens"][:, 0].tolist()) <= set(range(10))  # only training rows
   assert np.all(batch["tokens"][:, 1:] == 1000)
+
+
+def test_train_iterator_segment_ids_and_batch_fn():
+  """segment_attention adds the host-computed segment ids; batch_fn adds fields after them, per host batch; the
+  iterator state still resumes exactly."""
+  corpus = _id_corpus(n_train=10, seq_len=4)
+  corpus.sequences[:, 2] = 256  # EOS in the middle of every row
+  it = train_iterator(corpus, 4, seed=0, segment_attention=True,
+                      batch_fn=lambda b: dict(b, loss_mask=(b["segment_ids"] == 0).astype(np.float32)))
+  batch = next(it)
+  assert list(batch) == ["tokens", "segment_ids", "loss_mask"]
+  assert batch["segment_ids"].dtype == np.int32
+  np.testing.assert_array_equal(batch["segment_ids"], segment_ids(batch["tokens"], 256))
+  np.testing.assert_array_equal(batch["segment_ids"][0], [0, 0, 0, 1])
+  np.testing.assert_array_equal(batch["loss_mask"][0], [1, 1, 1, 0])
+  state = it.get_state()
+  nxt = next(it)
+  again = train_iterator(corpus, 4, seed=0, segment_attention=True,
+                         batch_fn=lambda b: dict(b, loss_mask=(b["segment_ids"] == 0).astype(np.float32)))
+  again.set_state(state)
+  for k, v in next(again).items():
+    np.testing.assert_array_equal(v, nxt[k])
+  host1 = next(train_iterator(corpus, 4, seed=0, process_index=1, process_count=2, segment_attention=True))
+  np.testing.assert_array_equal(host1["segment_ids"], batch["segment_ids"][2:])
 
 
 def test_train_iterator_deterministic_per_seed():

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlm_jax.processes.masked import MaskedDiffusion, sample_times, token_nll
-from dlm_jax.processes.schedules import Schedule
+from dlm_jax.maths import Schedule, sample_times, token_nll
+from dlm_jax.processes.masked import MaskedDiffusion
 
 SCHEDULES = [Schedule("linear"), Schedule("cosine"), Schedule("polynomial", power=3.0), Schedule("loglinear", eps=1e-3)]
 

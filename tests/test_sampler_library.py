@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, random_transformer
 from dlm_jax import model as model_lib
-from dlm_jax.samplers import PAD, ancestral, first_hitting, left_pad, llada, remdm
+from dlm_jax.samplers import PAD, ancestral, first_hitting, left_pad, llada, maskgit, remdm
 
 V, MASK = 12, 12
 
@@ -76,6 +76,7 @@ def test_padded_rows_give_the_logits_they_give_alone(tiny_model):
     (ancestral, dict(steps=6)),
     (first_hitting, dict()),
     (remdm, dict(steps=10, eta=0.2)),
+    (maskgit, dict(steps=5)),
 ])
 def test_a_padded_batch_equals_its_rows_alone(tiny_model, sampler, kw):
   plain, _ = tiny_model

@@ -293,3 +293,131 @@ def test_continuous_family_on_eight_devices_matches_one(tmp_path, tiny_config, p
                          diffusion__process=process, diffusion__bound_steps=4, diffusion__schedule_update_every=2,
                          diffusion__schedule_buffer=16)
   _eight_devices_match_one(tmp_path, cfg_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loop hooks: objectives, extra batch fields and hooks plug into the one loop
+
+
+def _train_rows(workdir):
+  import json
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if '"train"' in line]
+
+
+def test_custom_objective_reads_an_extra_batch_field(tmp_path, tiny_config):
+  """A post-training objective (twice the process loss, scaled by a per-row batch field the pipeline's batch_fn adds)
+  runs through the same loop; gradient accumulation splits the extra field like the tokens."""
+  import jax.numpy as jnp
+  from dlm_jax.build import build
+  cfg = config_lib.load(tiny_config(train__steps=2, train__grad_accum_steps=2, data__segment_attention=True))
+  plain = str(tmp_path / "plain")
+  train(cfg, plain, progress=False)
+  process = build(cfg).process
+  seen = []
+
+  def add_scale(batch):
+    return dict(batch, scale=np.full(batch["tokens"].shape[:1], 2.0, np.float32))
+
+  def objective(apply_fn, params, batch, key, pstate):
+    seen.append({k: v.shape for k, v in batch.items()})  # at trace time: the micro-batch's fields
+    loss, metrics, pstate = process.loss(apply_fn, params, batch, key, pstate)
+    return loss * jnp.mean(batch["scale"]), dict(metrics, scale=jnp.mean(batch["scale"])), pstate
+
+  custom = str(tmp_path / "custom")
+  out = train(cfg, custom, progress=False, objective=objective, batch_fn=add_scale)
+  assert seen and all(s == {"tokens": (4, 16), "segment_ids": (4, 16), "scale": (4,)} for s in seen), seen
+  a, b = losses(plain), losses(custom)
+  assert sorted(b) == [1, 2]
+  assert b[1] == 2 * a[1]  # same parameters, key and data at step 1
+  assert out["scale"] == 2.0 and out["loss"] == b[2]
+
+
+def test_hooks_see_every_step_and_metrics_are_fetched_only_at_log_steps(tmp_path, tiny_config, monkeypatch):
+  """An extra hook gets on_start, on_step for every step (after the built-in hooks) and on_end; the built-in hooks copy
+  metrics to the host only at log steps (here 3, 6, 7; the final checkpoint reuses step 7's copy)."""
+  import jax
+  from dlm_jax import train as train_lib
+  cfg = config_lib.load(tiny_config(train__steps=7, train__log_every=3, train__checkpoint_every=100))
+  calls = []
+  device_get = jax.device_get
+
+  def counting(x):
+    if sys._getframe(1).f_code.co_filename == train_lib.__file__:
+      calls.append(x)
+    return device_get(x)
+
+  monkeypatch.setattr(jax, "device_get", counting)
+
+  class Recorder(train_lib.Hook):
+    def __init__(self):
+      self.steps, self.fetched, self.ended, self.closed = [], [], None, False
+
+    def on_step(self, step, state, fetch):
+      assert fetch.step == step and self.trainer.state is state
+      self.steps.append(step)
+      self.fetched.append(fetch.fetched)
+
+    def on_end(self, step, state):
+      self.ended = step
+
+    def close(self):
+      self.closed = True
+
+  rec = Recorder()
+  wd = str(tmp_path / "wd")
+  train(cfg, wd, progress=False, hooks=[rec])
+  assert rec.steps == list(range(1, 8)) and rec.ended == 7 and rec.closed
+  assert [s for s, f in zip(rec.steps, rec.fetched) if f] == [3, 6, 7]
+  assert len(calls) == 3, calls
+  assert sorted(losses(wd)) == [3, 6, 7]
+  # resuming past the end runs no step; the hook still starts, ends and closes
+  rec2 = Recorder()
+  train(cfg, wd, progress=False, hooks=[rec2])
+  assert rec2.steps == [] and rec2.ended == 7 and rec2.closed
+
+
+def test_non_finite_step_is_named_at_the_next_check_and_nothing_is_saved(tmp_path, tiny_config):
+  """With metrics fetched only every 20 steps, a non-finite step still stops the run with the message of the
+  step-by-step run (the first non-finite step and its loss), no later than the next checkpoint step, which is not
+  written."""
+  from dlm_jax.errors import DLMError
+  bad = dict(train__steps=20, train__learning_rate=1e12, train__grad_clip=0.0, train__warmup_steps=0)
+  with pytest.raises(DLMError) as every_step:
+    train(config_lib.load(tiny_config("a.py", train__log_every=1, train__checkpoint_every=100, **bad)),
+          str(tmp_path / "a"), progress=False)
+  first = int(str(every_step.value).split("at step ")[1].split(" ")[0])
+  assert 1 <= first < 5, str(every_step.value)
+  wd = str(tmp_path / "b")
+  with pytest.raises(DLMError) as lazy:
+    train(config_lib.load(tiny_config("b.py", train__log_every=20, train__checkpoint_every=5, **bad)), wd,
+          progress=False)
+  assert str(lazy.value) == str(every_step.value)
+  assert "\n" not in str(lazy.value)
+  assert not [d for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
+  assert _train_rows(wd) == []
+
+
+def test_train_step_takes_the_pipeline_segment_ids(tiny_config):
+  """The step uses the batch's segment ids as given (the pipeline computes them on the host); a bare token array is
+  the batch the pipeline makes of it."""
+  import jax
+  from dlm_jax.build import build
+  from dlm_jax.data import segment_ids
+  from dlm_jax.train import (abstract_batch, abstract_train_state, init_train_state, make_optimizer, make_train_step,
+                             state_shardings)
+  cfg = config_lib.load(tiny_config(data__segment_attention=True))
+  run = build(cfg)
+  opt = make_optimizer(cfg)
+  shardings = state_shardings(run, opt, abstract_train_state(run, opt))
+  step = make_train_step(run, opt, shardings)
+  tokens = np.random.default_rng(0).integers(0, 257, (8, 16)).astype(np.int32)
+  tokens[:, ::5] = run.tokenizer.eos_id
+  assert set(abstract_batch(run)) == {"tokens", "segment_ids"}
+
+  def loss(batch):
+    with jax.set_mesh(run.mesh):
+      return float(step(init_train_state(run, opt, shardings), batch)[1]["loss"])
+
+  right = loss({"tokens": tokens, "segment_ids": segment_ids(tokens, run.tokenizer.eos_id)})
+  assert loss(tokens) == right
+  assert loss({"tokens": tokens, "segment_ids": np.zeros_like(tokens)}) != right

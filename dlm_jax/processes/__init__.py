@@ -1,4 +1,5 @@
-"""Diffusion processes (families). `make_process(cfg, vocab_size)` picks one by `diffusion.process`.
+"""Diffusion processes (families), each registered in `dlm_jax.registry` by its module. `make_process(cfg, vocab_size)`
+picks one by `diffusion.process`.
 
   masked          absorbing-state (MDLM / MD4 / LLaDA)            processes/masked.py
   block           block diffusion (BD3-LM; block size 1 = AR)      processes/block.py
@@ -7,36 +8,25 @@
   bitstream       VE diffusion over bit strings (CoBit)            processes/bitstream.py
 """
 
+from dlm_jax import registry
 from dlm_jax.errors import DLMError
 from dlm_jax.processes.base import Process
-from dlm_jax.processes.bitstream import Bitstream
-from dlm_jax.processes.block import BlockDiffusion
-from dlm_jax.processes.embedding_flow import EmbeddingFlow
-from dlm_jax.processes.flow import OneHotFlow
-from dlm_jax.processes.masked import MaskedDiffusion
-from dlm_jax.processes.schedules import Schedule
-
-PROCESSES = {"masked": MaskedDiffusion, "block": BlockDiffusion, "flow": OneHotFlow, "embedding_flow": EmbeddingFlow,
-             "bitstream": Bitstream}
-CONTINUOUS = ("flow", "embedding_flow", "bitstream")
+# registration order = the order names are listed in (importing a module registers its family)
+from dlm_jax.processes.masked import MaskedDiffusion  # isort: skip
+from dlm_jax.processes.block import BlockDiffusion  # isort: skip
+from dlm_jax.processes.flow import OneHotFlow  # isort: skip
+from dlm_jax.processes.embedding_flow import EmbeddingFlow  # isort: skip
+from dlm_jax.processes.bitstream import Bitstream  # isort: skip
 
 
-def make_process(cfg, vocab_size: int) -> Process:
+def make_process(cfg, vocab_size: int, **vocab) -> Process:
+  """The process of `diffusion.process` for a tokenizer of `vocab_size` tokens; `vocab` (mask_id, vocab_in, vocab_out)
+  overrides the family's vocabulary convention."""
+  families = registry.processes()
   name = cfg.diffusion.process
-  if name not in PROCESSES:
-    raise DLMError(f"diffusion.process {name!r} is not one of {sorted(PROCESSES)}")
-  return PROCESSES[name].from_config(cfg, vocab_size)
+  if name not in families:
+    raise DLMError(f"diffusion.process {name!r} is not one of {sorted(families)}")
+  return families[name].from_config(cfg, vocab_size, **vocab)
 
 
-def sampler_name(cfg) -> str:
-  """The sampler a config selects: sampler.name, or the family's default when it is ''."""
-  return cfg.sampler.name or PROCESSES[cfg.diffusion.process].DEFAULT_SAMPLER
-
-
-def sampler_precision(cfg) -> str:
-  """sampler.precision, or the family's default when it is '' (float64 for embedding_flow, float32 otherwise)."""
-  return cfg.sampler.precision or PROCESSES[cfg.diffusion.process].DEFAULT_PRECISION
-
-
-__all__ = ["Process", "MaskedDiffusion", "BlockDiffusion", "OneHotFlow", "EmbeddingFlow", "Bitstream", "Schedule",
-           "make_process", "sampler_name", "sampler_precision", "PROCESSES", "CONTINUOUS"]
+__all__ = ["Process", "MaskedDiffusion", "BlockDiffusion", "OneHotFlow", "EmbeddingFlow", "Bitstream", "make_process"]

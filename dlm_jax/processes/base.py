@@ -1,85 +1,169 @@
-"""The process interface: what the one training loop, the evaluator and `dlm-sample` need from a diffusion family.
+"""The process interface: everything the training loop, the evaluator and `dlm-sample` ask of a diffusion family.
 
-A process is a frozen dataclass (hashable, so it is static under jit) of pure functions of arrays:
+A process is a frozen dataclass (hashable, so it is static under jit) of pure functions of arrays, registered with
+`dlm_jax.registry.register_process`. Callers never test a process's name: what differs between families is asked of
+the process (`Process` below), and optional capabilities are declared in `capabilities`:
 
-  vocab_in / vocab_out          the model's input and output vocabulary for a tokenizer of `vocab_size` tokens
-  time_conditioned              whether the network receives the noise level
-  model_options                 what the family fixes about the network (ModelConfig fields: time conditioning, bit
-                                input, self-conditioning); {} for the mask-token families
-  SAMPLERS, DEFAULT_SAMPLER     (class attributes) the sampler names this family accepts in sampler.name, and the one
-                                sampler.name='' means
-  init_state(key)               non-gradient state carried by the loop and saved in checkpoints (schedule tables,
-                                buffers); {} for families without any
-  loss(apply_fn, params, batch, key, state) -> (loss, metrics, new_state)
-                                the training objective for one batch, corruption included (runs on device, in jit)
-  bound(apply_fn, params, batch, key, state) -> (nats [B], tokens [B])
-                                an upper bound on -log p(x) per sequence, for bits-per-token evaluation
-  sample(apply_fn, params, key, canvas, sampler_cfg, state, gen_start=0, eos_id=None) -> (tokens, stats)
-                                the sampler named by sampler_cfg on a canvas with `mask_id` at free positions, left
-                                padding (samplers.PAD) and the generated region starting at gen_start; `key` is one
-                                key or one per row. Block diffusion returns rows left-aligned (its blocks count
-                                from each row's first token) with PAD after a row that stopped early
+  "exact_nll"    `causal_nll(net, params, batch) -> [B, L]`, the exact -log p(x_i | x_<i) (an autoregressive model):
+                 `dlm-eval --score_samples` scores samples with it
+  "clip_search"  `per_block_loss(net, params, batch, key, t_min, t_max) -> ([B, n], masked fraction)`, the training
+                 estimator per block on a given noise interval: `dlm-eval --clip_search` (BD3-LM)
+  "infilling"    sampling canvases may hold masks between fixed tokens (`<|mask:N|>` templates)
 
-`apply_fn(params, tokens_or_inputs, t=..., segment_ids=...)` is the model's pure forward. `batch` is a dict with
-'tokens' [B, L] int32 and optionally 'segment_ids' [B, L]. Block diffusion and the continuous families (flow, embedding
-flow, bitstream) implement the same methods; the loop never branches on the family.
+`net` is the model's adapter (`Network` below, built by `dlm_jax.model.make_apply`): the pure forward plus the few
+things a family needs from the network besides its outputs (its input table; the sampler-facing forwards). Processes
+never read parameter names or build model forwards themselves.
+
+`batch` is a dict with 'tokens' [B, L] int32 and optionally 'segment_ids' [B, L] (packed documents). The loop passes
+any further field of its batches (a post-training objective's loss mask, ...) to its objective; a family's own `loss`
+reads only these two.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+import dataclasses
+from typing import Any, Callable, Optional, Protocol
 
 import jax
 
-ApplyFn = Callable[..., jax.Array]
+from dlm_jax import registry
+from dlm_jax.errors import DLMError
+
+
+class Network(Protocol):
+  """The model as the processes see it."""
+
+  def __call__(self, params, tokens, **kwargs) -> jax.Array:
+    """The pure forward: logits (or (logits, cache)) for token ids, `embeddings=`, or `bits=` inputs."""
+
+  def input_table(self, params) -> jax.Array:
+    """[vocab_in, d_model] float32: the token embedding table (one-hot flow and embedding flow use it as E)."""
+
+  def logits_fn(self, params, *, time_conditioned: bool = False, block_size: Optional[int] = None) -> Callable:
+    """(tokens [B, L], t [B]) -> logits over a left-padded canvas (PAD never attended)."""
+
+  def cached_logits_fn(self, params, *, time_conditioned: bool = False, block_size: Optional[int] = None) -> Callable:
+    """(window, t, start, cache) -> (logits, cache): the K/V-cached forward."""
 
 
 class Process(Protocol):
   name: str
-  vocab_size: int
+  vocab_size: int  # the tokenizer's vocabulary
+
+  CONFIG_KEYS: tuple[str, ...]  # the diffusion.* keys the family reads (any other must stay at its default)
+  DEFAULT_SAMPLER: str  # the sampler sampler.name='' means
+  capabilities: frozenset  # optional capabilities (module docstring)
+
+  @classmethod
+  def from_config(cls, cfg, vocab_size: int, **vocab) -> "Process":
+    """The process for a validated config; `vocab` (mask_id, vocab_in, vocab_out) overrides the family's
+    vocabulary convention (checkpoints whose mask id lies inside the vocabulary: LLaDA, Dream)."""
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    """Raises DLMError (one line, naming the key and the fix) for a bad value of the family's keys."""
+
+  @classmethod
+  def decode_block_size(cls, cfg) -> Optional[int]:
+    """Block diffusion's block size (generation goes block by block); None for families that decode at once."""
 
   @property
-  def vocab_in(self) -> int: ...
+  def mask_id(self) -> int: ...  # the id that marks free positions of sampling canvases
 
   @property
-  def vocab_out(self) -> int: ...
+  def vocab_in(self) -> int: ...  # rows of the model's input table
+
+  @property
+  def vocab_out(self) -> int: ...  # the model's output classes
 
   @property
   def time_conditioned(self) -> bool: ...
 
   @property
-  def model_options(self) -> dict: ...
+  def model_options(self) -> dict: ...  # ModelConfig fields the family fixes (time conditioning, bit input, ...)
 
-  def init_state(self, key: jax.Array) -> Any: ...
+  @classmethod
+  def samplers(cls) -> tuple[str, ...]: ...  # the registered samplers serving this family
 
-  def loss(self, apply_fn: ApplyFn, params, batch: dict, key: jax.Array, state) -> tuple[jax.Array, dict, Any]: ...
+  def init_state(self, key: jax.Array) -> Any: ...  # non-gradient state (learned schedules), saved in checkpoints
 
-  def bound(self, apply_fn: ApplyFn, params, batch: dict, key: jax.Array, state) -> tuple[jax.Array, jax.Array]: ...
+  def loss(self, net: Network, params, batch: dict, key: jax.Array, state) -> tuple[jax.Array, dict, Any]:
+    """(loss, metrics, new state): the training objective for one batch, corruption included (in jit)."""
 
-  def sample(self, apply_fn: ApplyFn, params, key: jax.Array, canvas: jax.Array, sampler_cfg, state,
-             gen_start: int = 0, eos_id: int | None = None) -> tuple[jax.Array, dict]: ...
+  def bound(self, net: Network, params, batch: dict, key: jax.Array, state) -> tuple[jax.Array, jax.Array]:
+    """(nats [B], tokens [B]): an upper bound on -log p(x) per sequence (the exact NLL for an AR model)."""
+
+  def sampling_net(self, net: Network, params, state, canvas: jax.Array, steps: int) -> registry.SamplingNet:
+    """The family's side of sampling (in jit): its network as the samplers' logits function(s) for `canvas` and the
+    family-specific sampler inputs for a budget of `steps` steps. `dlm_jax.samplers.run_sampler` does the rest."""
+
+  def describe(self) -> dict:
+    """Fields that identify the model in dlm-eval / dlm-sample records (e.g. block_size)."""
 
 
-class AbsorbingVocab:
-  """The vocabulary of the mask-token (absorbing-state) families, masked and block diffusion: the tokenizer's
-  `vocab_size` tokens plus one mask id (= vocab_size) on input, the tokens alone on output; no non-gradient state."""
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  """The vocabulary fields every process has: the tokenizer's `vocab_size` and, as keyword-only constructor arguments,
+  the canvas mask id and the model's input / output sizes (None = the family's convention: `default_vocab`)."""
 
-  vocab_size: int
+  mask_id: Optional[int] = dataclasses.field(default=None, kw_only=True)
+  vocab_in: Optional[int] = dataclasses.field(default=None, kw_only=True)
+  vocab_out: Optional[int] = dataclasses.field(default=None, kw_only=True)
 
-  @property
-  def mask_id(self) -> int:
-    return self.vocab_size
+  capabilities = frozenset()
+  DEFAULT_SAMPLER = ""
+  CONFIG_KEYS = ()
 
-  @property
-  def vocab_in(self) -> int:
-    return self.vocab_size + 1
+  def default_vocab(self) -> dict:
+    raise NotImplementedError
 
-  @property
-  def vocab_out(self) -> int:
-    return self.vocab_size
+  def __post_init__(self):
+    for key, value in self.default_vocab().items():
+      if getattr(self, key) is None:
+        object.__setattr__(self, key, value)
+    if self.mask_id < 0:
+      raise DLMError(f"the mask id must be >= 0, got {self.mask_id}")
 
-  model_options = {}
+  @classmethod
+  def samplers(cls) -> tuple[str, ...]:
+    return registry.samplers_of(cls.__dataclass_fields__["name"].default)
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    del cfg
+
+  @classmethod
+  def decode_block_size(cls, cfg) -> Optional[int]:
+    del cfg
+    return None
 
   def init_state(self, key):
     del key
     return {}
+
+  def describe(self) -> dict:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class AbsorbingVocab(Vocab):
+  """The mask-token (absorbing-state) families, masked and block diffusion. Default vocabulary: the tokenizer's
+  `vocab_size` tokens plus one mask id (= vocab_size) on input, the tokens alone on output. A checkpoint whose mask id
+  lies inside its vocabulary (LLaDA, Dream) passes mask_id, vocab_in = vocab_out = its vocabulary."""
+
+  capabilities = frozenset({"infilling"})
+  model_options = {}  # the network takes token ids, the mask id among them
+
+  def default_vocab(self) -> dict:
+    return {"mask_id": self.vocab_size, "vocab_in": self.vocab_size + 1, "vocab_out": self.vocab_size}
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.mask_id >= self.vocab_in:
+      raise DLMError(f"the mask id {self.mask_id} is outside the model's input vocabulary of {self.vocab_in} ids")
+
+
+def network_layout(batch: dict) -> dict:
+  """The network keywords of a training / evaluation batch (packing segment ids when present)."""
+  seg = batch.get("segment_ids")
+  return {} if seg is None else {"segment_ids": seg}

@@ -17,8 +17,8 @@ loss calls the table is rebuilt: 128 bins of log sigma over [sigma_min, sigma_ma
 training density q ~ g(sigma) r^(1/2), g = sigma^3 / (sigma^3 + 0.1^3), sigma log-uniform within a bin.
 
 Samplers (`dlm_jax.samplers.continuous.edm`) on the inverse entropy-CDF grid (sigma_i splits the integral of r over
-log sigma into equal parts): "edm_churn" (default: EDM churn sampler.churn where the grid point lies in the gated band
-sampler.churn_band of the entropy CDF) and "edm" (deterministic).
+log sigma into equal parts): "edm_churn" (default: EDM churn sampler.edm_churn.churn where the grid point lies in the band
+sampler.edm_churn.band_lo .. band_hi of the entropy CDF) and "edm" (deterministic).
 Bound: the probability-flow ODE bound with y = (x - 1/2) / sigma = u (b - 1/2) + eps, u = 1 / sigma (decoder: per-bit
 Bernoulli at sigma_min; prior N(0, I) at sigma_max) with diffusion.bound_steps Heun steps log-uniform in sigma.
 """
@@ -32,9 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
+from dlm_jax import registry
 from dlm_jax.errors import DLMError
-from dlm_jax.processes.continuous import (ContinuousVocab, batch_layout, canvas_layout, ode_bound, self_conditioned,
-                                          uniform_levels)
+from dlm_jax.maths import to_bits
+from dlm_jax.processes.base import network_layout
+from dlm_jax.processes.continuous import (ContinuousVocab, buffer_init, buffer_write, canvas_layout,
+                                          check_continuous_keys, ode_bound, uniform_levels)
 
 BINS = 128
 LOGNORMAL = (-1.2, 1.2)  # mean, std of log sigma before the first table
@@ -45,6 +48,7 @@ def bits_for(vocab_size: int) -> int:
   return max(1, math.ceil(math.log2(vocab_size)))
 
 
+@registry.register_process
 @dataclasses.dataclass(frozen=True)
 class Bitstream(ContinuousVocab):
   vocab_size: int
@@ -60,9 +64,12 @@ class Bitstream(ContinuousVocab):
   divergence: str = "hutchinson"
   name: str = "bitstream"
 
-  SAMPLERS = ("edm_churn", "edm")
   DEFAULT_SAMPLER = "edm_churn"
-  DEFAULT_PRECISION = "float32"
+  CONFIG_KEYS = ("bits", "sigma_min", "sigma_max", "sigma_data", "antithetic", "self_cond_prob",
+                 "schedule_update_every", "schedule_buffer", "bound_steps")
+
+  def default_vocab(self) -> dict:
+    return {**super().default_vocab(), "vocab_out": self.bits}  # one logit per bit (the input is the bit adapter)
 
   def __post_init__(self):
     if self.bits == 0:
@@ -71,18 +78,27 @@ class Bitstream(ContinuousVocab):
       raise DLMError(f"diffusion.bits={self.bits} cannot hold a vocabulary of {self.vocab_size} tokens (it needs "
                      f"{bits_for(self.vocab_size)} bits, at most 30); set diffusion.bits=0 (the smallest width) or "
                      f">= {bits_for(self.vocab_size)}")
+    super().__post_init__()
 
   @classmethod
-  def from_config(cls, cfg, vocab_size: int) -> "Bitstream":
+  def from_config(cls, cfg, vocab_size: int, **vocab) -> "Bitstream":
     d = cfg.diffusion
     return cls(vocab_size=vocab_size, bits=d.bits, sigma_min=d.sigma_min,
                sigma_max=d.sigma_max, sigma_data=d.sigma_data, antithetic=d.antithetic,
                self_cond_prob=d.self_cond_prob, update_every=d.schedule_update_every, buffer_size=d.schedule_buffer,
-               bound_steps=d.bound_steps)
+               bound_steps=d.bound_steps, **vocab)
 
-  @property
-  def vocab_out(self) -> int:
-    return self.bits  # one logit per bit (vocab_in is not used: the input is the bit adapter)
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    d = cfg.diffusion
+    check_continuous_keys(cfg, cls.CONFIG_KEYS)
+    if not 0 < d.sigma_min < d.sigma_max:
+      raise DLMError(f"the bitstream noise range needs 0 < diffusion.sigma_min < diffusion.sigma_max, got "
+                     f"({d.sigma_min}, {d.sigma_max})")
+    if not d.sigma_data > 0:
+      raise DLMError(f"diffusion.sigma_data must be > 0, got {d.sigma_data}")
+    if not 0 <= d.bits <= 30:
+      raise DLMError(f"diffusion.bits must be in [0, 30] (0 = the smallest width for the vocabulary), got {d.bits}")
 
   @property
   def model_options(self) -> dict:
@@ -96,11 +112,9 @@ class Bitstream(ContinuousVocab):
 
   def init_state(self, key):
     del key
-    n = self.buffer_size
     edges = self._edges
     mass = jax.scipy.stats.norm.cdf(edges[1:], *LOGNORMAL) - jax.scipy.stats.norm.cdf(edges[:-1], *LOGNORMAL)
-    return {"log_sigma": jnp.zeros((n,), jnp.float32), "mse": jnp.zeros((n,), jnp.float32),
-            "written": jnp.int32(0), "calls": jnp.int32(0), "built": jnp.int32(0),
+    return {**buffer_init(self.buffer_size, "log_sigma", "mse"), "built": jnp.int32(0),
             "train_probs": (mass / mass.sum()).astype(jnp.float32),
             "rate": (mass / mass.sum()).astype(jnp.float32)}
 
@@ -127,11 +141,9 @@ class Bitstream(ContinuousVocab):
     cdf = jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(w)]) / jnp.sum(w)
     return jnp.interp(jnp.log(sigma), self._edges, cdf)
 
-  def rebuild(self, state) -> dict:
-    """The table from the buffer: per-bin mean MSE (empty bins: nearest filled neighbours), r = MSE / sigma^2,
-    q ~ g(sigma) sqrt(r)."""
-    n = self.buffer_size
-    valid = (jnp.arange(n) < state["written"]) & jnp.isfinite(state["mse"]) & jnp.isfinite(state["log_sigma"])
+  def rebuild(self, state, valid) -> dict:
+    """The table from the buffer's valid entries: per-bin mean MSE (empty bins: nearest filled neighbours),
+    r = MSE / sigma^2, q ~ g(sigma) sqrt(r)."""
     edges = self._edges
     idx = jnp.clip(jnp.searchsorted(edges, state["log_sigma"], side="right") - 1, 0, BINS - 1)
     w = valid.astype(jnp.float32)
@@ -155,14 +167,10 @@ class Bitstream(ContinuousVocab):
                 rate=jnp.where(ok, rate / jnp.sum(rate), state["rate"]), built=jnp.where(ok, 1, state["built"]))
 
   def update_schedule(self, state, log_sigma: jax.Array, mse: jax.Array) -> dict:
-    n = self.buffer_size
-    idx = (state["written"] + jnp.arange(log_sigma.shape[0], dtype=jnp.int32)) % n
-    new = dict(state, log_sigma=state["log_sigma"].at[idx].set(log_sigma), mse=state["mse"].at[idx].set(mse),
-               written=jnp.minimum(state["written"] + log_sigma.shape[0], jnp.int32(2 ** 30)),
-               calls=state["calls"] + 1)
+    new, valid = buffer_write(state, log_sigma=log_sigma, mse=mse)
     if not self.update_every:
       return new
-    return jax.lax.cond(new["calls"] % self.update_every == 0, self.rebuild, lambda s: s, new)
+    return jax.lax.cond(new["calls"] % self.update_every == 0, lambda s: self.rebuild(s, valid), lambda s: s, new)
 
   # --- network --------------------------------------------------------------------------------------------------------
 
@@ -178,10 +186,7 @@ class Bitstream(ContinuousVocab):
       logits = self.logits(apply_fn, params, x, sigma, sc, layout)
       return logits, jax.nn.sigmoid(logits)
 
-    zeros = jnp.zeros(x.shape, jnp.float32)
-    if key is None:
-      return fwd(fwd(zeros)[1] if self.self_cond_prob > 0 else zeros)[0]
-    return self_conditioned(fwd, zeros, self.self_cond_prob, key)[0]
+    return self.forward(fwd, jnp.zeros(x.shape, jnp.float32), key, self.self_cond_prob)
 
   def corrupt(self, key, tokens, sigma):
     """x = b + sigma eps [B, L, bits] for per-row noise levels sigma [B]."""
@@ -193,7 +198,6 @@ class Bitstream(ContinuousVocab):
     return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
   def to_bits(self, tokens):
-    from dlm_jax.samplers.continuous import to_bits
     return to_bits(tokens, self.bits)
 
   # --- training -------------------------------------------------------------------------------------------------------
@@ -205,7 +209,7 @@ class Bitstream(ContinuousVocab):
     sigma = self.sample_sigma(state, uniform_levels(k_u, b, self.antithetic))
     clean = self.to_bits(tokens)
     x = self.corrupt(k_eps, tokens, sigma)
-    logits = self._forward(apply_fn, params, x, sigma, batch_layout(batch), k_sc)
+    logits = self._forward(apply_fn, params, x, sigma, network_layout(batch), k_sc)
     sq = jnp.square(jax.nn.sigmoid(logits) - clean)
     loss = jnp.mean(self.loss_weight(sigma)[:, None] * jnp.sum(sq, axis=-1))
     bce = jnp.mean(jnp.sum(_bce(logits, clean), axis=-1))
@@ -217,7 +221,7 @@ class Bitstream(ContinuousVocab):
 
   def bound(self, apply_fn, params, batch, key, state):
     tokens = batch["tokens"]
-    layout = batch_layout(batch)
+    layout = network_layout(batch)
     # log-uniform in sigma, data end (1 / sigma_min) first: the entropy grid leaves steps at both ends that are far
     # too long for the divergence integral (it is a sampling grid)
     u_grid = jnp.exp(-jnp.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.bound_steps + 1))
@@ -234,23 +238,15 @@ class Bitstream(ContinuousVocab):
 
   # --- sampling -------------------------------------------------------------------------------------------------------
 
-  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state, gen_start: int = 0, eos_id=None):
-    """CoBit's samplers on the inverse entropy-CDF grid of sampler.steps steps: "edm_churn" (default; churn
-    sampler.churn inside sampler.churn_band of the entropy CDF) or "edm" (deterministic)."""
-    del gen_start, eos_id
-    from dlm_jax.samplers.common import PAD
-    from dlm_jax.samplers.continuous import edm
-
-    s = sampler_cfg
-    layout = canvas_layout(canvas, self.mask_id, PAD)
-    grid = self.sigma_grid(state, s.steps)
-    frac = self.entropy_fraction(state, grid[:-1])
-    stochastic = (s.name or self.DEFAULT_SAMPLER) == "edm_churn"
-    gate = (frac >= s.churn_band_lo) & (frac <= s.churn_band_hi) if stochastic else None
-    fn = lambda x, sigma, sc: self.logits(apply_fn, params, x, sigma, sc, layout["net"])
-    return edm(fn, key, canvas, mask_id=self.mask_id, vocab_size=self.vocab_size, bits=self.bits, sigma_grid=grid,
-               churn_gate=gate, churn=s.churn if stochastic else 0.0, temperature=s.temperature,
-               self_condition=self.self_cond_prob > 0)
+  def sampling_net(self, net, params, state, canvas, steps):
+    """The per-bit network with the matched filter for CoBit's samplers on the inverse entropy-CDF grid of `steps`
+    steps, with each grid point's entropy-CDF fraction (the churn band is a sampler option)."""
+    layout = canvas_layout(canvas, self.mask_id)
+    grid = self.sigma_grid(state, steps)
+    fn = lambda x, sigma, sc: self.logits(net, params, x, sigma, sc, layout)
+    return registry.SamplingNet(mask_id=self.mask_id, logits_fn=fn, arguments={
+        "vocab_size": self.vocab_size, "bits": self.bits, "sigma_grid": grid,
+        "entropy_fraction": self.entropy_fraction(state, grid[:-1]), "self_condition": self.self_cond_prob > 0})
 
 
 def _bce(logits: jax.Array, target: jax.Array) -> jax.Array:

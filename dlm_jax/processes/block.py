@@ -24,16 +24,16 @@ block; at block size 1 a KV-cached autoregressive sampler).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlm_jax.processes.masked import sample_times, token_nll
-from dlm_jax.processes.base import AbsorbingVocab
-from dlm_jax.processes.schedules import Schedule
+from dlm_jax import registry
+from dlm_jax.errors import DLMError
+from dlm_jax.maths import Schedule, sample_times, token_nll
+from dlm_jax.processes.base import AbsorbingVocab, network_layout
 
 
 def bd3_mask(length: int, block_size: int) -> np.ndarray:
@@ -51,31 +51,56 @@ def bd3_mask(length: int, block_size: int) -> np.ndarray:
   return ((bq == bk) & (xq == xk)) | ((bq > bk) & xk & ~xq) | ((bq >= bk) & xk & xq)
 
 
-def _llada_steps(steps: int, block: int, sub_block: int) -> int:
-  """sampler.steps counts steps per block; LLaDA inside a block of `block` tokens needs at most one step per token,
-  and a multiple of its number of sub-blocks."""
-  subs = block // sub_block if sub_block and block % sub_block == 0 else 1
-  steps = min(steps, block)
-  return max(subs, steps - steps % subs)
-
-
+@registry.register_process
 @dataclasses.dataclass(frozen=True)
 class BlockDiffusion(AbsorbingVocab):
-  vocab_size: int  # tokenizer vocabulary; the mask id is vocab_size
+  vocab_size: int  # tokenizer vocabulary
   block_size: int = 16
   t_min: float = 1e-3  # beta
   t_max: float = 1.0  # omega
   antithetic: bool = True
   name: str = "block"
 
-  SAMPLERS = ("ancestral", "first_hitting", "llada", "remdm")
   DEFAULT_SAMPLER = "first_hitting"
-  DEFAULT_PRECISION = "float32"
+  CONFIG_KEYS = ("block_size", "t_min", "t_max", "antithetic")
+
+  @property
+  def capabilities(self) -> frozenset:
+    """Block size 1 is an autoregressive model (exact NLL); larger blocks have BD3-LM's clipped-interval search.
+    Generation is left to right (no infilling)."""
+    return frozenset({"exact_nll"} if self.autoregressive else {"clip_search"})
 
   @classmethod
-  def from_config(cls, cfg, vocab_size: int) -> "BlockDiffusion":
+  def from_config(cls, cfg, vocab_size: int, **vocab) -> "BlockDiffusion":
     d = cfg.diffusion
-    return cls(vocab_size=vocab_size, block_size=d.block_size, t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic)
+    return cls(vocab_size=vocab_size, block_size=d.block_size, t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic,
+               **vocab)
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    d, df, s = cfg.data, cfg.diffusion, cfg.sampler
+
+    def need(ok, msg):
+      if not ok:
+        raise DLMError(msg)
+    need(df.block_size >= 1, f"diffusion.block_size must be >= 1, got {df.block_size}")
+    need(0 < df.t_min < 1, f"diffusion.t_min must be in (0, 1), got {df.t_min}")
+    need(0 < df.t_max <= 1 and df.t_min < df.t_max,
+         f"the clipped noise interval (diffusion.t_min, diffusion.t_max) = ({df.t_min}, {df.t_max}) must lie in (0, 1] "
+         "and be non-empty (t_min < t_max)")
+    need(d.seq_len % df.block_size == 0,
+         f"diffusion.block_size ({df.block_size}) must divide data.seq_len ({d.seq_len}); change one of them")
+    need((s.length or d.seq_len) % df.block_size == 0,
+         f"sampler.length ({s.length or d.seq_len}) must be a multiple of diffusion.block_size ({df.block_size})")
+    need(not cfg.model.time_conditioning, "diffusion.process='block' trains one sequence with a noise level per "
+         "block, so the network cannot take a single t; set model.time_conditioning=False")
+
+  @classmethod
+  def decode_block_size(cls, cfg) -> int:
+    return cfg.diffusion.block_size
+
+  def describe(self) -> dict:
+    return {"block_size": self.block_size, "exact_nll": self.autoregressive}
 
   @property
   def time_conditioned(self) -> bool:
@@ -98,9 +123,7 @@ class BlockDiffusion(AbsorbingVocab):
     b, l = x.shape
     self._check(l)
     pos = jnp.arange(l, dtype=jnp.int32)
-    kwargs = {}
-    if "segment_ids" in batch:
-      kwargs["segment_ids"] = jnp.concatenate([batch["segment_ids"]] * 2, axis=1)
+    kwargs = {k: jnp.concatenate([v] * 2, axis=1) for k, v in network_layout(batch).items()}
     logits = apply_fn(params, jnp.concatenate([z, x], axis=1),
                       positions=jnp.broadcast_to(jnp.concatenate([pos, pos])[None], (b, 2 * l)),
                       mask=jnp.asarray(bd3_mask(l, self.block_size))[None, None], output_len=l, **kwargs)
@@ -168,38 +191,12 @@ class BlockDiffusion(AbsorbingVocab):
     per_block = jnp.where(masked, nll, 0.0).reshape(b, n, bs).sum(-1) * (bs / m[..., 0].astype(jnp.float32))
     return jnp.sum(per_block, axis=-1), ntok
 
-  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state, gen_start: int = 0, eos_id=None):
-    """Block-by-block generation (`dlm_jax.samplers.block`): `sampler_cfg.name` picks the masked sampler used inside
-    each block ("first_hitting" by default, "ancestral", "llada" or "remdm"); sampler.cache "prefix" (default) keeps
-    the clean blocks' K/V. Rows come back left-aligned (prompt first); a stopped row ends with PAD."""
-    del state, gen_start
-    from dlm_jax import model as model_lib
-    from dlm_jax.samplers import ancestral, block_diffusion, first_hitting, llada, remdm
-    from dlm_jax.samplers.common import truncated
-
-    s, b = sampler_cfg, self.block_size
-    name, cache = s.name or "first_hitting", s.cache or "prefix"
-    trunc = dict(top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, mask_id=self.mask_id)
-    logits_fn = truncated(model_lib.logits_fn(apply_fn, params, block_size=b), **trunc)
-    cached = None
-    if cache == "prefix":
-      cached = truncated(model_lib.cached_logits_fn(apply_fn, params, block_size=b), **trunc)
-    common = dict(mask_id=self.mask_id, temperature=s.temperature, precision=s.precision or self.DEFAULT_PRECISION)
-    linear = Schedule("linear")
-    if name == "llada":
-      inner = functools.partial(
-          llada, gen_start=0, gen_length=b, block_length=s.block_length or b,
-          steps=None if (s.threshold or s.factor) else _llada_steps(s.steps, b, s.block_length or b),
-          remasking=s.remasking, confidence=s.confidence,
-          position_temperature=s.position_temperature, threshold=s.threshold or None, factor=s.factor or None,
-          prophet=s.prophet, **common)
-    elif name == "ancestral":
-      inner = functools.partial(ancestral, steps=s.steps, schedule=linear, **common)
-    elif name == "remdm":
-      inner = functools.partial(remdm, steps=s.steps, eta=s.eta, strategy=s.remdm_strategy, t_on=s.t_on,
-                                schedule=linear, **common)
-    else:
-      inner = functools.partial(first_hitting, **common) if b > 1 else None
-    return block_diffusion(logits_fn, key, canvas, block_size=b, inner=inner, cached_fn=cached,
-                           eos_id=eos_id if s.stop_at_eos else None, entropy_stop=s.entropy_stop,
-                           entropy_window=s.entropy_window, **common)
+  def sampling_net(self, net, params, state, canvas, steps):
+    """Block-causal forwards (uncached, and cached over the clean blocks' K/V) for block-by-block generation
+    (`dlm_jax.samplers.block`); inside a block the masked samplers see the linear schedule."""
+    del state, canvas, steps
+    b = self.block_size
+    return registry.SamplingNet(
+        mask_id=self.mask_id, logits_fn=net.logits_fn(params, block_size=b),
+        cached_logits_fn=net.cached_logits_fn(params, block_size=b), block_size=b,
+        arguments={"schedule": Schedule("linear"), "time_conditioned": False})

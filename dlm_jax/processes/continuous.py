@@ -23,12 +23,16 @@ exactly (`divergence="exact"`, a Jacobian per step: small cases and tests).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.processes.masked import sample_times
+from dlm_jax.errors import DLMError
+from dlm_jax.maths import PAD, pad_layout, sample_times
+from dlm_jax.processes.base import Vocab
 from dlm_jax.sharding import constrain
 
 
@@ -111,15 +115,11 @@ def ode_bound(velocity: Callable, decoder_nll: Callable, e: jax.Array, u_grid: j
   return dec + div_total + prior, {"decoder": dec, "divergence": div_total, "prior": prior}
 
 
-def canvas_layout(canvas: jax.Array, mask_id: int, pad_id: int) -> dict:
-  """A sampling canvas [B, L] (free positions = mask_id, left padding = pad_id, anything else fixed) -> the network's
-  row layout (PAD never attended, positions counted from each row's first token) and the masks the samplers need."""
-  valid = canvas != pad_id
-  positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
-  return {"net": {"positions": positions, "segment_ids": jnp.zeros(canvas.shape, jnp.int32),
-                  "kv_segment_ids": jnp.where(valid, 0, -1).astype(jnp.int32)},
-          "free": canvas == mask_id, "fixed": valid & (canvas != mask_id), "valid": valid,
-          "tokens": jnp.where(valid & (canvas != mask_id), canvas, 0)}
+def canvas_layout(canvas: jax.Array, mask_id: int) -> dict:
+  """A sampling canvas [B, L] (free positions = mask_id, left padding = PAD, anything else fixed) -> the network's
+  row layout (`maths.pad_layout`: PAD never attended, positions counted from each row's first token)."""
+  layout = pad_layout(canvas, PAD)
+  return {k: layout[k] for k in ("positions", "segment_ids", "kv_segment_ids")}
 
 
 def lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -128,31 +128,17 @@ def lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
   return jnp.take(constrain(table, (None, None)), tokens, axis=0)
 
 
-def batch_layout(batch: dict) -> dict:
-  """The network keywords of a training / evaluation batch (packing segment ids when present)."""
-  seg = batch.get("segment_ids")
-  return {} if seg is None else {"segment_ids": seg}
-
-
-class ContinuousVocab:
+@dataclasses.dataclass(frozen=True)
+class ContinuousVocab(Vocab):
   """Vocabulary conventions of the continuous families: the network's input is a vector, not an id; sampling
   canvases mark free positions with `mask_id` = vocab_size (never fed to the network). The network is always
   conditioned on the noise level (model.time_conditioning is implied). The input table and the output classes are the
   tokenizer's `vocab_size` tokens unless a family says otherwise (bitstream: one output per bit)."""
 
-  vocab_size: int
+  capabilities = frozenset({"infilling"})
 
-  @property
-  def mask_id(self) -> int:
-    return self.vocab_size
-
-  @property
-  def vocab_in(self) -> int:
-    return self.vocab_size
-
-  @property
-  def vocab_out(self) -> int:
-    return self.vocab_size
+  def default_vocab(self) -> dict:
+    return {"mask_id": self.vocab_size, "vocab_in": self.vocab_size, "vocab_out": self.vocab_size}
 
   @property
   def time_conditioned(self) -> bool:
@@ -161,3 +147,51 @@ class ContinuousVocab:
   @property
   def model_options(self) -> dict:
     return {"time_conditioning": True}
+
+  def forward(self, fwd, zeros: jax.Array, key, prob: float):
+    """`fwd(sc) -> (logits, estimate)` with self-conditioning: during training (key given) with probability `prob`
+    per example (`self_conditioned`); for the bound and sampling (key None) always, from a first pass at sc = 0."""
+    if key is None:
+      return fwd(fwd(zeros)[1] if prob > 0 else zeros)[0]
+    return self_conditioned(fwd, zeros, prob, key)[0]
+
+
+def check_continuous_keys(cfg, keys) -> None:
+  """Range checks of the continuous families' diffusion.* keys that `keys` names."""
+  d = cfg.diffusion
+  checks = {
+      "self_cond_prob": (0 <= d.self_cond_prob <= 1, f"diffusion.self_cond_prob is a probability; it must be in "
+                         f"[0, 1], got {d.self_cond_prob}"),
+      "bound_steps": (d.bound_steps >= 1, f"diffusion.bound_steps must be >= 1, got {d.bound_steps}"),
+      "schedule_update_every": (d.schedule_update_every >= 0, f"diffusion.schedule_update_every must be >= 0 "
+                                f"(0 = fixed schedule), got {d.schedule_update_every}"),
+      "schedule_buffer": (d.schedule_buffer >= 16, f"diffusion.schedule_buffer must be >= 16, got "
+                          f"{d.schedule_buffer}"),
+      "t_min": (0 < d.t_min < 1, f"diffusion.t_min must be in (0, 1), got {d.t_min}"),
+  }
+  for key in keys:
+    if key in checks and not checks[key][0]:
+      raise DLMError(checks[key][1])
+    value = d[key]
+    if isinstance(value, float) and not math.isfinite(value):
+      raise DLMError(f"diffusion.{key} must be a finite number, got {value}")
+
+
+def buffer_init(size: int, *columns: str) -> dict:
+  """An empty FIFO buffer of (noise level, error) records for the learned schedules: one float32 [size] array per
+  column, the number of records written and of loss calls."""
+  return {**{c: jnp.zeros((size,), jnp.float32) for c in columns}, "written": jnp.int32(0), "calls": jnp.int32(0)}
+
+
+def buffer_write(state: dict, **columns: jax.Array) -> tuple[dict, jax.Array]:
+  """Appends one record per example to the FIFO buffer in `state` and counts the loss call. Returns (new state, valid
+  [size]: the written, finite entries)."""
+  first = next(iter(columns.values()))
+  size = state[next(iter(columns))].shape[0]
+  idx = (state["written"] + jnp.arange(first.shape[0], dtype=jnp.int32)) % size
+  new = dict(state, **{k: state[k].at[idx].set(v) for k, v in columns.items()},
+             written=jnp.minimum(state["written"] + first.shape[0], jnp.int32(2 ** 30)), calls=state["calls"] + 1)
+  valid = jnp.arange(size) < new["written"]
+  for k in columns:
+    valid = valid & jnp.isfinite(new[k])
+  return new, valid

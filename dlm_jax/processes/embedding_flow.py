@@ -29,9 +29,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.processes.continuous import (ContinuousVocab, batch_layout, canvas_layout, lookup, ode_bound,
-                                          self_conditioned, uniform_levels)
-from dlm_jax.processes.masked import token_nll
+from dlm_jax.errors import DLMError
+
+from dlm_jax import registry
+from dlm_jax.maths import token_nll
+from dlm_jax.processes.base import network_layout
+from dlm_jax.processes.continuous import (ContinuousVocab, buffer_init, buffer_write, canvas_layout,
+                                          check_continuous_keys, lookup, ode_bound, uniform_levels)
 
 C_CLAMP = 1e-5
 G_SCALE = 16.0  # the network's time input is g / G_SCALE
@@ -85,6 +89,7 @@ def fit_gumbel(g: jax.Array, ce: jax.Array, valid: jax.Array, mu, beta, iters: i
   return new_mu, new_beta, ok
 
 
+@registry.register_process
 @dataclasses.dataclass(frozen=True)
 class EmbeddingFlow(ContinuousVocab):
   vocab_size: int
@@ -98,16 +103,23 @@ class EmbeddingFlow(ContinuousVocab):
   divergence: str = "hutchinson"
   name: str = "embedding_flow"
 
-  SAMPLERS = ("ddim",)
   DEFAULT_SAMPLER = "ddim"
-  DEFAULT_PRECISION = "float64"
+  CONFIG_KEYS = ("antithetic", "self_cond_prob", "gumbel_mu", "gumbel_beta", "schedule_update_every",
+                 "schedule_buffer", "bound_steps")
 
   @classmethod
-  def from_config(cls, cfg, vocab_size: int) -> "EmbeddingFlow":
+  def from_config(cls, cfg, vocab_size: int, **vocab) -> "EmbeddingFlow":
     d = cfg.diffusion
     return cls(vocab_size=vocab_size, antithetic=d.antithetic, self_cond_prob=d.self_cond_prob,
                gumbel_mu=d.gumbel_mu, gumbel_beta=d.gumbel_beta, update_every=d.schedule_update_every,
-               buffer_size=d.schedule_buffer, bound_steps=d.bound_steps)
+               buffer_size=d.schedule_buffer, bound_steps=d.bound_steps, **vocab)
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    check_continuous_keys(cfg, cls.CONFIG_KEYS)
+    if not cfg.diffusion.gumbel_beta > 0:
+      raise DLMError(f"diffusion.gumbel_beta (the Gumbel schedule's scale) must be > 0, got "
+                     f"{cfg.diffusion.gumbel_beta}")
 
   @property
   def model_options(self) -> dict:
@@ -115,45 +127,40 @@ class EmbeddingFlow(ContinuousVocab):
 
   def init_state(self, key):
     del key
-    n = self.buffer_size
     return {"mu": jnp.float32(self.gumbel_mu), "beta": jnp.float32(self.gumbel_beta),
-            "g": jnp.zeros((n,), jnp.float32), "ce": jnp.zeros((n,), jnp.float32),
-            "written": jnp.int32(0), "calls": jnp.int32(0)}
+            **buffer_init(self.buffer_size, "g", "ce")}
 
   # --- network --------------------------------------------------------------------------------------------------------
 
-  def embeddings(self, params) -> jax.Array:
+  def embeddings(self, net, params) -> jax.Array:
     """E [V, D]: the input table's rows normalised to norm sqrt(D)."""
-    e = params["embed"].astype(jnp.float32)
+    e = net.input_table(params)
     return e * (math.sqrt(e.shape[1]) / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6))
 
   def logits(self, apply_fn, params, z, g, sc, layout) -> jax.Array:
     """NN(z, g, sc) + c_skip(g) z E^T  [B, L, V]."""
-    e = self.embeddings(params)
+    e = self.embeddings(apply_fn, params)
     out = apply_fn(params, None, embeddings=z, self_cond=sc, t=g / G_SCALE, **layout)
     return out + c_skip(g)[:, None, None] * (z.astype(jnp.float32) @ e.T)
 
   def _forward(self, apply_fn, params, z, g, layout, key):
     """Logits with self-conditioning (probability self_cond_prob per example; key None = always)."""
-    e = self.embeddings(params)
+    e = self.embeddings(apply_fn, params)
 
     def fwd(sc):
       logits = self.logits(apply_fn, params, z, g, sc, layout)
       return logits, jax.nn.softmax(logits, axis=-1) @ e
 
-    zeros = jnp.zeros(z.shape, jnp.float32)
-    if key is None:
-      return fwd(fwd(zeros)[1] if self.self_cond_prob > 0 else zeros)[0]
-    return self_conditioned(fwd, zeros, self.self_cond_prob, key)[0]
+    return self.forward(fwd, jnp.zeros(z.shape, jnp.float32), key, self.self_cond_prob)
 
   def levels(self, state, u: jax.Array) -> jax.Array:
     return gumbel_g(u, state["mu"], state["beta"])
 
   # --- training -------------------------------------------------------------------------------------------------------
 
-  def corrupt(self, key, tokens, g, params):
+  def corrupt(self, key, tokens, g, net, params):
     """z = alpha e_x + sigma eps [B, L, D] for per-row log noise-to-signal ratios g [B]."""
-    e = self.embeddings(params)
+    e = self.embeddings(net, params)
     gb = g[:, None, None]
     eps = jax.random.normal(key, tokens.shape + (e.shape[1],), jnp.float32)
     return jnp.sqrt(jax.nn.sigmoid(-gb)) * lookup(e, tokens) + jnp.sqrt(jax.nn.sigmoid(gb)) * eps
@@ -163,8 +170,8 @@ class EmbeddingFlow(ContinuousVocab):
     b = tokens.shape[0]
     k_u, k_eps, k_sc = jax.random.split(key, 3)
     g = self.levels(state, uniform_levels(k_u, b, self.antithetic))
-    z = self.corrupt(k_eps, tokens, g, params)
-    logits = self._forward(apply_fn, params, z, g, batch_layout(batch), k_sc)
+    z = self.corrupt(k_eps, tokens, g, apply_fn, params)
+    logits = self._forward(apply_fn, params, z, g, network_layout(batch), k_sc)
     ce = token_nll(logits, tokens)
     loss = jnp.mean(ce)
     new_state = self.update_schedule(state, jax.lax.stop_gradient(g), jax.lax.stop_gradient(jnp.mean(ce, axis=-1)))
@@ -172,27 +179,23 @@ class EmbeddingFlow(ContinuousVocab):
 
   def update_schedule(self, state, g: jax.Array, ce: jax.Array) -> dict:
     """Writes (g, CE) of each example into the FIFO buffer; every update_every calls refits mu and beta."""
-    n = self.buffer_size
-    idx = (state["written"] + jnp.arange(g.shape[0], dtype=jnp.int32)) % n
-    new = dict(state, g=state["g"].at[idx].set(g), ce=state["ce"].at[idx].set(ce),
-               written=jnp.minimum(state["written"] + g.shape[0], jnp.int32(2 ** 30)), calls=state["calls"] + 1)
+    new, valid = buffer_write(state, g=g, ce=ce)
     if not self.update_every:
       return new
-    valid = (jnp.arange(n) < new["written"]) & jnp.isfinite(new["ce"]) & jnp.isfinite(new["g"])
 
     def refit(s):
       mu, beta, ok = fit_gumbel(s["g"], s["ce"], valid, s["mu"], s["beta"])
       return dict(s, mu=jnp.where(ok, mu, s["mu"]), beta=jnp.where(ok, beta, s["beta"]))
 
-    due = (new["calls"] % self.update_every == 0) & (jnp.sum(valid) >= min(MIN_FIT_POINTS, n))
+    due = (new["calls"] % self.update_every == 0) & (jnp.sum(valid) >= min(MIN_FIT_POINTS, self.buffer_size))
     return jax.lax.cond(due, refit, lambda s: s, new)
 
   # --- likelihood bound -----------------------------------------------------------------------------------------------
 
   def bound(self, apply_fn, params, batch, key, state):
     tokens = batch["tokens"]
-    layout = batch_layout(batch)
-    e_tab = self.embeddings(params)
+    layout = network_layout(batch)
+    e_tab = self.embeddings(apply_fn, params)
     # uniform in log-SNR between the schedule's ends g_min (data) and g_max: Heun's error there is a third of that on
     # the Gumbel quantile grid at the same step count (a sampling grid, coarse in the tails)
     g_lo, g_hi = self.levels(state, jnp.array([0.0, 1.0]))
@@ -209,17 +212,11 @@ class EmbeddingFlow(ContinuousVocab):
 
   # --- sampling -------------------------------------------------------------------------------------------------------
 
-  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state, gen_start: int = 0, eos_id=None):
-    """LangFlow's DDIM / x0-Euler sampler (`dlm_jax.samplers.continuous.ddim`) on the Gumbel grid of sampler.steps
-    steps, self-conditioning carried, state arithmetic in sampler.precision (float64 by default)."""
-    del gen_start, eos_id
-    from dlm_jax.samplers.common import PAD
-    from dlm_jax.samplers.continuous import ddim
-
-    s = sampler_cfg
-    layout = canvas_layout(canvas, self.mask_id, PAD)
-    g_grid = self.levels(state, jnp.linspace(1.0 - C_CLAMP, C_CLAMP, s.steps + 1))
-    fn = lambda z, g, sc: self.logits(apply_fn, params, z, g, sc, layout["net"])
-    return ddim(fn, key, canvas, mask_id=self.mask_id, g_grid=g_grid, embed=self.embeddings(params),
-                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                precision=s.precision or self.DEFAULT_PRECISION, self_condition=self.self_cond_prob > 0)
+  def sampling_net(self, net, params, state, canvas, steps):
+    """The network with the skip term over embedding states for LangFlow's DDIM sampler on the Gumbel grid of
+    `steps` steps (self-conditioning carried when trained with it)."""
+    layout = canvas_layout(canvas, self.mask_id)
+    fn = lambda z, g, sc: self.logits(net, params, z, g, sc, layout)
+    return registry.SamplingNet(mask_id=self.mask_id, logits_fn=fn, arguments={
+        "g_grid": self.levels(state, jnp.linspace(1.0 - C_CLAMP, C_CLAMP, steps + 1)),
+        "embed": self.embeddings(net, params), "self_condition": self.self_cond_prob > 0})

@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlm_jax.processes.continuous import (ContinuousVocab, batch_layout, canvas_layout, lookup, ode_bound,
+from dlm_jax import registry
+from dlm_jax.maths import token_nll
+from dlm_jax.processes.base import network_layout
+from dlm_jax.processes.continuous import (ContinuousVocab, canvas_layout, check_continuous_keys, lookup, ode_bound,
                                           uniform_levels)
-from dlm_jax.processes.masked import token_nll
 
 GH_NODES = 100
 TABLE_POINTS = 10_000
@@ -63,6 +65,7 @@ def signal_level_table(k: int, points: int = TABLE_POINTS, nodes: int = GH_NODES
   return g[keep].astype(np.float32), a32[keep]
 
 
+@registry.register_process
 @dataclasses.dataclass(frozen=True)
 class OneHotFlow(ContinuousVocab):
   vocab_size: int
@@ -73,19 +76,18 @@ class OneHotFlow(ContinuousVocab):
   divergence: str = "hutchinson"
   name: str = "flow"
 
-  SAMPLERS = ("euler",)
   DEFAULT_SAMPLER = "euler"
-  DEFAULT_PRECISION = "float32"
+  CONFIG_KEYS = ("antithetic", "flow_embed_state", "t_min", "bound_steps")
 
   @classmethod
-  def from_config(cls, cfg, vocab_size: int) -> "OneHotFlow":
+  def from_config(cls, cfg, vocab_size: int, **vocab) -> "OneHotFlow":
     d = cfg.diffusion
     return cls(vocab_size=vocab_size, antithetic=d.antithetic, embed_state=d.flow_embed_state, t_end=d.t_min,
-               bound_steps=d.bound_steps)
+               bound_steps=d.bound_steps, **vocab)
 
-  def init_state(self, key):
-    del key
-    return {}
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    check_continuous_keys(cfg, cls.CONFIG_KEYS)
 
   # --- the time reparameterisation ----------------------------------------------------------------------------------
 
@@ -99,20 +101,20 @@ class OneHotFlow(ContinuousVocab):
 
   # --- corruption ---------------------------------------------------------------------------------------------------
 
-  def noise_factor(self, params) -> jax.Array:
+  def noise_factor(self, net, params) -> jax.Array:
     """C [D, D] with C C^T = E^T E (plus a 1e-6 relative jitter): eps E ~ n C^T for n ~ N(0, I_D)."""
-    e = params["embed"].astype(jnp.float32)
+    e = net.input_table(params)
     gram = e.T @ e
     jitter = 1e-6 * jnp.trace(gram) / gram.shape[0]
     return jnp.linalg.cholesky(gram + jitter * jnp.eye(gram.shape[0], dtype=gram.dtype))
 
-  def corrupt(self, key, tokens, g, params):
+  def corrupt(self, key, tokens, g, net, params):
     """The network input h = x_g E [B, L, D] for per-row levels g [B]."""
-    e = params["embed"].astype(jnp.float32)
+    e = net.input_table(params)
     gb = g[:, None, None]
     if self.embed_state:
       n = jax.random.normal(key, tokens.shape + (e.shape[1],), jnp.float32)
-      return (1.0 - gb) * (n @ self.noise_factor(params).T) + gb * lookup(e, tokens)
+      return (1.0 - gb) * (n @ self.noise_factor(net, params).T) + gb * lookup(e, tokens)
     eps = jax.random.normal(key, tokens.shape + (self.vocab_size,), jnp.float32)
     x_g = (1.0 - gb) * eps + gb * jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32)
     return x_g @ e
@@ -121,8 +123,8 @@ class OneHotFlow(ContinuousVocab):
     tokens = batch["tokens"]
     k_t, k_eps = jax.random.split(key)
     t = uniform_levels(k_t, tokens.shape[0], self.antithetic)
-    h = self.corrupt(k_eps, tokens, self.g_of_t(t), params)
-    logits = apply_fn(params, None, embeddings=h, t=t, **batch_layout(batch))
+    h = self.corrupt(k_eps, tokens, self.g_of_t(t), apply_fn, params)
+    logits = apply_fn(params, None, embeddings=h, t=t, **network_layout(batch))
     ce = token_nll(logits, tokens)
     loss = jnp.mean(ce)
     return loss, {"cross_entropy": loss}, state
@@ -131,8 +133,8 @@ class OneHotFlow(ContinuousVocab):
 
   def bound(self, apply_fn, params, batch, key, state):
     tokens = batch["tokens"]
-    e_tab = params["embed"].astype(jnp.float32)
-    layout = batch_layout(batch)
+    e_tab = apply_fn.input_table(params)
+    layout = network_layout(batch)
     t_grid = jnp.linspace(1.0 - self.t_end, 0.0, self.bound_steps + 1)
     g = self.g_of_t(t_grid)
     u_grid = g / (1.0 - g)
@@ -149,23 +151,17 @@ class OneHotFlow(ContinuousVocab):
 
   # --- sampling -----------------------------------------------------------------------------------------------------
 
-  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state, gen_start: int = 0, eos_id=None):
-    """FLM's Euler sampler (`dlm_jax.samplers.continuous.flow_euler`) on t_i = i / S, g_i = A^-1(t_i),
-    S = sampler.steps; the state carried in R^D when diffusion.flow_embed_state."""
-    del state, gen_start, eos_id
-    from dlm_jax.samplers.common import PAD
-    from dlm_jax.samplers.continuous import flow_euler
-
-    s = sampler_cfg
-    layout = canvas_layout(canvas, self.mask_id, PAD)
-    e_tab = params["embed"].astype(jnp.float32)
-    t_grid = jnp.arange(s.steps + 1, dtype=jnp.float32) / s.steps
-    g_grid = self.g_of_t(t_grid)
+  def sampling_net(self, net, params, state, canvas, steps):
+    """The network over the flow state for FLM's Euler sampler on t_i = i / S, g_i = A^-1(t_i) (S = steps); the state
+    carried in R^D when diffusion.flow_embed_state."""
+    del state
+    layout = canvas_layout(canvas, self.mask_id)
+    e_tab = net.input_table(params)
+    t_grid = jnp.arange(steps + 1, dtype=jnp.float32) / steps
+    arguments = {"vocab_size": self.vocab_size, "g_grid": self.g_of_t(t_grid), "t_grid": t_grid}
     if self.embed_state:
-      fn = lambda h, t: apply_fn(params, None, embeddings=h, t=t, **layout["net"])
-      extra = {"basis": e_tab, "noise_factor": self.noise_factor(params)}
+      fn = lambda h, t: net(params, None, embeddings=h, t=t, **layout)
+      arguments.update(basis=e_tab, noise_factor=self.noise_factor(net, params))
     else:
-      fn = lambda z, t: apply_fn(params, None, embeddings=z @ e_tab, t=t, **layout["net"])
-      extra = {}
-    return flow_euler(fn, key, canvas, mask_id=self.mask_id, vocab_size=self.vocab_size, g_grid=g_grid,
-                      t_grid=t_grid, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, **extra)
+      fn = lambda z, t: net(params, None, embeddings=z @ e_tab, t=t, **layout)
+    return registry.SamplingNet(mask_id=self.mask_id, logits_fn=fn, arguments=arguments)

@@ -25,31 +25,18 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.processes.base import AbsorbingVocab
-from dlm_jax.processes.schedules import Schedule
+from dlm_jax import registry
+from dlm_jax.errors import DLMError
+from dlm_jax.maths import SCHEDULES, Schedule, sample_times, token_nll
+from dlm_jax.processes.base import AbsorbingVocab, network_layout
+
+OBJECTIVES = ("mdlm", "llada")
 
 
-def sample_times(key: jax.Array, n: int, t_min: float, antithetic: bool, t_max: float = 1.0) -> jax.Array:
-  """n times in [t_min, t_max]: low-discrepancy (u/n + i/n mod 1) when antithetic, else i.i.d. uniform."""
-  if antithetic:
-    u = jax.random.uniform(key, ())
-    e = jnp.mod(u / n + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
-  else:
-    e = jax.random.uniform(key, (n,))
-  return (t_max - t_min) * e + t_min
-
-
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """-log softmax(logits)[target], float32, [B, L]."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return lse - picked
-
-
+@registry.register_process
 @dataclasses.dataclass(frozen=True)
 class MaskedDiffusion(AbsorbingVocab):
-  vocab_size: int  # tokenizer vocabulary; the mask id is vocab_size
+  vocab_size: int  # tokenizer vocabulary
   schedule: Schedule = Schedule("linear")
   objective: str = "mdlm"
   t_min: float = 1e-3
@@ -57,20 +44,26 @@ class MaskedDiffusion(AbsorbingVocab):
   time_conditioning: bool = False
   name: str = "masked"
 
-  SAMPLERS = ("ancestral", "first_hitting", "llada", "remdm")
   DEFAULT_SAMPLER = "ancestral"
-  DEFAULT_PRECISION = "float32"
+  CONFIG_KEYS = ("schedule", "schedule_power", "schedule_eps", "objective", "t_min", "antithetic")
 
   @classmethod
-  def from_config(cls, cfg, vocab_size: int) -> "MaskedDiffusion":
+  def from_config(cls, cfg, vocab_size: int, **vocab) -> "MaskedDiffusion":
     d = cfg.diffusion
     return cls(vocab_size=vocab_size, schedule=Schedule(d.schedule, d.schedule_power, d.schedule_eps),
                objective=d.objective, t_min=d.t_min, antithetic=d.antithetic,
-               time_conditioning=cfg.model.time_conditioning)
+               time_conditioning=cfg.model.time_conditioning, **vocab)
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    check_schedule_keys(cfg.diffusion)
 
   @property
   def time_conditioned(self) -> bool:
     return self.time_conditioning
+
+  def describe(self) -> dict:
+    return {"schedule": self.schedule.name, "objective": self.objective}
 
   # --- corruption and per-sequence terms --------------------------------------------------------------------------
 
@@ -85,9 +78,7 @@ class MaskedDiffusion(AbsorbingVocab):
     return jnp.where(masked, self.mask_id, tokens), masked
 
   def _masked_nll(self, apply_fn, params, batch, z, masked, t):
-    kwargs = {}
-    if "segment_ids" in batch:
-      kwargs["segment_ids"] = batch["segment_ids"]
+    kwargs = network_layout(batch)
     if self.time_conditioning:
       kwargs["t"] = t
     logits = apply_fn(params, z, **kwargs)
@@ -144,38 +135,27 @@ class MaskedDiffusion(AbsorbingVocab):
     nll = self._masked_nll(apply_fn, params, batch, z, masked, None)
     return (l / m.astype(jnp.float32)) * nll, jnp.full((b,), l, jnp.float32)
 
-  def sample(self, apply_fn, params, key, canvas, sampler_cfg, state, gen_start: int = 0, eos_id=None):
-    """Decodes the `mask_id` positions of `canvas` (left-padded with samplers.PAD where prompts differ in length) with
-    `sampler_cfg.name`: "ancestral" (MDLM, the default), "first_hitting", "llada" (over [gen_start, L); the K/V caches
-    use the model's cache-aware forward) or "remdm". `gen_start` = where the generated region starts (the longest
-    prompt); `eos_id` is used when sampler_cfg.stop_at_eos is set."""
-    del state
-    from dlm_jax import model as model_lib  # samplers import schedules from this package
-    from dlm_jax.samplers import ancestral, first_hitting, llada, remdm
-
-    from dlm_jax.samplers.common import truncated
-
+  def sampling_net(self, net, params, state, canvas, steps):
+    """The padding-aware forward (and its K/V-cached form) over mask-token canvases; the masking schedule for the
+    ancestral and ReMDM samplers."""
+    del state, canvas, steps
     tc = self.time_conditioning
-    s = sampler_cfg
-    name, cache = s.name or "ancestral", s.cache or "none"
-    trunc = dict(top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, mask_id=self.mask_id)
-    logits_fn = truncated(model_lib.logits_fn(apply_fn, params, time_conditioned=tc), **trunc)
-    common = dict(mask_id=self.mask_id, temperature=s.temperature, precision=s.precision or self.DEFAULT_PRECISION,
-                  logit_shift=s.logit_shift)
-    if name == "llada":
-      gen_length = canvas.shape[1] - gen_start
-      adaptive = bool(s.threshold or s.factor)
-      if cache != "none":
-        logits_fn = truncated(model_lib.cached_logits_fn(apply_fn, params, time_conditioned=tc), **trunc)
-      return llada(logits_fn, key, canvas, gen_start=gen_start, gen_length=gen_length,
-                   block_length=s.block_length or gen_length, steps=None if adaptive else s.steps,
-                   remasking=s.remasking, confidence=s.confidence, position_temperature=s.position_temperature,
-                   threshold=s.threshold or None, factor=s.factor or None, cfg_scale=s.cfg_scale, cache=cache,
-                   cache_refresh=s.cache_refresh, prophet=s.prophet, noise=s.noise,
-                   eos_id=eos_id if s.stop_at_eos else None, **common)
-    if name == "first_hitting":
-      return first_hitting(logits_fn, key, canvas, **common)
-    if name == "remdm":
-      return remdm(logits_fn, key, canvas, steps=s.steps, eta=s.eta, strategy=s.remdm_strategy, t_on=s.t_on,
-                   schedule=self.schedule, **common)
-    return ancestral(logits_fn, key, canvas, steps=s.steps, schedule=self.schedule, time_conditioned=tc, **common)
+    return registry.SamplingNet(
+        mask_id=self.mask_id, logits_fn=net.logits_fn(params, time_conditioned=tc),
+        cached_logits_fn=net.cached_logits_fn(params, time_conditioned=tc),
+        arguments={"schedule": self.schedule, "time_conditioned": tc})
+
+
+def check_schedule_keys(d) -> None:
+  """The masking schedule's keys."""
+  def need(ok, msg):
+    if not ok:
+      raise DLMError(msg)
+  need(d.schedule in SCHEDULES, f"diffusion.schedule must be one of {SCHEDULES}, got {d.schedule!r}")
+  need(d.objective in OBJECTIVES, f"diffusion.objective must be one of {OBJECTIVES}, got {d.objective!r}")
+  need(d.objective != "llada" or d.schedule == "linear",
+       f"diffusion.objective='llada' is the linear schedule with p_mask = (1 - t_min) t + t_min; set "
+       f"diffusion.schedule='linear' (got {d.schedule!r})")
+  need(d.schedule_power > 0, f"diffusion.schedule_power must be > 0, got {d.schedule_power}")
+  need(0 < d.schedule_eps < 1, f"diffusion.schedule_eps must be in (0, 1), got {d.schedule_eps}")
+  need(0 < d.t_min < 1, f"diffusion.t_min must be in (0, 1), got {d.t_min}")

@@ -12,12 +12,16 @@ JAX function; if V > mask_id the mask logit is suppressed.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.processes.schedules import Schedule
+from dlm_jax import registry
+from dlm_jax.maths import Schedule
+from dlm_jax.samplers.block import discrete
 from dlm_jax.samplers.common import model_logits, prepare, sample_tokens, step_keys, subkey, uniform_noise
 
 
@@ -58,3 +62,20 @@ def ancestral(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.A
   init = (canvas, jnp.zeros((b, length, v), jnp.float32), jnp.array(False), jnp.array(0, jnp.int32))
   tokens, _, _, nfe = jax.lax.fori_loop(0, steps, body, init)
   return tokens, {"nfe": nfe, "steps": jnp.array(steps, jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AncestralOptions(registry.Draw, registry.Shift):
+  """sampler.ancestral.*: the draw's precision and truncation, the logit shift."""
+
+
+def _bind(net, opts, shared, *, length, gen_start, eos_id):
+  del length, gen_start, eos_id
+  return functools.partial(ancestral, mask_id=net.mask_id, steps=shared.steps, schedule=net.arguments["schedule"],
+                           time_conditioned=net.arguments["time_conditioned"], temperature=shared.temperature,
+                           precision=opts.precision, logit_shift=opts.logit_shift), False
+
+
+registry.register_sampler(registry.SamplerSpec(
+    "ancestral", ("masked", "block"), AncestralOptions, discrete(_bind),
+    "MDLM ancestral sampler: the exact reverse process on a time grid, no-change cache"))

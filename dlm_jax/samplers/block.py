@@ -30,14 +30,17 @@ batch.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlm_jax import registry
 from dlm_jax.samplers.common import (PAD, check_canvas, check_logits_fn, check_precision, row_keys, sample_tokens,
-                                     step_keys, subkey, suppress_mask)
+                                     step_keys, subkey, suppress_mask, truncated)
 
 
 def left_align(canvas: jax.Array, mask_id: int) -> jax.Array:
@@ -95,6 +98,9 @@ def block_diffusion(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, b
     raise ValueError("block_size > 1 needs an inner masked sampler (e.g. functools.partial(first_hitting, ...))")
   if entropy_stop < 0 or entropy_window < 2:
     raise ValueError(f"entropy_stop must be >= 0 and entropy_window >= 2, got {entropy_stop}, {entropy_window}")
+  if entropy_stop > 0 and entropy_window > canvas.shape[1]:
+    raise ValueError(f"the entropy window ({entropy_window} tokens) is longer than the canvas ({canvas.shape[1]}), so "
+                     "the entropy stop could never fire; lower the window (sampler.block.entropy_window)")
   check_logits_fn(logits_fn, canvas, mask_id)
   if cached_fn is not None:
     check_logits_fn(cached_fn, canvas, mask_id, (canvas, jnp.zeros((b,), jnp.float32), 0, None))
@@ -122,7 +128,7 @@ def _stopper(length: int, first, eos_id, entropy_stop: float, window: int):
     if eos_id is not None:
       is_eos = (tokens == eos_id) & (idx >= first[:, None]) & (idx < end)
       cut = jnp.minimum(cut, jnp.min(jnp.where(is_eos, idx + 1, length), axis=1))
-    if entropy_stop > 0 and window <= length:
+    if entropy_stop > 0:
       win = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(end - window, 0), window, axis=1)
       low = (end - first >= window) & (unigram_entropy(win) < entropy_stop)
       cut = jnp.where(low, jnp.minimum(cut, end - window), cut)
@@ -218,3 +224,50 @@ def _autoregressive(logits_fn, cached_fn, keys, state, first, mask_id, temperatu
   init = (i0 + 1, tokens, cache, done, jnp.array(1, jnp.int32))
   i, tokens, _, done, nfe = jax.lax.while_loop(lambda c: (c[0] < length) & ~jnp.all(c[3]), body, init)
   return tokens, done, nfe, i - i0
+
+
+# --- wiring: the masked samplers over a whole canvas or inside blocks ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions(registry.Options):
+  """Block diffusion's block-by-block generation, whatever sampler runs inside the blocks (sampler.block.*)."""
+  cache: str = "prefix"  # "prefix" = K/V of the clean blocks; "none" = recompute every block from scratch
+  stop_at_eos: bool = False  # a row ends after its first generated EOS
+  entropy_stop: float = 0.0  # 0 = off; else end a row whose last entropy_window tokens have a lower unigram entropy
+  entropy_window: int = 256  # BD3-LM's variable-length rule: 4.0 nats over 256 tokens
+
+  def check(self, key, family, block_size):
+    registry.need(self.cache in ("prefix", "none"), f"{key('cache')}={self.cache!r}: block diffusion caches the K/V "
+                  "of its clean blocks; use 'prefix' or 'none'")
+    registry.need(self.entropy_stop >= 0, f"{key('entropy_stop')} must be >= 0 (0 = off), got {self.entropy_stop}")
+    registry.need(self.entropy_window >= 2, f"{key('entropy_window')} must be >= 2, got {self.entropy_window}")
+    registry.need(self.entropy_stop > 0 or self.entropy_window == 256,
+                  f"{key('entropy_window')} is only read with {key('entropy_stop')} > 0; set both or drop it")
+
+
+registry.register_family_options("block", BlockOptions)
+
+
+def discrete(bind: Callable) -> Callable:
+  """A `SamplerSpec.run` for a masked sampler, from `bind(net, options, shared, *, length, gen_start, eos_id) ->
+  (sampler, wants_cache)`, `sampler(logits_fn, key, canvas) -> (tokens, stats)` decoding a canvas of `length` whose
+  generated region starts at gen_start. Top-k / top-p truncation wraps the family's logits functions. For the masked
+  family the sampler decodes the whole canvas (over the K/V-cached forward when it asks for it); for block diffusion
+  it runs inside each block (`block_diffusion`, the family's options in sampler.block.*)."""
+
+  def run(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
+    trunc = functools.partial(truncated, top_k=opts.top_k, top_p=opts.top_p, temperature=shared.temperature,
+                              mask_id=net.mask_id)
+    if net.block_size is None:
+      sampler, cached = bind(net, opts, shared, length=canvas.shape[1], gen_start=gen_start, eos_id=eos_id)
+      return sampler(trunc(net.cached_logits_fn if cached else net.logits_fn), key, canvas)
+    b, f = net.block_size, family_options
+    inner = bind(net, opts, shared, length=b, gen_start=0, eos_id=None)[0] if b > 1 else None
+    return block_diffusion(trunc(net.logits_fn), key, canvas, block_size=b, inner=inner,
+                           cached_fn=trunc(net.cached_logits_fn) if f.cache == "prefix" else None,
+                           eos_id=eos_id if f.stop_at_eos else None, entropy_stop=f.entropy_stop,
+                           entropy_window=f.entropy_window, mask_id=net.mask_id, temperature=shared.temperature,
+                           precision=opts.precision)
+
+  return run

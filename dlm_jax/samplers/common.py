@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PAD = -1
-PRECISIONS = ("float32", "float64")
+from dlm_jax.maths import PAD
+from dlm_jax.registry import PRECISIONS
 
 
 def suppress_mask(logits: jax.Array, mask_id: int) -> jax.Array:
@@ -136,7 +136,7 @@ def check_precision(precision: str) -> None:
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
   if precision == "float64" and not jax.config.jax_enable_x64:
     raise ValueError("precision='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (dlm-sample does this for "
-                     "sampler.precision=float64)")
+                     "a sampler whose precision option is float64)")
 
 
 def check_canvas(canvas, mask_id: int) -> jax.Array:

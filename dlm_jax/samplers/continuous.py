@@ -16,11 +16,14 @@ level; it must itself keep PAD out of attention (the processes build such functi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from dlm_jax import registry
+from dlm_jax.maths import from_bits, to_bits
 from dlm_jax.samplers.common import PAD, check_canvas, check_precision, filter_logits, row_keys, step_keys
 
 
@@ -45,7 +48,7 @@ def _check(canvas, key, temperature: float, grid: jax.Array, name: str):
 
 def flow_euler(logits_fn: Callable, key: jax.Array, canvas, *, mask_id: int, vocab_size: int, g_grid, t_grid,
                basis: Optional[jax.Array] = None, noise_factor: Optional[jax.Array] = None, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0) -> tuple[jax.Array, dict]:
+               top_k: int = 0, top_p: float = 1.0, precision: str = "float32") -> tuple[jax.Array, dict]:
   """FLM's Euler sampler (Lee et al. 2026, arXiv 2602.16813). Path x_g = (1 - g) eps + g e_x, g from 0 (noise) to 1.
 
   logits_fn(h [B, L, N], t [B]) -> [B, L, V]: the network at state h and time t. g_grid [S + 1] rises from 0 and
@@ -56,23 +59,27 @@ def flow_euler(logits_fn: Callable, key: jax.Array, canvas, *, mask_id: int, voc
   State: with basis=None the one-hot space (N = V, h = z). With basis E [V, D] the state is carried as h = z E in R^D
   (the update is linear in z and the network sees only z E): xhat E replaces xhat, and the initial noise eps E is drawn
   as n C^T with noise_factor C [D, D] (C C^T = E^T E), so no [B, L, V] Gaussian is ever drawn.
+  precision="float64": the state and its updates in float64 (needs 64-bit JAX); the network sees float32.
   """
   canvas, keys = _check(canvas, key, temperature, jnp.asarray(g_grid), "flow_euler")
-  g_grid, t_grid = jnp.asarray(g_grid, jnp.float32), jnp.asarray(t_grid, jnp.float32)
+  check_precision(precision)
+  dt = jnp.float64 if precision == "float64" else jnp.float32
+  g_grid, t_grid = jnp.asarray(g_grid, dt), jnp.asarray(t_grid, jnp.float32)
   b, length = canvas.shape
   n_state = vocab_size if basis is None else basis.shape[1]
   fixed = (canvas != mask_id) & (canvas != PAD)
   safe = jnp.where(fixed, canvas, 0)
 
   def clean():
-    return jax.nn.one_hot(safe, vocab_size, dtype=jnp.float32) if basis is None else basis[safe].astype(jnp.float32)
+    return (jax.nn.one_hot(safe, vocab_size, dtype=jnp.float32) if basis is None
+            else basis[safe].astype(jnp.float32)).astype(dt)
 
   def noise(step):
     n = _row_normal(keys, step, (length, n_state))
-    return n if noise_factor is None else n @ noise_factor.T
+    return (n if noise_factor is None else n @ noise_factor.T).astype(dt)
 
   def readout(p):
-    return p if basis is None else p @ basis.astype(jnp.float32)
+    return (p if basis is None else p @ basis.astype(jnp.float32)).astype(dt)
 
   e = clean()
   steps = g_grid.shape[0] - 1
@@ -80,7 +87,7 @@ def flow_euler(logits_fn: Callable, key: jax.Array, canvas, *, mask_id: int, voc
   def body(h, i):
     g, g_next, t = g_grid[i], g_grid[i + 1], t_grid[i]
     h = jnp.where(fixed[..., None], (1.0 - g) * noise(2 * i + 1) + g * e, h)
-    logits = logits_fn(h, jnp.full((b,), t))
+    logits = logits_fn(h.astype(jnp.float32), jnp.full((b,), t))
     xhat = readout(_probs(logits, temperature, top_k, top_p))
     h_next = h + (g_next - g) * (xhat - h) / (1.0 - g)
     return h_next, jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -137,22 +144,9 @@ def ddim(logits_fn: Callable, key: jax.Array, canvas, *, mask_id: int, g_grid, e
   return tokens, {"nfe": jnp.asarray(steps + 1, jnp.int32)}
 
 
-def to_bits(tokens: jax.Array, bits: int) -> jax.Array:
-  """Token ids -> [..., bits] float32 in {0, 1}, most significant bit first."""
-  shifts = jnp.arange(bits - 1, -1, -1, dtype=jnp.int32)
-  return ((tokens[..., None] >> shifts) & 1).astype(jnp.float32)
-
-
-def from_bits(bits: jax.Array, vocab_size: int) -> jax.Array:
-  """[..., bits] in {0, 1} (most significant first) -> ids; codes >= vocab_size wrap modulo vocab_size (CoBit)."""
-  n = bits.shape[-1]
-  weights = (1 << jnp.arange(n - 1, -1, -1, dtype=jnp.int32))
-  return jnp.mod(jnp.sum(bits.astype(jnp.int32) * weights, axis=-1), vocab_size).astype(jnp.int32)
-
-
 def edm(logits_fn: Callable, key: jax.Array, canvas, *, mask_id: int, vocab_size: int, bits: int, sigma_grid,
         churn_gate=None, churn: float = 0.0, s_noise: float = 1.003, temperature: float = 1.0,
-        self_condition: bool = True) -> tuple[jax.Array, dict]:
+        self_condition: bool = True, precision: str = "float32") -> tuple[jax.Array, dict]:
   """CoBit's sampler (arXiv 2605.07013) for bits under variance-exploding noise x = b + sigma eps.
 
   logits_fn(x [B, L, bits], sigma [B], sc [B, L, bits]) -> per-bit logits [B, L, bits] (the denoiser is
@@ -161,8 +155,11 @@ def edm(logits_fn: Callable, key: jax.Array, canvas, *, mask_id: int, vocab_size
   sqrt(sigma_hat^2 - sigma_i^2) s_noise eps (Karras et al. 2022); then the Euler step x <- x_hat + (sigma_{i+1} -
   sigma_hat) (x_hat - D(x_hat)) / sigma_hat. A final call at sigma_min decodes bits D > 1/2 (ids wrap modulo V).
   NFE = S + 1. Without a gate (or churn = 0) the sampler is deterministic given the initial noise.
+  precision="float64": the state x and its updates in float64 (needs 64-bit JAX); the network sees float32.
   """
-  sigma_grid = jnp.asarray(sigma_grid, jnp.float32)
+  check_precision(precision)
+  dt = jnp.float64 if precision == "float64" else jnp.float32
+  sigma_grid = jnp.asarray(sigma_grid, dt)
   canvas, keys = _check(canvas, key, temperature, sigma_grid, "edm")
   if churn < 0:
     raise ValueError(f"churn must be >= 0, got {churn}")
@@ -170,28 +167,103 @@ def edm(logits_fn: Callable, key: jax.Array, canvas, *, mask_id: int, vocab_size
   gate = jnp.zeros((steps,), bool) if churn_gate is None else jnp.asarray(churn_gate, bool)
   b, length = canvas.shape
   fixed = (canvas != mask_id) & (canvas != PAD)
-  clean = to_bits(jnp.where(fixed, canvas, 0), bits)
+  clean = to_bits(jnp.where(fixed, canvas, 0), bits).astype(dt)
+
+  def normal(step):
+    return _row_normal(keys, step, (length, bits)).astype(dt)
 
   def impose(x, sigma, step):
-    return jnp.where(fixed[..., None], clean + sigma * _row_normal(keys, step, (length, bits)), x)
+    return jnp.where(fixed[..., None], clean + sigma * normal(step), x)
 
   def denoise(x, sigma, sc):
-    return jax.nn.sigmoid(logits_fn(x, jnp.full((b,), sigma), sc).astype(jnp.float32) / temperature)
+    out = logits_fn(x.astype(jnp.float32), jnp.full((b,), sigma, jnp.float32), sc).astype(jnp.float32)
+    return jax.nn.sigmoid(out / temperature).astype(dt)
 
   def body(carry, i):
     x, sc = carry
     sigma, sigma_next = sigma_grid[i], sigma_grid[i + 1]
     sigma_hat = sigma * (1.0 + jnp.where(gate[i], churn, 0.0))
     x = impose(x, sigma, 3 * i + 1)
-    x_hat = x + jnp.sqrt(jnp.maximum(sigma_hat ** 2 - sigma ** 2, 0.0)) * s_noise * _row_normal(
-        keys, 3 * i + 2, (length, bits))
+    x_hat = x + jnp.sqrt(jnp.maximum(sigma_hat ** 2 - sigma ** 2, 0.0)) * s_noise * normal(3 * i + 2)
     x_hat = impose(x_hat, sigma_hat, 3 * i + 3)
     d = denoise(x_hat, sigma_hat, sc)
     x = x_hat + (sigma_next - sigma_hat) * (x_hat - d) / sigma_hat
-    return (x, d if self_condition else sc), None
+    return (x, d.astype(jnp.float32) if self_condition else sc), None
 
-  x0 = 0.5 + sigma_grid[0] * _row_normal(keys, 0, (length, bits))
+  x0 = 0.5 + sigma_grid[0] * normal(0)
   (x, sc), _ = jax.lax.scan(body, (x0, jnp.zeros((b, length, bits), jnp.float32)), jnp.arange(steps))
   d = denoise(impose(x, sigma_grid[-1], 3 * steps + 1), sigma_grid[-1], sc)
   tokens = jnp.where(canvas == mask_id, from_bits(d > 0.5, vocab_size), canvas)
   return tokens, {"nfe": jnp.asarray(steps + 1, jnp.int32)}
+
+
+# --- registry entries ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerOptions(registry.Draw):
+  """sampler.euler.*: precision of the flow state, truncation of each step's token distribution."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DdimOptions(registry.Draw):
+  """sampler.ddim.*: precision of the embedding state (float64 as in LangFlow), truncation of each step's xhat."""
+  precision: str = "float64"
+
+
+@dataclasses.dataclass(frozen=True)
+class EdmOptions(registry.Precision):
+  """sampler.edm.*: precision of the bit state (per-bit denoisers have no token distribution to truncate)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EdmChurnOptions(registry.Precision):
+  """sampler.edm_churn.*: EDM churn gamma and the band of the entropy CDF where it applies (CoBit)."""
+  churn: float = 0.2  # CoBit: 0.2 (LM1B), 0.13 (OWT); at most sqrt(2) - 1 (EDM's cap)
+  band_lo: float = 0.1  # CoBit's default entropy quantiles of the churn window
+  band_hi: float = 0.9
+
+  def check(self, key, family, block_size):
+    super().check(key, family, block_size)
+    registry.need(0 <= self.churn <= 2 ** 0.5 - 1,
+                  f"{key('churn')} must be in [0, sqrt(2) - 1] (EDM's cap on gamma), got {self.churn}")
+    registry.need(0 <= self.band_lo <= self.band_hi <= 1,
+                  f"the churn band ({key('band_lo')}, {key('band_hi')}) = ({self.band_lo}, {self.band_hi}) must "
+                  "satisfy 0 <= lo <= hi <= 1")
+
+
+def _run_euler(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
+  del gen_start, eos_id, family_options
+  return flow_euler(net.logits_fn, key, canvas, mask_id=net.mask_id, temperature=shared.temperature, top_k=opts.top_k,
+                    top_p=opts.top_p, precision=opts.precision, **net.arguments)
+
+
+def _run_ddim(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
+  del gen_start, eos_id, family_options
+  return ddim(net.logits_fn, key, canvas, mask_id=net.mask_id, temperature=shared.temperature, top_k=opts.top_k,
+              top_p=opts.top_p, precision=opts.precision, **net.arguments)
+
+
+def _run_edm(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
+  """edm and edm_churn: the churn band (edm_churn's options) gates churn by the grid points' entropy-CDF fraction."""
+  del gen_start, eos_id, family_options
+  args = dict(net.arguments)
+  frac = args.pop("entropy_fraction")
+  if isinstance(opts, EdmChurnOptions):
+    args.update(churn_gate=(frac >= opts.band_lo) & (frac <= opts.band_hi), churn=opts.churn)
+  return edm(net.logits_fn, key, canvas, mask_id=net.mask_id, temperature=shared.temperature,
+             precision=opts.precision, **args)
+
+
+registry.register_sampler(registry.SamplerSpec(
+    "euler", ("flow",), EulerOptions, _run_euler,
+    "FLM's Euler ODE sampler on the discrete-signal-level grid"))
+registry.register_sampler(registry.SamplerSpec(
+    "ddim", ("embedding_flow",), DdimOptions, _run_ddim,
+    "LangFlow's DDIM / x0-Euler step on the Gumbel grid, self-conditioning carried"))
+registry.register_sampler(registry.SamplerSpec(
+    "edm_churn", ("bitstream",), EdmChurnOptions, _run_edm,
+    "CoBit's Euler steps on the inverse entropy-CDF grid with EDM churn inside an entropy band"))
+registry.register_sampler(registry.SamplerSpec(
+    "edm", ("bitstream",), EdmOptions, _run_edm,
+    "CoBit's deterministic Euler steps on the inverse entropy-CDF grid"))

@@ -12,11 +12,15 @@ step in which no row has a mask makes no network call). `logits_fn(tokens [B, L]
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from dlm_jax import registry
+from dlm_jax.samplers.block import discrete
 from dlm_jax.samplers.common import model_logits, prepare, sample_tokens, step_keys, subkey, uniform_noise
 
 
@@ -55,3 +59,20 @@ def first_hitting(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: j
   init = (canvas, jnp.ones((b,), jnp.float32), jnp.array(0, jnp.int32))
   tokens, _, nfe = jax.lax.fori_loop(0, l, body, init)
   return tokens, {"nfe": nfe, "steps": nfe}
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstHittingOptions(registry.Draw, registry.Shift):
+  """sampler.first_hitting.*: the draw's precision and truncation, the logit shift."""
+
+
+def _bind(net, opts, shared, *, length, gen_start, eos_id):
+  del length, gen_start, eos_id
+  return functools.partial(first_hitting, mask_id=net.mask_id, temperature=shared.temperature,
+                           precision=opts.precision, logit_shift=opts.logit_shift), False
+
+
+registry.register_sampler(registry.SamplerSpec(
+    "first_hitting", ("masked", "block"), FirstHittingOptions, discrete(_bind),
+    "one uniformly chosen position per network call: exact, no discretisation",
+    uses_steps=lambda opts: False, steps_note="one network call per generated token"))

@@ -23,12 +23,16 @@ Per-row, per-position randomness as in `dlm_jax.samplers.common`; one `lax.fori_
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.processes.schedules import Schedule
+from dlm_jax import registry
+from dlm_jax.maths import Schedule
+from dlm_jax.samplers.block import discrete
 from dlm_jax.samplers.common import model_logits, prepare, sample_tokens, step_keys, subkey, uniform_noise
 
 STRATEGIES = ("cap", "rescale", "conf")
@@ -87,3 +91,29 @@ def remdm(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array
   init = (canvas, jnp.zeros((b, length), jnp.float32), jnp.zeros((b,), jnp.int32))
   tokens, _, remasked = jax.lax.fori_loop(0, steps, body, init)
   return tokens, {"nfe": jnp.array(steps, jnp.int32), "steps": jnp.array(steps, jnp.int32), "remasked": remasked}
+
+
+@dataclasses.dataclass(frozen=True)
+class RemdmOptions(registry.Draw, registry.Shift):
+  """sampler.remdm.*: the remasking strategy, its strength and the time it switches on."""
+  strategy: str = "cap"  # "cap", "rescale" or "conf"
+  eta: float = 0.02  # remasking strength
+  t_on: float = 1.0  # remask only for t <= t_on
+
+  def check(self, key, family, block_size):
+    super().check(key, family, block_size)
+    registry.need(self.strategy in STRATEGIES, f"{key('strategy')} must be one of {STRATEGIES}, got {self.strategy!r}")
+    registry.need(0 <= self.eta <= 1, f"{key('eta')} must be in [0, 1], got {self.eta}")
+    registry.need(0 <= self.t_on <= 1, f"{key('t_on')} must be in [0, 1], got {self.t_on}")
+
+
+def _bind(net, opts, shared, *, length, gen_start, eos_id):
+  del length, gen_start, eos_id
+  return functools.partial(remdm, mask_id=net.mask_id, steps=shared.steps, eta=opts.eta, strategy=opts.strategy,
+                           t_on=opts.t_on, schedule=net.arguments["schedule"], temperature=shared.temperature,
+                           precision=opts.precision, logit_shift=opts.logit_shift), False
+
+
+registry.register_sampler(registry.SamplerSpec(
+    "remdm", ("masked", "block"), RemdmOptions, discrete(_bind),
+    "ReMDM remasking: decoded tokens can be masked again and revised (cap / rescale / conf)"))
