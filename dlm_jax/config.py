@@ -164,6 +164,8 @@ def unknown_key_message(key: str) -> str:
   if len(parts) == 2 and parts[0] == "sampler" and parts[1] in FLAT_SAMPLER_KEYS:
     option = RENAMED.get(parts[1], parts[1])
     where = _sections_with(option)
+    if not where:
+      return f"sampler.{parts[1]} is no longer a key (no sampler has the option '{option}')"
     if len(where) == 1:
       return f"sampler.{parts[1]} is now sampler.{where[0]}.{option}"
     return (f"sampler.{parts[1]} is now an option of each sampler that has it: use sampler.NAME.{option} for the "

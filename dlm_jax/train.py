@@ -130,6 +130,23 @@ def abstract_batch(run: Run) -> dict:
   return batch
 
 
+FAMILY_BATCH_FIELDS = ("tokens", "segment_ids")  # what a family's own loss reads
+
+
+def _family_loss(process) -> Objective:
+  """The process's loss as the objective; a batch field it would not read (a batch_fn's loss mask, ...) is an error
+  when the step is traced, not silently ignored."""
+
+  def objective(apply_fn, params, batch, key, pstate):
+    extra = sorted(set(batch) - set(FAMILY_BATCH_FIELDS))
+    if extra:
+      raise DLMError(f"the batch carries {extra}, which diffusion.process={process.name!r}'s loss does not read; "
+                     "pass an objective that uses them (train(..., objective=...)) or drop them from batch_fn")
+    return process.loss(apply_fn, params, batch, key, pstate)
+
+  return objective
+
+
 def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None = None):
   """The jit-compiled step: (state, batch) -> (state, metrics).
 
@@ -142,7 +159,8 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
   untouched) and learning_rate.
   """
   cfg, process = run.cfg, run.process
-  objective = process.loss if objective is None else objective
+  if objective is None:
+    objective = _family_loss(process)
   accum = cfg.train.grad_accum_steps
   ema_decay = cfg.train.ema_decay
   eos_id = run.tokenizer.eos_id

@@ -128,3 +128,17 @@ def random_transformer(vocab: int = 12):
                             head_dim=8, mlp_dim=64, max_seq_len=64, init_std=0.4)
   graphdef, params = model_lib.init(c, 0)
   return model_lib.make_apply(graphdef), params
+
+
+def exact_cache(fn):
+  """A toy cache-aware form of `fn` whose 'cache' is the whole token array: a window call sees exactly the current
+  sequence, so a cached decode must equal the uncached one (tests the sampler's window and cache bookkeeping)."""
+  import jax
+
+  def cached(window, t, start, cache):
+    if cache is None or window.shape[1] == cache.shape[1]:
+      return fn(window, t), window
+    tokens = jax.lax.dynamic_update_slice_in_dim(cache, window, start, axis=1)
+    return jax.lax.dynamic_slice_in_dim(fn(tokens, t), start, window.shape[1], axis=1), tokens
+
+  return cached

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import counting
-from dlm_jax.samplers import factor_count, llada
+from conftest import counting, exact_cache
+from dlm_jax.samplers import PAD, factor_count, llada
 from dlm_jax.samplers.llada import commit_counts
 
 V, MASK = 8, 8
@@ -299,3 +299,47 @@ def _boom(tokens, t):
 def test_bad_input_raises_before_tracing(kw):
   with pytest.raises(ValueError):
     llada(_boom, jax.random.PRNGKey(0), jnp.full((1, 32), MASK, jnp.int32), mask_id=MASK, gen_start=4, **kw)
+
+
+# --- K/V cache windows and program size ---------------------------------------------------------------------------
+
+
+def test_prefix_cache_pads_the_canvas_on_the_right_and_decodes_like_the_uncached_sampler():
+  gen_start, gen_length = 3, 16
+  canvas = _canvas(2, gen_start, gen_length, suffix=2)
+  length = canvas.shape[1]
+  for block, kw in ((16, dict(steps=8)), (8, dict(steps=8, cfg_scale=1.0)), (4, dict(threshold=0.9)),
+                    (2, dict(steps=16, temperature=1.0, logit_shift=True))):
+    full_passes, windows = [], set()
+
+    def fn(window, t, start, cache):
+      if cache is None or window.shape[1] == cache.shape[1]:
+        jax.debug.callback(lambda x: full_passes.append(np.asarray(x)), window, ordered=True)
+      else:
+        windows.add(window.shape[1])  # at trace time
+      return exact_cache(neighbour_logits)(window, t, start, cache)
+
+    base = dict(gen_start=gen_start, gen_length=gen_length, block_length=block, **kw)
+    ref, ref_stats = _run(neighbour_logits, jax.random.PRNGKey(2), canvas, **base)
+    got, stats = _run(fn, jax.random.PRNGKey(2), canvas, cache="prefix", **base)
+    np.testing.assert_array_equal(got, ref)
+    assert int(stats["nfe"]) == int(ref_stats["nfe"]) and int(stats["nfe_full"]) < int(stats["nfe"])
+    # Full passes see the canvas with gen_length - block_length PAD positions appended; every window has one width:
+    # from the block start to the end of the caller's canvas (one more position to the left with the logit shift).
+    pad = gen_length - block
+    assert full_passes and all(x.shape == (2, length + pad) and (x[:, length:] == PAD).all() for x in full_passes)
+    assert windows == {length - gen_start + kw.get("logit_shift", 0)}
+
+
+@pytest.mark.parametrize("kw", [dict(steps=16), dict(threshold=0.9, cfg_scale=1.0, logit_shift=True)])
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+def test_program_size_does_not_grow_with_the_number_of_blocks(cache, kw):
+  canvas = jnp.asarray(_canvas(2, 3, 16))
+  fn = neighbour_logits if cache is None else exact_cache(neighbour_logits)
+
+  def program_size(block_length):
+    f = jax.jit(functools.partial(llada, fn, mask_id=MASK, gen_start=3, block_length=block_length, cache=cache, **kw))
+    return len(f.lower(jax.random.PRNGKey(0), canvas).as_text())
+
+  two, eight = program_size(8), program_size(2)
+  assert abs(eight - two) <= 0.1 * two, (two, eight)

@@ -32,7 +32,7 @@ EXAMPLES = {
     ("maskgit", "schedule"): {"schedule": "linear"},
     ("ddim", "precision"): {"precision": "float32"},
     ("maskgit", "choice_temperature"): {"choice_temperature": 0.0},
-    ("llada", "block_length"): {"block_length": 4},
+    ("llada", "block_length"): {"block_length": 2, "sampler.steps": 14},  # 7 blocks of the 14 generated tokens
     ("llada", "remasking"): {"remasking": "random"},
     ("llada", "confidence"): {"confidence": "margin"},
     ("llada", "threshold"): {"threshold": 0.5, "sampler.steps": 128},  # adaptive decoding has no step budget
@@ -50,7 +50,7 @@ EXAMPLES = {
     ("block", "cache"): {"cache": "none"},
     ("block", "stop_at_eos"): {"stop_at_eos": True},
     ("block", "entropy_stop"): {"entropy_stop": 5.0, "entropy_window": 4},
-    ("block", "entropy_window"): {"entropy_stop": 0.5, "entropy_window": 4},
+    ("block", "entropy_window"): {"entropy_stop": 1.2, "entropy_window": 4},
 }
 # Options that leave the tokens as they are by construction (the traced program still differs): the prefix cache is
 # exact; the precision of the arithmetic does not move an argmax or a Gumbel-max draw on this model's peaked

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, random_transformer
+from conftest import REPO, exact_cache, random_transformer
 from dlm_jax import model as model_lib
 from dlm_jax.samplers import PAD, ancestral, first_hitting, left_pad, llada, maskgit, remdm
 
@@ -101,19 +101,6 @@ def test_a_padded_batch_equals_its_rows_alone(tiny_model, sampler, kw):
 # --- K/V caches ------------------------------------------------------------------------------------------------------
 
 
-def exact_cache_fn(logits_fn):
-  """A 'cache' that stores the whole token array: a window call sees exactly the current sequence, so a cached
-  sampler driven by it must reproduce the uncached sampler for any refresh policy (tests the sampler's cache logic)."""
-
-  def fn(window, t, start, cache):
-    if cache is None or window.shape[1] == cache.shape[1]:
-      return logits_fn(window, t), window
-    tokens = jax.lax.dynamic_update_slice_in_dim(cache, window, start, axis=1)
-    return jax.lax.dynamic_slice_in_dim(logits_fn(tokens, t), start, window.shape[1], axis=1), tokens
-
-  return fn
-
-
 @pytest.mark.parametrize("kw", [dict(steps=16, temperature=1.0), dict(threshold=0.3, temperature=0.0),
                                 dict(factor=2.0, temperature=0.5), dict(steps=8, prophet=True),
                                 dict(steps=16, temperature=1.0, cfg_scale=1.5), dict(steps=8, logit_shift=True),
@@ -135,7 +122,7 @@ def test_caches_refreshed_every_step_equal_the_uncached_sampler(tiny_model, cach
     jax.debug.callback(lambda: counted_calls.append(1))
     return plain(tokens, t)
 
-  exact, ex_stats = _jit(llada, exact_cache_fn(counted), cache=cache, **base)(key, jnp.asarray(canvas))
+  exact, ex_stats = _jit(llada, exact_cache(counted), cache=cache, **base)(key, jnp.asarray(canvas))
   np.testing.assert_array_equal(np.asarray(exact), np.asarray(ref))
   assert int(ex_stats["nfe"]) == len(counted_calls) == int(ref_stats["nfe"])
   calls = 2 if kw.get("cfg_scale") else 1

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, losses, run_cli
 from dlm_jax import config as config_lib
+from dlm_jax.errors import DLMError
 from dlm_jax.train import train
 
 
@@ -332,6 +333,18 @@ def test_custom_objective_reads_an_extra_batch_field(tmp_path, tiny_config):
   assert out["scale"] == 2.0 and out["loss"] == b[2]
 
 
+def test_an_extra_batch_field_the_family_loss_does_not_read_is_an_error(tmp_path, tiny_config):
+  """A batch_fn's field (a loss mask) with the family's own loss would be silently ignored: one-line error instead."""
+  cfg = config_lib.load(tiny_config(train__steps=2))
+
+  def add_mask(batch):
+    return dict(batch, loss_mask=np.ones(batch["tokens"].shape, np.float32))
+
+  with pytest.raises(DLMError, match="loss_mask.*does not read"):
+    train(cfg, str(tmp_path / "w"), progress=False, batch_fn=add_mask)
+  assert not os.path.exists(tmp_path / "w" / "checkpoints" / "2")
+
+
 def test_hooks_see_every_step_and_metrics_are_fetched_only_at_log_steps(tmp_path, tiny_config, monkeypatch):
   """An extra hook gets on_start, on_step for every step (after the built-in hooks) and on_end; the built-in hooks copy
   metrics to the host only at log steps (here 3, 6, 7; the final checkpoint reuses step 7's copy)."""
@@ -380,7 +393,6 @@ def test_non_finite_step_is_named_at_the_next_check_and_nothing_is_saved(tmp_pat
   """With metrics fetched only every 20 steps, a non-finite step still stops the run with the message of the
   step-by-step run (the first non-finite step and its loss), no later than the next checkpoint step, which is not
   written."""
-  from dlm_jax.errors import DLMError
   bad = dict(train__steps=20, train__learning_rate=1e12, train__grad_clip=0.0, train__warmup_steps=0)
   with pytest.raises(DLMError) as every_step:
     train(config_lib.load(tiny_config("a.py", train__log_every=1, train__checkpoint_every=100, **bad)),

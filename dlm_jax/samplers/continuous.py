@@ -232,16 +232,15 @@ class EdmChurnOptions(registry.Precision):
                   "satisfy 0 <= lo <= hi <= 1")
 
 
-def _run_euler(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
-  del gen_start, eos_id, family_options
-  return flow_euler(net.logits_fn, key, canvas, mask_id=net.mask_id, temperature=shared.temperature, top_k=opts.top_k,
-                    top_p=opts.top_p, precision=opts.precision, **net.arguments)
+def _truncating(sampler: Callable) -> Callable:
+  """`SamplerSpec.run` for flow_euler / ddim: the family's network and inputs, the shared temperature, the options."""
 
+  def run(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
+    del gen_start, eos_id, family_options
+    return sampler(net.logits_fn, key, canvas, mask_id=net.mask_id, temperature=shared.temperature, top_k=opts.top_k,
+                   top_p=opts.top_p, precision=opts.precision, **net.arguments)
 
-def _run_ddim(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
-  del gen_start, eos_id, family_options
-  return ddim(net.logits_fn, key, canvas, mask_id=net.mask_id, temperature=shared.temperature, top_k=opts.top_k,
-              top_p=opts.top_p, precision=opts.precision, **net.arguments)
+  return run
 
 
 def _run_edm(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
@@ -255,15 +254,12 @@ def _run_edm(net, opts, shared, key, canvas, *, gen_start, eos_id, family_option
              precision=opts.precision, **args)
 
 
-registry.register_sampler(registry.SamplerSpec(
-    "euler", ("flow",), EulerOptions, _run_euler,
-    "FLM's Euler ODE sampler on the discrete-signal-level grid"))
-registry.register_sampler(registry.SamplerSpec(
-    "ddim", ("embedding_flow",), DdimOptions, _run_ddim,
-    "LangFlow's DDIM / x0-Euler step on the Gumbel grid, self-conditioning carried"))
-registry.register_sampler(registry.SamplerSpec(
-    "edm_churn", ("bitstream",), EdmChurnOptions, _run_edm,
-    "CoBit's Euler steps on the inverse entropy-CDF grid with EDM churn inside an entropy band"))
-registry.register_sampler(registry.SamplerSpec(
-    "edm", ("bitstream",), EdmOptions, _run_edm,
-    "CoBit's deterministic Euler steps on the inverse entropy-CDF grid"))
+for _spec in (
+    ("euler", ("flow",), EulerOptions, _truncating(flow_euler),
+     "FLM's Euler ODE sampler on the discrete-signal-level grid"),
+    ("ddim", ("embedding_flow",), DdimOptions, _truncating(ddim),
+     "LangFlow's DDIM / x0-Euler step on the Gumbel grid, self-conditioning carried"),
+    ("edm_churn", ("bitstream",), EdmChurnOptions, _run_edm,
+     "CoBit's Euler steps on the inverse entropy-CDF grid with EDM churn inside an entropy band"),
+    ("edm", ("bitstream",), EdmOptions, _run_edm, "CoBit's deterministic Euler steps on the inverse entropy-CDF grid")):
+  registry.register_sampler(registry.SamplerSpec(*_spec))

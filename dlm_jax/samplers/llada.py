@@ -9,7 +9,7 @@ The generated region [gen_start, gen_start + gen_length) is split into blocks of
 to right. Within the current block, each step takes the network's prediction x0 at every still-masked position,
 scores it by a confidence and commits some of the best-scoring positions; committed tokens never change again.
 
-How many positions a step commits:
+How many positions a step commits (`CommitPolicy`):
   * fixed schedule (default): `steps` are shared equally by the blocks (steps_per_block = steps // num_blocks). With
     m masked positions in a row's block at the start of the block, step j of that block commits
     m // steps_per_block + (1 if j < m % steps_per_block else 0) positions (LLaDA's `get_num_transfer_tokens`).
@@ -31,7 +31,7 @@ Which positions: `remasking="low_confidence"` ranks by the confidence of x0 (con
 uniform draw. With `position_temperature` > 0 the k positions are sampled without replacement from
 softmax(confidence / position_temperature) instead of taken top-k (Dream's alg_temp).
 
-K/V caches (`cache`, Fast-dLLM Sec. 3): `logits_fn` is then a cache-aware function
+K/V caches (`cache`, Fast-dLLM Sec. 3; `CacheWindow`): `logits_fn` is then a cache-aware function
   fn(window [B, W], t [B], start, cache) -> (logits [B, W, V], cache);   fn(canvas, t, 0, None) must work (full pass)
 such as `dlm_jax.model.cached_logits_fn`. The first step of every block (and, with `cache_refresh` = k > 0, every k-th
 step of a block) is a full forward that rebuilds the cache; the other steps feed only a window: "prefix" = from the
@@ -39,6 +39,13 @@ block start to the end of the sequence (keys / values before the block come from
 (the suffix's keys / values are stale until the next refresh). cache_refresh = 1 is exactly the uncached sampler.
 With CFG the unconditional pass keeps a cache of its own; with the logit shift the window starts one position early
 (position i reads the logits of i - 1), which needs gen_start >= 1.
+  Right padding with the prefix cache: so that every block's window has the same static width (L - gen_start), the
+sampler appends gen_length - block_length PAD (-1) positions to the canvas (only with cache="prefix" and more than
+one block). The cache-aware function then sees canvases [B, L + gen_length - block_length] whose tail is PAD and
+windows that run into that tail; it must keep PAD positions out of attention wherever they are (on the right as well
+as the usual left padding), as `dlm_jax.model.cached_logits_fn` does. Their logits are never used and the tail is cut
+off before the tokens are returned. The price of one compiled program for any number of blocks: full passes cover the
+longer canvas, and later blocks' windows do not shrink.
 
 Conventions (see `dlm_jax.samplers.common`): left-padded prompts (PAD = -1), per-row and per-position randomness
 (a row decodes the same alone or in any batch), the un-noised logits for confidences, temperature 0 = greedy,
@@ -46,17 +53,22 @@ Gumbel-max sampling in float32 or float64 (`precision`). CFG (cfg_scale > 0): un
 position masked), logits = un + (cfg_scale + 1) (cond - un); both calls count towards NFE. A step in which no row has
 anything to commit makes no network call; `stats['nfe']` counts real calls.
 
-The whole decode is one jit-able function with static shapes: a loop over blocks (a `lax.fori_loop`; unrolled for
-the prefix cache, whose window shrinks block by block) around a `lax.fori_loop` over steps (fixed schedule) or a
-`lax.while_loop` (threshold / factor / Prophet).
+The whole decode is one jit-able function with static shapes (`decode`): a `lax.fori_loop` over blocks around a
+`lax.fori_loop` over steps (fixed schedule) or a `lax.while_loop` (threshold / factor / Prophet), so the compiled
+program does not grow with the number of blocks or steps.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from dlm_jax import registry
+from dlm_jax.samplers.block import discrete
 
 from dlm_jax.samplers.common import (PAD, check_canvas, check_logits_fn, check_precision, eos_fill, gumbel_noise,
                                      positions_from_end, row_keys, sample_tokens, shift_logits, step_keys, subkey,
@@ -112,6 +124,287 @@ def prophet_threshold(progress: jax.Array, gaps: Sequence[float]) -> jax.Array:
   return jnp.where(progress < 1 / 3, gaps[0], jnp.where(progress < 2 / 3, gaps[1], gaps[2]))
 
 
+# --- (1) the commit policy: how many and which positions a step commits ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitPolicy:
+  """How many of the current block's masked positions a step commits, which ones, and to which tokens.
+
+  steps_per_block: the fixed schedule's steps per block, or None (threshold / factor / Prophet alone: data-dependent
+  steps). threshold, factor: Fast-dLLM's rules (at most one is set). prophet_gaps: Prophet's thresholds, None = off.
+  The other fields are `llada`'s arguments of the same name.
+  """
+  steps_per_block: Optional[int]
+  remasking: str
+  confidence: str
+  position_temperature: float
+  temperature: float
+  precision: str
+  threshold: Optional[float]
+  factor: Optional[float]
+  prophet_gaps: Optional[tuple]
+  noise: str
+
+  def scheduled(self, masked_at_start: jax.Array, block_step) -> jax.Array:
+    """[B] fixed-schedule count of a block's step `block_step` (the jnp form of `commit_counts`)."""
+    spb = self.steps_per_block
+    return masked_at_start // spb + (block_step < masked_at_start % spb).astype(jnp.int32)
+
+  def active(self, eligible: jax.Array, want: Optional[jax.Array], rush: jax.Array) -> jax.Array:
+    """[B]: rows that can commit at this step (a masked block position, and a non-zero scheduled count unless Prophet
+    has fired for the row)."""
+    active = jnp.any(eligible, axis=1)
+    return active if want is None else active & ((want > 0) | rush)
+
+  def count(self, score: jax.Array, order: jax.Array, want: Optional[jax.Array]) -> jax.Array:
+    """[B] number of positions to commit: the schedule's `want`, or the threshold / factor rule on the scores (-inf
+    off the eligible positions; `order` sorts them best first), or one (Prophet without a schedule, until it fires)."""
+    if want is not None:
+      return want
+    if self.threshold is not None:
+      return jnp.maximum(jnp.sum(score >= self.threshold, axis=1), 1)
+    if self.factor is not None:
+      return factor_count(jnp.take_along_axis(score, order, axis=1), self.factor)
+    return jnp.ones(score.shape[:1], jnp.int32)
+
+  def prophet_fires(self, logits: jax.Array, eligible: jax.Array, progress: jax.Array) -> jax.Array:
+    """[B]: Prophet's mean top-1 minus top-2 logit gap over the eligible positions reaches its threshold."""
+    l1, l2 = top2(logits)
+    gap = jnp.where(eligible, l1 - l2, 0.0)
+    mean_gap = jnp.sum(gap, axis=1) / jnp.maximum(jnp.sum(eligible, axis=1), 1)
+    return mean_gap >= prophet_threshold(progress, self.prophet_gaps)
+
+  def decide(self, logits: jax.Array, keys: jax.Array, row_step: jax.Array, from_end: jax.Array, eligible: jax.Array,
+             visible: jax.Array, active: jax.Array, want: Optional[jax.Array], rush: jax.Array, progress: jax.Array
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One step's decision over a window of W positions.
+
+    logits [B, W, V] (mask class suppressed); keys [B] row keys; row_step [B] each row's step number; from_end [W]
+    the positions' per-position noise index; eligible [B, W] the block's masked positions; visible [B, W] every
+    masked position of the generated region (what Prophet commits); active [B] (`active`); want [B] the fixed
+    schedule's counts or None; rush [B] Prophet fired at an earlier step; progress [B] decoded fraction of the region.
+    Returns (commit [B, W] bool, tokens [B, W] to write there, now [B]: the row commits everything it sees).
+    """
+    k_step = step_keys(keys, row_step)
+    # noise="position": one Gumbel draw per position for the whole decode (the draw is then a deterministic function
+    # of the logits, so decodes that differ only in their step schedule or cache can be compared token by token)
+    k_tok = subkey(k_step if self.noise == "step" else keys, 0)
+    k_pos = subkey(k_step, 1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x0 = greedy if self.temperature == 0 else sample_tokens(k_tok, from_end, logits, self.temperature, self.precision)
+    if self.remasking == "random":
+      score = uniform_noise(k_pos, from_end)
+    else:
+      score = confidence_of(logits, x0, self.confidence)
+    if self.position_temperature > 0:
+      score = score / self.position_temperature + gumbel_noise(k_pos, from_end, 1)[..., 0]
+    score = jnp.where(eligible, score, -jnp.inf)
+    order = jnp.argsort(-score, axis=1, stable=True)  # best first; ties -> lower position first
+    rank = jnp.argsort(order, axis=1)
+    n = self.count(score, order, want)
+    commit = eligible & (rank < n[:, None])
+    now = rush
+    if self.prophet_gaps is not None:
+      now = rush | (active & self.prophet_fires(logits, eligible, progress))
+    commit = jnp.where(now[:, None], visible, commit) & active[:, None]
+    return commit, jnp.where(now[:, None], greedy, x0), now
+
+
+# --- (2) the window / cache strategy: which positions a network call computes -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheWindow:
+  """The positions a step's network call computes, and how: cache None = a full forward of the canvas, read at the
+  whole generated region; "prefix" = a window [block start, block start + L - gen_start) over a canvas padded on the
+  right (see the module docstring); "dual" = the block. With a cache, the first step of a block and every
+  `cache_refresh`-th step are full forwards that rebuild it. CFG adds the unconditional pass (prompt masked), with a
+  cache of its own; the logit shift reads position i's logits at i - 1.
+
+  The cache state `kv` is the pair (conditional cache, unconditional cache); unused entries are int32 placeholders.
+  """
+  logits_fn: Callable
+  cache: Optional[str]
+  cache_refresh: int
+  cfg_scale: float
+  logit_shift: bool
+  mask_id: int
+  length: int  # L, the caller's canvas length
+  gen_start: int
+  gen_length: int
+  block_length: int
+
+  @property
+  def pad(self) -> int:
+    """PAD positions appended on the right so that the prefix window of the last block fits."""
+    return self.gen_length - self.block_length if self.cache == "prefix" else 0
+
+  @property
+  def width(self) -> int:
+    """The static width W of every window."""
+    if self.cache is None:
+      return self.gen_length
+    return self.length - self.gen_start if self.cache == "prefix" else self.block_length
+
+  def start(self, block_lo: jax.Array) -> jax.Array:
+    """Where the window of the block starting at `block_lo` begins."""
+    return jnp.asarray(self.gen_start if self.cache is None else block_lo, jnp.int32)
+
+  def init(self, canvas: jax.Array) -> tuple[jax.Array, tuple]:
+    """(the working canvas [B, L + pad], the initial kv state)."""
+    tokens = jnp.pad(canvas, ((0, 0), (0, self.pad)), constant_values=PAD) if self.pad else canvas
+    none = jnp.zeros((), jnp.int32)
+    if self.cache is None:
+      return tokens, (none, none)
+    shape = jax.eval_shape(lambda c, t: self.logits_fn(c, t, 0, None)[1], tokens,
+                           jnp.zeros(tokens.shape[:1], jnp.float32))
+    kv = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+    return tokens, (kv, kv if self.cfg_scale > 0 else none)
+
+  def finish(self, tokens: jax.Array) -> jax.Array:
+    """The caller's [B, L] canvas from the working one."""
+    return tokens[:, :self.length]
+
+  def _guided(self, tokens: jax.Array, t: jax.Array, kv: tuple, lo=None, width: Optional[int] = None):
+    """float32 (guided) logits of the canvas, or of its window [lo, lo + width), and the new kv state."""
+
+    def call(x, cache):
+      if lo is not None:
+        x = jax.lax.dynamic_slice_in_dim(x, lo, width, axis=1)
+      if self.cache is None:
+        return self.logits_fn(x, t), cache
+      return self.logits_fn(x, t, 0 if lo is None else lo, cache)
+
+    cond, new = call(tokens, kv[0])
+    cond = cond.astype(jnp.float32)
+    if self.cfg_scale == 0:
+      return cond, (new, kv[1])
+    idx = jnp.arange(tokens.shape[1])
+    un, new_un = call(jnp.where((idx[None] < self.gen_start) & (tokens != PAD), self.mask_id, tokens), kv[1])
+    un = un.astype(jnp.float32)
+    return un + (self.cfg_scale + 1.0) * (cond - un), (new, new_un)
+
+  def _full(self, tokens, t, kv, lo):
+    logits, kv = self._guided(tokens, t, kv)
+    if self.logit_shift:
+      logits = shift_logits(logits)
+    return jax.lax.dynamic_slice_in_dim(logits, lo, self.width, axis=1), kv
+
+  def _part(self, tokens, t, kv, lo):
+    if not self.logit_shift:
+      return self._guided(tokens, t, kv, lo, self.width)
+    # position i reads the logits of i - 1, so the window starts one position earlier
+    logits, kv = self._guided(tokens, t, kv, lo - 1, self.width + 1)
+    return logits[:, :self.width], kv
+
+  def logits(self, tokens: jax.Array, t: jax.Array, kv: tuple, block_lo: jax.Array, block_step: jax.Array
+             ) -> tuple[jax.Array, tuple, jax.Array]:
+    """(logits [B, W, V] for the window of the block starting at `block_lo`, the new kv state, whether this was a
+    full pass) at step `block_step` of the block."""
+    lo = self.start(block_lo)
+    if self.cache is None:
+      logits, kv = self._full(tokens, t, kv, lo)
+      return logits, kv, jnp.array(True)
+    refresh = block_step == 0
+    if self.cache_refresh > 0:
+      refresh = refresh | (block_step % self.cache_refresh == 0)
+    logits, kv = jax.lax.cond(refresh, lambda: self._full(tokens, t, kv, lo), lambda: self._part(tokens, t, kv, lo))
+    return logits, kv, refresh
+
+
+# --- (3) the loop over blocks and steps -------------------------------------------------------------------------------
+
+
+class _State(NamedTuple):
+  tokens: jax.Array  # [B, L + pad] working canvas
+  kv: tuple  # CacheWindow's cache state
+  nfe: jax.Array
+  nfe_full: jax.Array
+  n_iter: jax.Array  # steps that called the network
+  row_step: jax.Array  # [B]
+  committed: jax.Array  # [B, max_steps]
+  rush: jax.Array  # [B] Prophet has fired: commit everything visible
+  fired: jax.Array  # [B] row step at which Prophet fired, -1 = never
+
+
+def decode(policy: CommitPolicy, window: CacheWindow, keys: jax.Array, canvas: jax.Array, *, mask_id: int,
+           eos_id: Optional[int], max_steps: int) -> tuple[jax.Array, dict]:
+  """Decodes the blocks left to right (one `lax.fori_loop`), each with the policy's steps, seen through the window;
+  returns (tokens [B, L], stats) as `llada` documents them."""
+  b = canvas.shape[0]
+  gen_start, gen_length, block_length = window.gen_start, window.gen_length, window.block_length
+  gen_end = gen_start + gen_length
+  tokens, kv = window.init(canvas)
+  idx = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+  gen_region = (idx >= gen_start) & (idx < gen_end)
+  n_gen = jnp.sum((tokens == mask_id) & gen_region[None], axis=1)  # [B] positions to generate
+  rows = jnp.arange(b)
+  width = window.width
+  calls_per_step = 2 if window.cfg_scale > 0 else 1
+
+  def still_masked(tokens):
+    return jnp.sum((tokens == mask_id) & gen_region[None], axis=1)
+
+  def step(s: _State, blo, block_step, want) -> _State:
+    """One step for the block [blo, blo + block_length); `want` [B] is the fixed-schedule count or None."""
+    lo = window.start(blo)
+    pos = lo + jnp.arange(width, dtype=jnp.int32)
+    win = jax.lax.dynamic_slice_in_dim(s.tokens, lo, width, axis=1)
+    masked = win == mask_id
+    eligible = masked & ((pos >= blo) & (pos < blo + block_length))[None]
+    active = policy.active(eligible, want, s.rush)
+    run = jnp.any(active)
+
+    def compute():
+      t = still_masked(s.tokens).astype(jnp.float32) / jnp.maximum(n_gen, 1).astype(jnp.float32)
+      logits, new_kv, was_full = window.logits(s.tokens, t, s.kv, blo, block_step)
+      visible = masked & ((pos >= gen_start) & (pos < gen_end))[None]
+      commit, values, now = policy.decide(
+          suppress_mask(logits, mask_id), keys, s.row_step, positions_from_end(window.length, lo, width), eligible,
+          visible, active, want, s.rush, 1.0 - t)
+      new_tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, jnp.where(commit, values, win), lo, axis=1)
+      new_tokens = eos_fill(new_tokens, eos_id, mask_id, gen_start, gen_end)
+      return new_tokens, new_kv, jnp.sum(commit, axis=1).astype(jnp.int32), now, was_full
+
+    tokens, kv, count, now, was_full = jax.lax.cond(
+        run, compute, lambda: (s.tokens, s.kv, jnp.zeros((b,), jnp.int32), s.rush, jnp.array(False)))
+    calls = jnp.where(run, calls_per_step, 0).astype(jnp.int32)
+    # Fixed schedule: rows step in lock-step (step j of a block has the same key in every row). Otherwise a row only
+    # counts the steps in which it could commit.
+    return _State(tokens=tokens, kv=kv, nfe=s.nfe + calls, nfe_full=s.nfe_full + jnp.where(was_full, calls, 0),
+                  n_iter=s.n_iter + run.astype(jnp.int32),
+                  row_step=s.row_step + (1 if want is not None else active.astype(jnp.int32)),
+                  committed=s.committed.at[rows, jnp.minimum(s.row_step, max_steps - 1)].add(count),
+                  rush=now, fired=jnp.where(now & ~s.rush, s.row_step, s.fired))
+
+  def block(blk, s: _State) -> _State:
+    blo = gen_start + blk * block_length
+    in_block = (idx >= blo) & (idx < blo + block_length)
+    if policy.steps_per_block is not None:
+      m = jnp.sum((s.tokens == mask_id) & in_block[None], axis=1)  # [B] masked at block start
+      return jax.lax.fori_loop(0, policy.steps_per_block, lambda j, c: step(c, blo, j, policy.scheduled(m, j)), s)
+
+    def unfinished(state):
+      c, i = state
+      return (i < block_length) & jnp.any((c.tokens == mask_id) & in_block[None])
+
+    return jax.lax.while_loop(unfinished, lambda state: (step(state[0], blo, state[1], None), state[1] + 1),
+                              (s, jnp.array(0, jnp.int32)))[0]
+
+  zero = jnp.array(0, jnp.int32)
+  s = _State(tokens=eos_fill(tokens, eos_id, mask_id, gen_start, gen_end), kv=kv, nfe=zero, nfe_full=zero, n_iter=zero,
+             row_step=jnp.zeros((b,), jnp.int32), committed=jnp.zeros((b, max_steps), jnp.int32),
+             rush=jnp.zeros((b,), bool), fired=jnp.full((b,), -1, jnp.int32))
+  s = jax.lax.fori_loop(0, gen_length // block_length, block, s)
+  done = n_gen - still_masked(s.tokens)
+  stats = {"nfe": s.nfe, "nfe_full": s.nfe_full, "steps": s.n_iter, "row_steps": s.row_step,
+           "committed": s.committed,
+           "tokens_per_step": done.astype(jnp.float32) / jnp.maximum(s.row_step, 1).astype(jnp.float32),
+           "prophet_step": s.fired}
+  return window.finish(s.tokens), stats
+
+
 def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: int, gen_start: int,
           gen_length: Optional[int] = None, block_length: Optional[int] = None, steps: Optional[int] = None,
           remasking: str = "low_confidence", confidence: str = "max_prob", position_temperature: float = 0.0,
@@ -123,7 +416,8 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
   """Decodes the `mask_id` positions of canvas[:, gen_start:gen_start + gen_length] (see the module docstring).
 
   Args:
-    logits_fn: (tokens [B, L] int32, t [B] float32) -> logits [B, L, V]; with `cache`, the cache-aware form.
+    logits_fn: (tokens [B, L] int32, t [B] float32) -> logits [B, L, V]; with `cache`, the cache-aware form (with
+      cache="prefix" it also sees PAD positions appended on the right; see the module docstring).
     key: one PRNG key, or B keys (one per row).
     canvas: [B, L] int32; (left-padded) prompt before gen_start, mask_id in the generated region.
     gen_length: default L - gen_start. block_length: default gen_length (one block).
@@ -150,6 +444,30 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
   if block_length is None or block_length == 0:
     block_length = gen_length
   adaptive = threshold is not None or factor is not None
+  _check_arguments(length, gen_start, gen_length, block_length, steps, adaptive, remasking, confidence,
+                   position_temperature, temperature, precision, threshold, factor, cfg_scale, logit_shift, cache,
+                   cache_refresh, prophet, prophet_gaps, eos_id, mask_id, noise)
+  if cache is None:
+    check_logits_fn(logits_fn, canvas, mask_id)
+  else:
+    check_logits_fn(lambda c, t: logits_fn(c, t, 0, None), canvas, mask_id)
+
+  fixed = steps is not None and not adaptive  # Prophet alone rides on the fixed schedule when steps is given
+  policy = CommitPolicy(
+      steps_per_block=steps // (gen_length // block_length) if fixed else None, remasking=remasking,
+      confidence=confidence, position_temperature=position_temperature, temperature=temperature, precision=precision,
+      threshold=threshold, factor=factor, prophet_gaps=tuple(prophet_gaps) if prophet else None, noise=noise)
+  window = CacheWindow(logits_fn=logits_fn, cache=cache, cache_refresh=cache_refresh, cfg_scale=cfg_scale,
+                       logit_shift=logit_shift, mask_id=mask_id, length=length, gen_start=gen_start,
+                       gen_length=gen_length, block_length=block_length)
+  return decode(policy, window, row_keys(key, b), canvas, mask_id=mask_id, eos_id=eos_id,
+                max_steps=steps if fixed else gen_length)
+
+
+def _check_arguments(length, gen_start, gen_length, block_length, steps, adaptive, remasking, confidence,
+                     position_temperature, temperature, precision, threshold, factor, cfg_scale, logit_shift, cache,
+                     cache_refresh, prophet, prophet_gaps, eos_id, mask_id, noise) -> None:
+  """`llada`'s static-argument checks, in order (the first problem is the ValueError)."""
   if gen_start < 0 or gen_length < 1 or gen_start + gen_length > length:
     raise ValueError(f"generated region [{gen_start}, {gen_start + gen_length}) does not fit canvas length {length} "
                      "(is the prompt longer than the canvas?)")
@@ -161,7 +479,6 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
       raise ValueError("steps is required unless threshold, factor or prophet is given")
   elif steps < 1 or steps % num_blocks:
     raise ValueError(f"steps ({steps}) must be a positive multiple of the number of blocks ({num_blocks})")
-  fixed = steps is not None and not adaptive  # Prophet alone rides on the fixed schedule when steps is given
   if remasking not in REMASKING:
     raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
   if confidence not in CONFIDENCE:
@@ -194,182 +511,86 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
   if eos_id is not None and not 0 <= eos_id != mask_id:
     raise ValueError(f"eos_id must be a token id other than mask_id, got {eos_id}")
 
-  if cache is None:
-    check_logits_fn(logits_fn, canvas, mask_id)
+
+# --- registry entry ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LladaOptions(registry.Draw, registry.Shift):
+  """sampler.llada.*: semi-autoregressive blocks and remasking, Fast-dLLM parallel decoding and K/V caches, Prophet,
+  classifier-free guidance, EOS stopping (module docstring)."""
+  block_length: int = 0  # 0 = the whole generated region is one block
+  remasking: str = "low_confidence"  # or "random"
+  confidence: str = "max_prob"  # or "margin", "neg_entropy"
+  threshold: float = 0.0  # 0 = off; in (0, 1]: commit every position at least this confident (always >= 1)
+  factor: float = 0.0  # 0 = off; > 0: Fast-dLLM factor rule
+  cfg_scale: float = 0.0  # classifier-free guidance (prompt masked for the unconditional call)
+  position_temperature: float = 0.0  # > 0: sample the committed positions from softmax(confidence / this)
+  cache: str = "none"  # "prefix" / "dual": Fast-dLLM K/V caches, rebuilt at every block start
+  cache_refresh: int = 0  # also rebuild the cache every k steps within a block (0 = only at block starts)
+  prophet: bool = False  # Prophet early commit: decode everything once the top-1/top-2 logit gap is large
+  noise: str = "step"  # or "position": one Gumbel draw per position for the whole decode
+  stop_at_eos: bool = False  # a row that committed EOS fills the rest with EOS
+
+  def check(self, key, family, block_size):
+    super().check(key, family, block_size)
+    need = registry.need
+    need(self.block_length >= 0, f"{key('block_length')} must be >= 0 (0 = one block), got {self.block_length}")
+    need(self.remasking in REMASKING, f"{key('remasking')} must be one of {REMASKING}, got {self.remasking!r}")
+    need(self.confidence in CONFIDENCE, f"{key('confidence')} must be one of {CONFIDENCE}, got {self.confidence!r}")
+    need(0 <= self.threshold <= 1, f"{key('threshold')} must be in (0, 1] (0 = off), got {self.threshold}")
+    need(self.factor >= 0, f"{key('factor')} must be >= 0 (0 = off), got {self.factor}")
+    need(not (self.threshold and self.factor), f"set at most one of {key('threshold')} and {key('factor')}")
+    need(not (self.threshold or self.factor) or (self.remasking == "low_confidence" and self.confidence != "neg_entropy"
+                                                  and self.position_temperature == 0),
+         f"{key('threshold')} / {key('factor')} decoding needs {key('remasking')}='low_confidence', {key('confidence')} "
+         f"'max_prob' or 'margin' and {key('position_temperature')}=0")
+    need(self.cfg_scale >= 0, f"{key('cfg_scale')} must be >= 0, got {self.cfg_scale}")
+    need(self.position_temperature >= 0, f"{key('position_temperature')} must be >= 0, got {self.position_temperature}")
+    need(self.cache in CACHES, f"{key('cache')} must be one of {CACHES}, got {self.cache!r}")
+    need(self.cache_refresh >= 0, f"{key('cache_refresh')} must be >= 0 (0 = once per block), got {self.cache_refresh}")
+    need(self.cache != "none" or self.cache_refresh == 0,
+         f"{key('cache_refresh')} refreshes a K/V cache; set {key('cache')}=prefix or dual, or drop it")
+    need(self.noise in NOISE, f"{key('noise')} must be one of {NOISE}, got {self.noise!r}")
+    if block_size is not None:  # inside block diffusion's blocks
+      for field, off, why in (("cache", "none", "block diffusion caches its clean blocks itself (sampler.block.cache)"),
+                              ("cache_refresh", 0, "there is no LLaDA cache inside a block"),
+                              ("cfg_scale", 0.0, "not available inside block diffusion's blocks"),
+                              ("noise", "step", "not available inside block diffusion's blocks"),
+                              ("stop_at_eos", False, "block diffusion stops rows itself: use sampler.block.stop_at_eos")):
+        need(getattr(self, field) == off, f"{key(field)}: {why}; drop it")
+
+
+def llada_steps(steps: int, block: int, sub_block: int) -> int:
+  """sampler.steps counts steps per block under block diffusion; LLaDA inside a block of `block` tokens needs at most
+  one step per token, and a multiple of its number of sub-blocks."""
+  subs = block // sub_block if sub_block and block % sub_block == 0 else 1
+  steps = min(steps, block)
+  return max(subs, steps - steps % subs)
+
+
+def _bind(net, opts, shared, *, length, gen_start, eos_id):
+  gen_length = length - gen_start
+  block_length = opts.block_length or gen_length
+  if opts.threshold or opts.factor:
+    steps = None
+  elif net.block_size is None:
+    steps = shared.steps
   else:
-    check_logits_fn(lambda c, t: logits_fn(c, t, 0, None), canvas, mask_id)
+    steps = llada_steps(shared.steps, gen_length, block_length)
+  sampler = functools.partial(
+      llada, mask_id=net.mask_id, gen_start=gen_start, gen_length=gen_length, block_length=block_length, steps=steps,
+      remasking=opts.remasking, confidence=opts.confidence, position_temperature=opts.position_temperature,
+      temperature=shared.temperature, precision=opts.precision, threshold=opts.threshold or None,
+      factor=opts.factor or None, cfg_scale=opts.cfg_scale, logit_shift=opts.logit_shift, cache=opts.cache,
+      cache_refresh=opts.cache_refresh, prophet=opts.prophet, noise=opts.noise,
+      eos_id=eos_id if opts.stop_at_eos else None)
+  return sampler, opts.cache != "none"
 
-  keys = row_keys(key, b)
-  spb = steps // num_blocks if fixed else None
-  max_steps = steps if fixed else gen_length
-  gen_end = gen_start + gen_length
-  idx = jnp.arange(length, dtype=jnp.int32)
-  gen_region = (idx >= gen_start) & (idx < gen_end)
-  n_gen = jnp.sum((canvas == mask_id) & gen_region[None], axis=1)  # [B] positions to generate
-  prompt_pos = (idx[None] < gen_start) & (canvas != PAD)
-  rows = jnp.arange(b)
-  calls_per_step = 2 if cfg_scale > 0 else 1
-  if cache is not None:
-    cache_shape = jax.eval_shape(lambda c, t: logits_fn(c, t, 0, None)[1], canvas, jnp.zeros((b,), jnp.float32))
-    cache0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shape)
-    cache0 = (cache0, cache0 if cfg_scale > 0 else jnp.zeros((), jnp.int32))
-  else:
-    cache0 = jnp.zeros((), jnp.int32)  # placeholder carry
 
-  def time_of(tokens):
-    still = jnp.sum((tokens == mask_id) & gen_region[None], axis=1)
-    return still.astype(jnp.float32) / jnp.maximum(n_gen, 1).astype(jnp.float32)
-
-  def guided(cond, un):
-    return cond if un is None else un + (cfg_scale + 1.0) * (cond - un)
-
-  def unconditional(tokens):
-    return jnp.where(prompt_pos, mask_id, tokens)
-
-  def window_logits(tokens, kv, w_lo, width, block_step):
-    """Logits [B, W, V] for positions [w_lo, w_lo + W), the new cache, and whether this was a full pass."""
-    t = time_of(tokens)
-    if cache is None:
-      cond = logits_fn(tokens, t).astype(jnp.float32)
-      un = logits_fn(unconditional(tokens), t).astype(jnp.float32) if cfg_scale > 0 else None
-      logits = guided(cond, un)
-      if logit_shift:
-        logits = shift_logits(logits)
-      return jax.lax.dynamic_slice_in_dim(logits, w_lo, width, axis=1), kv, jnp.array(True)
-    refresh = block_step == 0
-    if cache_refresh > 0:
-      refresh = refresh | (block_step % cache_refresh == 0)
-    # With CFG the unconditional pass keeps its own cache: kv = (conditional cache, unconditional cache).
-
-    def full():
-      cond, new = logits_fn(tokens, t, 0, kv[0])
-      un, new_un = logits_fn(unconditional(tokens), t, 0, kv[1]) if cfg_scale > 0 else (None, kv[1])
-      logits = guided(cond.astype(jnp.float32), None if un is None else un.astype(jnp.float32))
-      if logit_shift:
-        logits = shift_logits(logits)
-      return jax.lax.dynamic_slice_in_dim(logits, w_lo, width, axis=1), (new, new_un)
-
-    def part():
-      # logit shift: position i reads the logits of i - 1, so the window starts one position earlier
-      lo, w = (w_lo - 1, width + 1) if logit_shift else (w_lo, width)
-      cond, new = logits_fn(jax.lax.dynamic_slice_in_dim(tokens, lo, w, axis=1), t, lo, kv[0])
-      un, new_un = None, kv[1]
-      if cfg_scale > 0:
-        un, new_un = logits_fn(jax.lax.dynamic_slice_in_dim(unconditional(tokens), lo, w, axis=1), t, lo, kv[1])
-        un = un.astype(jnp.float32)
-      logits = guided(cond.astype(jnp.float32), un)
-      return (logits[:, :width] if logit_shift else logits), (new, new_un)
-
-    logits, kv = jax.lax.cond(refresh, full, part)
-    return logits, kv, refresh
-
-  def decode_step(carry, blo, w_lo, width, block_step, want):
-    """One step for the block [blo, blo + block_length) seen through the window [w_lo, w_lo + width).
-    `want` [B] is the fixed-schedule count, or None for threshold / factor / Prophet-only decoding."""
-    tokens, kv, nfe, nfe_full, n_iter, row_step, committed, rush, fired = carry
-    pos = w_lo + jnp.arange(width, dtype=jnp.int32)
-    win = jax.lax.dynamic_slice_in_dim(tokens, w_lo, width, axis=1)
-    masked = win == mask_id
-    in_block = (pos >= blo) & (pos < blo + block_length)
-    eligible = masked & in_block[None]
-    active = jnp.any(eligible, axis=1)
-    if want is not None:
-      active = active & ((want > 0) | rush)
-    run = jnp.any(active)
-
-    def compute():
-      logits, new_kv, was_full = window_logits(tokens, kv, w_lo, width, block_step)
-      logits = suppress_mask(logits, mask_id)
-      k_step = step_keys(keys, row_step)
-      # noise="position": one Gumbel draw per position for the whole decode (the draw is then a deterministic function
-      # of the logits, so decodes that differ only in their step schedule or cache can be compared token by token)
-      k_tok = subkey(k_step if noise == "step" else keys, 0)
-      k_pos = subkey(k_step, 1)
-      from_end = positions_from_end(length, w_lo, width)
-      greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      x0 = greedy if temperature == 0 else sample_tokens(k_tok, from_end, logits, temperature, precision)
-      if remasking == "random":
-        score = uniform_noise(k_pos, from_end)
-      else:
-        score = confidence_of(logits, x0, confidence)
-      if position_temperature > 0:
-        score = score / position_temperature + gumbel_noise(k_pos, from_end, 1)[..., 0]
-      score = jnp.where(eligible, score, -jnp.inf)
-      order = jnp.argsort(-score, axis=1, stable=True)  # best first; ties -> lower position first
-      rank = jnp.argsort(order, axis=1)
-      if want is not None:
-        n = want
-      elif threshold is not None:
-        n = jnp.maximum(jnp.sum(score >= threshold, axis=1), 1)
-      elif factor is not None:
-        n = factor_count(jnp.take_along_axis(score, order, axis=1), factor)
-      else:
-        n = jnp.ones((b,), jnp.int32)  # Prophet without a schedule: one token per step until it fires
-      commit = eligible & (rank < n[:, None])
-      now = rush
-      if prophet:
-        l1, l2 = top2(logits)
-        gap = jnp.where(eligible, l1 - l2, 0.0)
-        mean_gap = jnp.sum(gap, axis=1) / jnp.maximum(jnp.sum(eligible, axis=1), 1)
-        left = jnp.sum((tokens == mask_id) & gen_region[None], axis=1)
-        progress = 1.0 - left.astype(jnp.float32) / jnp.maximum(n_gen, 1).astype(jnp.float32)
-        now = rush | (active & (mean_gap >= prophet_threshold(progress, prophet_gaps)))
-      everything = masked & ((pos >= gen_start) & (pos < gen_end))[None]
-      commit = jnp.where(now[:, None], everything, commit) & active[:, None]
-      new_win = jnp.where(commit, jnp.where(now[:, None], greedy, x0), win)
-      new_tokens = eos_fill(jax.lax.dynamic_update_slice_in_dim(tokens, new_win, w_lo, axis=1), eos_id, mask_id,
-                            gen_start, gen_end)
-      return new_tokens, new_kv, jnp.sum(commit, axis=1).astype(jnp.int32), now, was_full
-
-    zero = jnp.zeros((b,), jnp.int32)
-    tokens, kv, count, now, was_full = jax.lax.cond(
-        run, compute, lambda: (tokens, kv, zero, rush, jnp.array(False)))
-    nfe = nfe + jnp.where(run, calls_per_step, 0).astype(jnp.int32)
-    nfe_full = nfe_full + jnp.where(run & was_full, calls_per_step, 0).astype(jnp.int32)
-    n_iter = n_iter + run.astype(jnp.int32)
-    committed = committed.at[rows, jnp.minimum(row_step, max_steps - 1)].add(count)
-    fired = jnp.where(now & ~rush, row_step, fired)
-    # Fixed schedule: rows step in lock-step (step j of a block has the same key in every row). Otherwise a row only
-    # counts the steps in which it could commit.
-    row_step = row_step + (1 if want is not None else active.astype(jnp.int32))
-    return tokens, kv, nfe, nfe_full, n_iter, row_step, committed, now, fired
-
-  def block_body(blk, carry, w_lo=None, width=None):
-    blo = gen_start + blk * block_length
-    if w_lo is None:  # uncached: the whole region; dual: the block
-      w_lo, width = (gen_start, gen_length) if cache is None else (blo, block_length)
-    if fixed:
-      in_block = (idx >= blo) & (idx < blo + block_length)
-      m = jnp.sum((carry[0] == mask_id) & in_block[None], axis=1)  # [B] masked at block start
-      base, rem = m // spb, m % spb
-      return jax.lax.fori_loop(
-          0, spb, lambda j, c: decode_step(c, blo, w_lo, width, j, base + (j < rem).astype(jnp.int32)), carry)
-
-    def cond(state):
-      c, i = state
-      in_block = (idx >= blo) & (idx < blo + block_length)
-      return (i < block_length) & jnp.any((c[0] == mask_id) & in_block[None])
-
-    def body(state):
-      c, i = state
-      return decode_step(c, blo, w_lo, width, i, None), i + 1
-
-    carry, _ = jax.lax.while_loop(cond, body, (carry, jnp.array(0, jnp.int32)))
-    return carry
-
-  zeros_b = jnp.zeros((b,), jnp.int32)
-  carry = (eos_fill(canvas, eos_id, mask_id, gen_start, gen_end), cache0, jnp.array(0, jnp.int32), jnp.array(0, jnp.int32),
-           jnp.array(0, jnp.int32), zeros_b, jnp.zeros((b, max_steps), jnp.int32), jnp.zeros((b,), bool),
-           jnp.full((b,), -1, jnp.int32))
-  if cache == "prefix":  # the window [block start, L) shrinks block by block: one static shape per block
-    for blk in range(num_blocks):
-      lo = gen_start + blk * block_length
-      carry = block_body(blk, carry, lo, length - lo)
-  else:
-    carry = jax.lax.fori_loop(0, num_blocks, block_body, carry)
-  tokens, _, nfe, nfe_full, n_iter, row_steps, committed, _, fired = carry
-  done = n_gen - jnp.sum((tokens == mask_id) & gen_region[None], axis=1)
-  stats = {"nfe": nfe, "nfe_full": nfe_full, "steps": n_iter, "row_steps": row_steps, "committed": committed,
-           "tokens_per_step": done.astype(jnp.float32) / jnp.maximum(row_steps, 1).astype(jnp.float32),
-           "prophet_step": fired}
-  return tokens, stats
+registry.register_sampler(registry.SamplerSpec(
+    "llada", ("masked", "block"), LladaOptions, discrete(_bind),
+    "LLaDA semi-AR remasking, Dream orderings, Fast-dLLM threshold / factor decoding and prefix / dual K/V caches, "
+    "Prophet early commit, CFG, EOS stopping",
+    uses_steps=lambda opts: not (opts.threshold or opts.factor),
+    steps_note="threshold / factor decoding runs until each block is decoded", greedy=True))
