@@ -3,14 +3,12 @@ perplexity on a real corpus and the AR row of every likelihood table (block diff
 
 import os
 
-from dlm_jax.config import default_config, load_config_file
+from dlm_jax.config import load_config_file
 
 
 def get_config():
   c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py"))
   c.diffusion.process = "block"
   c.diffusion.block_size = 1
-  # small.py's sampler.steps=1024 is not read here (autoregressive decoding takes one step per token): back to the default
-  c.sampler.steps = default_config().sampler.steps
   c.sampler.first_hitting.top_p = 0.95
   return c

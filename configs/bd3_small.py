@@ -4,15 +4,13 @@ gradient variance (only t_min=1e-3, t_max=1 estimates the NELBO; `dlm-eval` alwa
 
 import os
 
-from dlm_jax.config import default_config, load_config_file
+from dlm_jax.config import load_config_file
 
 
 def get_config():
   c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "small.py"))
   c.diffusion.process = "block"
   c.diffusion.block_size = 16
-  # small.py's sampler.steps=1024 is not read here (first_hitting, the default inside each block, takes one step per token): back to the default
-  c.sampler.steps = default_config().sampler.steps
   c.sampler.first_hitting.top_p = 0.9  # BD3-LM's nucleus
   # The trunk sees 2L tokens and the dense XLA attention keeps [2L, 2L] probabilities for the backward pass: two
   # micro-batches per step keep the per-device memory near configs/small.py's (v5e:2x2, batch 32: 12.5 GB temporaries

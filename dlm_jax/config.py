@@ -112,7 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Shared by every sampler (dlm_jax/samplers/); each sampler's own options are the section sampler.<name>.* built from
   # its Options dataclass (dlm_jax/registry.py). --prompt may hold <|mask:N|> spans (infilling, see README).
   c.sampler.name = ""  # "" = the process's default (masked: ancestral; block: first_hitting inside each block; ...)
-  c.sampler.steps = 128  # block diffusion: steps per block; samplers that do not read it reject a non-default value
+  c.sampler.steps = 128  # block diffusion: steps per block; not read by first_hitting / threshold decoding / block size 1
   c.sampler.temperature = 1.0
   c.sampler.length = 0  # 0 = data.seq_len
   c.sampler.batch_size = 16
@@ -425,8 +425,9 @@ def sampler_name(cfg) -> str:
 def sampler_options(cfg):
   """(SamplerSpec, its Options, the family's generation Options or None) for the config, validated: the running
   sampler must serve the family; every option of another sampler (or of another family's generation) must be at its
-  default; a sampler that does not read sampler.steps rejects a non-default one; temperature 0 needs a sampler that
-  decodes greedily. The Options classes check their own ranges."""
+  default; temperature 0 needs a sampler that decodes greedily. The Options classes check their own ranges. The shared
+  sampler.steps is a budget some samplers do not read (`SamplerSpec.uses_steps`: first_hitting, threshold / factor
+  decoding, autoregressive decoding); their sample records leave it out."""
   s, family = cfg.sampler, cfg.diffusion.process
   process = registry.processes()[family]
   specs = registry.samplers()
@@ -460,10 +461,6 @@ def sampler_options(cfg):
       if key not in registry.DRAW_FIELDS:
         raise DLMError(f"{spec.key(key)} has no effect at diffusion.block_size=1 (autoregressive decoding draws each "
                        "token directly); drop it")
-  if s.steps != default_config().sampler.steps and (block_size == 1 or not spec.uses_steps(opts)):
-    why = "autoregressive decoding: one step per token" if block_size == 1 else spec.steps_note
-    raise DLMError(f"sampler.steps={s.steps} is not used by sampler.name={name!r} ({why}); leave it at its default "
-                   f"({default_config().sampler.steps}) or choose a sampler with a step budget")
   if s.temperature == 0 and not (spec.greedy or block_size == 1):
     raise DLMError(f"sampler.temperature=0 (greedy) is not available with sampler.name={name!r}; use a temperature "
                    "> 0 or sampler.name=llada")

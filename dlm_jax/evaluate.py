@@ -99,7 +99,8 @@ def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
                      "tokenizer the model was trained with")
   templates = [bool((p == mask_id).any()) for p in prompts]
   if any(templates) and "infilling" not in run.process.capabilities:
-    infill = [n for n, c in registry.processes().items() if "infilling" in getattr(c, "capabilities", ())]
+    infill = [n for n, c in registry.processes().items()  # (capabilities that depend on the instance: not listed)
+              if isinstance(c.capabilities, frozenset) and "infilling" in c.capabilities]
     raise DLMError(f"diffusion.process={run.process.name!r} generates left to right, so <|mask:N|> infilling "
                    f"templates need another diffusion.process ({', '.join(infill)}); give a plain prompt")
   if any(templates):
@@ -133,7 +134,8 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
   batch_size = _round_to_batch_shards(run, min(batch_size or scfg.batch_size, n))
   sample, x64, setting = sampler_fn(run, gen_start)
   sample_fn = run.jitted(f"sample:{gen_start}:{canvas_all.shape[1]}:{setting}", sample)  # traced per setting
-  spec = config_lib.sampler_options(run.cfg)[0]
+  spec, opts, _ = config_lib.sampler_options(run.cfg)
+  uses_steps = spec.uses_steps(opts) and run.process.decode_block_size(run.cfg) != 1
 
   out, nfe = [], []
   base = jax.random.PRNGKey(seed)
@@ -149,7 +151,7 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
                        f"adjust {spec.section()}.*, sampler.steps or sampler.length)") from None
       out.append(_to_host(tokens))
       nfe.append(int(stats["nfe"]))
-  return np.concatenate(out)[:n], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps}
+  return np.concatenate(out)[:n], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps if uses_steps else None}
 
 
 def sampler_fn(run, gen_start: int = 0):
@@ -177,7 +179,7 @@ def sampler_record(cfg) -> dict:
   spec, opts, family_opts = config_lib.sampler_options(cfg)
   s = cfg.sampler
   record = {"sampler": spec.name, "seed": s.seed, "temperature": s.temperature, **dataclasses.asdict(opts)}
-  if spec.uses_steps(opts):
+  if spec.uses_steps(opts) and registry.processes()[cfg.diffusion.process].decode_block_size(cfg) != 1:
     record["steps"] = s.steps
   if family_opts is not None:
     record.update({f"{cfg.diffusion.process}.{k}": v for k, v in dataclasses.asdict(family_opts).items()})

@@ -65,8 +65,6 @@ def tiny_config(tmp_path, markov_text):
     values = dict(TINY)
     values["data.path"] = markov_text
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
-    if values.get("diffusion.process") == "block" and "sampler__steps" not in overrides:
-      del values["sampler.steps"]  # block diffusion's default sampler (first_hitting) has no step budget
     return write_config(str(tmp_path / name), values)
 
   return make

@@ -110,7 +110,6 @@ def test_every_sampler_option_is_a_config_key_and_documented():
 def _run(tmp_path, family: str):
   values = dict(TINY)
   values.update({"diffusion.process": family, "sampler.batch_size": 2, "data.seq_len": 8, "model.max_seq_len": 16})
-  del values["sampler.steps"]  # the default: every default sampler reads it or accepts its default
   if family == "block":
     values["diffusion.block_size"] = 4
   cfg = config_lib.load(write_config(str(tmp_path / f"{family}.py"), values))

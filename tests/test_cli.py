@@ -289,8 +289,7 @@ def block_workdirs(tmp_path_factory):
   (d / "chain.txt").write_text(markov.generate(20_000, seed=3))
   out = {}
   for name, bs in (("bd3", 4), ("ar", 1)):
-    tiny = {k: v for k, v in TINY.items() if k != "sampler.steps"}  # first_hitting (the default) has no step budget
-    cfg = write_config(str(d / f"{name}.py"), dict(tiny, **{"data.path": str(d / "chain.txt"),
+    cfg = write_config(str(d / f"{name}.py"), dict(TINY, **{"data.path": str(d / "chain.txt"),
                                                             "diffusion.process": "block", "diffusion.block_size": bs}))
     out[name] = str(d / name)
     r = run_cli("train", "--config", cfg, "--workdir", out[name], "--no_progress")
@@ -400,9 +399,9 @@ def continuous_workdirs(tmp_path_factory):
   (d / "chain.txt").write_text(markov.generate(20_000, seed=4))
   out = {}
   for name in CONTINUOUS:
+    learned = {"diffusion.schedule_update_every": 2, "diffusion.schedule_buffer": 16} if name != "flow" else {}
     cfg = write_config(str(d / f"{name}.py"), dict(TINY, **{
-        "data.path": str(d / "chain.txt"), "diffusion.process": name, "diffusion.bound_steps": 8,
-        "diffusion.schedule_update_every": 2, "diffusion.schedule_buffer": 16}))
+        "data.path": str(d / "chain.txt"), "diffusion.process": name, "diffusion.bound_steps": 8, **learned}))
     out[name] = str(d / name)
     r = run_cli("train", "--config", cfg, "--workdir", out[name], "--no_progress")
     assert r.returncode == 0, r.stderr

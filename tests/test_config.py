@@ -400,8 +400,6 @@ def test_parsed_overrides_apply():
     ({"diffusion.process": "block", "sampler.first_hitting.logit_shift": True},
      ("sampler.first_hitting.logit_shift", "block diffusion")),
     ({"sampler.block.cache": "none"}, ("sampler.block.cache", "'block'")),
-    ({"sampler.name": "first_hitting", "sampler.steps": 64}, ("sampler.steps", "first_hitting", "one network call")),
-    ({"diffusion.process": "block", "diffusion.block_size": 1, "sampler.steps": 64}, ("sampler.steps",)),
     ({"diffusion.process": "block", "diffusion.block_size": 1, "sampler.name": "remdm", "sampler.remdm.eta": 0.1},
      ("sampler.remdm.eta", "block_size=1")),
     ({"sampler.steps": 0}, ("sampler.steps",)),

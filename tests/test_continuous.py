@@ -20,8 +20,6 @@ from dlm_jax.samplers.continuous import ddim, edm, flow_euler
 # --- one-hot flow (FLM) ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [4, 257, 50257])
-
 class _Table:
   """The model adapter's input table for a bare parameter dict (these tests have no trunk)."""
 
@@ -31,6 +29,8 @@ class _Table:
 
 NET = _Table()
 
+
+@pytest.mark.parametrize("k", [4, 257, 50257])
 def test_signal_level_table_matches_direct_quadrature(k):
   """alpha(g) = K/(K-1) (E_z[Phi(z + g/(1-g))^(K-1)] - 1/K): the 100-node Gauss-Hermite table against adaptive
   quadrature of the same integral, and the interpolated inverse against the table."""

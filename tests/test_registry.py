@@ -21,6 +21,8 @@ from dlm_jax.errors import DLMError
 from dlm_jax.evaluate import make_canvas, sampler_fn
 
 # A non-default value of every option (with the companion settings it needs to act), by (sampler or family, option).
+# Keys with a dot are config keys set with it; keys starting with "@" are config keys set in both runs compared (a
+# context in which the option can act on this tiny random model).
 EXAMPLES = {
     "precision": {"precision": "float64"},
     "top_k": {"top_k": 2},
@@ -35,15 +37,17 @@ EXAMPLES = {
     ("llada", "block_length"): {"block_length": 2, "sampler.steps": 14},  # 7 blocks of the 14 generated tokens
     ("llada", "remasking"): {"remasking": "random"},
     ("llada", "confidence"): {"confidence": "margin"},
-    ("llada", "threshold"): {"threshold": 0.5, "sampler.steps": 128},  # adaptive decoding has no step budget
-    ("llada", "factor"): {"factor": 1.0, "sampler.steps": 128},
+    ("llada", "threshold"): {"threshold": 0.5},
+    ("llada", "factor"): {"factor": 1.0},
     ("llada", "cfg_scale"): {"cfg_scale": 2.0},
     ("llada", "position_temperature"): {"position_temperature": 0.5},
     ("llada", "cache"): {"cache": "dual"},
     ("llada", "cache_refresh"): {"cache": "dual", "cache_refresh": 2},
-    ("llada", "prophet"): {"prophet": True},
+    ("llada", "prophet"): {"prophet": True, "@model.init_std": 1.0},  # a peaked model: large top-1 / top-2 gaps
     ("llada", "noise"): {"noise": "position"},
-    ("llada", "stop_at_eos"): {"stop_at_eos": True},
+    # left to right in blocks of 2 (one token per step), EOS drawn often: rows that commit EOS stop there
+    ("llada", "stop_at_eos"): {"stop_at_eos": True, "@sampler.temperature": 3.0, "@sampler.llada.block_length": 2,
+                               "@sampler.steps": 14},
     ("edm_churn", "churn"): {"churn": 0.4},
     ("edm_churn", "band_lo"): {"band_lo": 0.5},
     ("edm_churn", "band_hi"): {"band_hi": 0.5},
@@ -69,8 +73,6 @@ FORBIDDEN = [
     ({"diffusion.process": "block", "sampler.name": "llada", "sampler.llada.noise": "position"},
      ("sampler.llada.noise",)),
     ({"diffusion.process": "flow", "sampler.euler.logit_shift": True}, ("has no option 'logit_shift'",)),
-    ({"sampler.name": "first_hitting", "sampler.steps": 32}, ("sampler.steps", "first_hitting")),
-    ({"sampler.name": "llada", "sampler.llada.threshold": 0.9, "sampler.steps": 32}, ("sampler.steps", "threshold")),
     ({"sampler.name": "llada", "sampler.llada.cache_refresh": 2}, ("sampler.llada.cache_refresh",)),
     ({"sampler.threshold": 0.9}, ("sampler.threshold is now sampler.llada.threshold",)),
     ({"sampler.top_p": 0.9}, ("sampler.top_p", "sampler.NAME.top_p")),
@@ -95,12 +97,12 @@ def _config(tmp_path, chars, overrides: dict):
   values = dict(TINY)
   values.update({"data.tokenizer": chars, "data.seq_len": L, "model.max_seq_len": L, "model.init_std": INIT_STD,
                  "sampler.batch_size": ROWS, "sampler.temperature": 1.5})  # EOS (stop options) shows up often
-  del values["sampler.steps"]  # the default budget: samplers that do not read it reject another value
+  del values["sampler.steps"]  # the default budget, unless a test sets one
   if overrides.get("diffusion.process") == "block":
     values["diffusion.block_size"] = 8  # (at 4 tokens per block MaskGIT's cosine and linear schedules coincide)
-  values.update({k: v for k, v in overrides.items() if k in ("diffusion.process",)})
+  values.update({k: v for k, v in overrides.items() if k in ("diffusion.process", "model.init_std")})
   cfg = config_lib.load(write_config(str(tmp_path / "sweep.py"), values),
-                        [(k, v) for k, v in overrides.items() if k != "diffusion.process"])
+                        [(k, v) for k, v in overrides.items() if k not in ("diffusion.process", "model.init_std")])
   return cfg
 
 
@@ -108,7 +110,7 @@ _RUNS = {}
 
 
 def _run_of(cfg):
-  key = (cfg.diffusion.process,)
+  key = (cfg.diffusion.process, cfg.model.init_std)
   if key not in _RUNS:
     run = build(cfg, devices=jax.devices()[:1])
     _RUNS[key] = (run, init_params(run, 0), run.process.init_state(jax.random.PRNGKey(0)))
@@ -156,8 +158,10 @@ def test_sweep(tmp_path, chars, family):
     base = {"diffusion.process": family, "sampler.name": name}
     if registry.samplers()[name].uses_steps(registry.samplers()[name].options()):
       base["sampler.steps"] = 4  # fewer steps than tokens: schedules matter
+    example = _example(section, field)
+    base.update({k[1:]: v for k, v in example.items() if k.startswith("@")})
     default = _sample(_config(tmp_path, chars, base))
-    change = {k if "." in k else f"sampler.{section}.{k}": v for k, v in _example(section, field).items()}
+    change = {k if "." in k else f"sampler.{section}.{k}": v for k, v in example.items() if not k.startswith("@")}
     try:
       cfg = _config(tmp_path, chars, {**base, **change})
     except DLMError as e:
