@@ -166,12 +166,18 @@ class SamplingNet:
   cached_logits_fn  (window, t, start, cache) -> (logits, cache), or None when the family has no K/V cache
   block_size        block diffusion: generate block by block (1 = autoregressive); None = the whole canvas at once
   arguments         keyword inputs of the family's samplers (a schedule, noise grids, tables, ...)
+  logit_shift       the network predicts token i at position i - 1 (Dream, Fast-dLLM v2): the samplers shift its
+                    logits (as their own `logit_shift` option does for any logits function)
+  suppress_mask     the samplers give the mask class probability 0 (False: keep it in the softmax, as the reference
+                    code of checkpoints whose mask id lies inside the output vocabulary does: LLaDA, Dream, ...)
   """
   mask_id: int
   logits_fn: Callable
   cached_logits_fn: Optional[Callable] = None
   block_size: Optional[int] = None
   arguments: dict = dataclasses.field(default_factory=dict)
+  logit_shift: bool = False
+  suppress_mask: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
