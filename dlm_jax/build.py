@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dlm_jax import model as model_lib
 from dlm_jax import sharding as sharding_lib
 from dlm_jax.data import Tokenizer, make_tokenizer
+from dlm_jax.errors import DLMError
 from dlm_jax.processes import Process, make_process
 
 
@@ -31,7 +32,7 @@ class Run:
 
   @functools.cached_property
   def apply_fn(self):
-    return model_lib.make_apply(self.graphdef)
+    return model_lib.make_apply(self.graphdef, self.model_config.logit_shift)
 
   @functools.cached_property
   def param_shardings(self):
@@ -58,9 +59,15 @@ class Run:
 
 
 def build(cfg, devices=None) -> Run:
-  tokenizer = make_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
+  d = cfg.data
+  tokenizer = make_tokenizer(d.tokenizer, d.eos_token, eos_id=d.eos_id, eot_id=d.eot_id, pad_id=d.pad_id,
+                             vocab_size=cfg.model.vocab_size)
   process = make_process(cfg, tokenizer.vocab_size)
   mc = model_lib.ModelConfig.from_config(cfg, process.vocab_in, process.vocab_out, **process.model_options)
+  if mc.tie_embeddings and (mc.input_bits or mc.vocab_in != mc.vocab_out):
+    raise DLMError(f"model.tie_embeddings needs one table for input and output ids, but diffusion.process="
+                   f"{cfg.diffusion.process!r} gives {mc.vocab_in} input and {mc.vocab_out} output ids; set "
+                   "model.vocab_size (a checkpoint's vocabulary) or model.tie_embeddings=False")
   graphdef, abstract_params, axes = model_lib.abstract(mc)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   return Run(cfg, tokenizer, process, mc, graphdef, abstract_params, axes, mesh)

@@ -66,6 +66,16 @@ class Checkpointer:
     except Exception as e:  # orbax raises many exception types for unreadable files
       raise self._fail(step, "config", e) from None
 
+  def state_keys(self, step: int) -> set[str]:
+    """The top-level entries of a step's saved state ({'params', 'step'} for a checkpoint dlm-convert wrote; the
+    training loop's add 'opt_state', 'ema', 'process_state')."""
+    try:
+      meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+      tree = getattr(meta, "item_metadata", meta)
+      return set(getattr(tree, "tree", tree).keys())
+    except Exception as e:
+      raise self._fail(step, "state metadata", e) from None
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),

@@ -1,11 +1,14 @@
-"""Command-line entry points: dlm-train, dlm-eval, dlm-sample.
+"""Command-line entry points: dlm-train, dlm-eval, dlm-sample, dlm-convert.
 
   dlm-train  --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
+             (without --config: the config saved in DIR's checkpoint, e.g. a converted checkpoint trained further)
   dlm-eval   --workdir DIR [--config.KEY=VALUE ...]          prints one JSON line with the validation bound
              [--score_samples FILE.jsonl]   generative perplexity of samples under the AR model in DIR
              [--clip_search [--clip_widths 0.5,0.6]]   BD3-LM clipped-interval search for a block diffusion model
   dlm-sample --workdir DIR --num_samples N --output FILE.jsonl [--prompt TEXT | --prompt_file FILE]
              [--config.KEY=VALUE ...]
+  dlm-convert --from_hf HF_DIR --workdir OUT [--dtype float32|bfloat16]   a Hugging Face LLaDA / Dream / Fast-dLLM v2 /
+             SDAR checkpoint -> a workdir;  dlm-convert --workdir DIR --to_hf OUT   the reverse (dlm_jax/convert.py)
 
 User errors print one line `dlm-<cmd>: error: ...` and exit with status 2; SIGTERM during training saves a checkpoint and
 exits with 143. Multi-host runs call jax.distributed.initialize when JAX_COORDINATOR_ADDRESS is set (with
@@ -59,11 +62,16 @@ def _main(prog: str, body, argv):
 
 def _train(rest, overrides):
   p = _Parser(prog="dlm-train", description="Train a diffusion language model (resumes if --workdir has a checkpoint).")
-  p.add_argument("--config", required=True, help="config file, e.g. configs/quickstart.py")
+  p.add_argument("--config", default=None, help="config file, e.g. configs/quickstart.py; omitted: the config saved "
+                 "in --workdir's checkpoint (continue a run, or train a dlm-convert workdir further)")
   p.add_argument("--workdir", required=True, help="where checkpoints, metrics.jsonl and TensorBoard files go")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
   a = p.parse_args(rest)
-  cfg = config_lib.load(a.config, overrides)
+  if a.config is None:
+    from dlm_jax.train import workdir_config
+    cfg = workdir_config(a.workdir, overrides)
+  else:
+    cfg = config_lib.load(a.config, overrides)
   _maybe_distributed()
   from dlm_jax.train import train
   train(cfg, a.workdir, progress=not a.no_progress)
@@ -92,7 +100,7 @@ def _eval(rest, overrides):
   from dlm_jax.data import load_corpus
   from dlm_jax import evaluate
   from dlm_jax.train import load_for_inference
-  cfg, run, params, pstate = load_for_inference(a.workdir, overrides)
+  cfg, run, params, pstate = load_for_inference(a.workdir, overrides, need_tokenizer="dlm-eval")
   if records is not None:
     res = evaluate.score_samples(run, params, records, batch_size=cfg.eval.batch_size, source=a.score_samples)
     res["scorer"] = a.workdir
@@ -159,7 +167,7 @@ def _sample(rest, overrides):
   texts = [a.prompt] if a.prompt else None
   if a.prompt_file is not None:
     texts = _read_prompts(a.prompt_file)
-  cfg, run, params, pstate = load_for_inference(a.workdir, overrides)
+  cfg, run, params, pstate = load_for_inference(a.workdir, overrides, need_tokenizer="dlm-sample")
   from dlm_jax.evaluate import encode_prompt
   from dlm_jax.maths import PAD
   length = cfg.sampler.length or cfg.data.seq_len
@@ -207,6 +215,29 @@ def _read_prompts(path: str) -> list[str]:
   return prompts
 
 
+def _convert(rest, overrides):
+  p = _Parser(prog="dlm-convert", description="Hugging Face checkpoints (LLaDA, Dream, Fast-dLLM v2, SDAR) to a dlm_jax "
+              "workdir (--from_hf DIR --workdir OUT) and back (--workdir DIR --to_hf OUT).")
+  p.add_argument("--from_hf", default=None, metavar="HF_DIR", help="a local Hugging Face model directory")
+  p.add_argument("--workdir", required=True, help="the workdir to write (--from_hf) or to read (--to_hf)")
+  p.add_argument("--to_hf", default=None, metavar="OUT", help="write the workdir as a Hugging Face directory")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="--from_hf: parameter dtype stored in the workdir (default: each tensor's own; bfloat16 casts)")
+  p.add_argument("--mask_id", type=int, default=None,
+                 help="--from_hf: the checkpoint's mask id when neither config.json (mask_token_id) nor the tokenizer "
+                 "names it (default: the family's published id: LLaDA 126336, Dream 151666, Fast-dLLM v2 151665)")
+  a = p.parse_args(rest)
+  if overrides:
+    raise DLMError("dlm-convert takes no --config.KEY overrides (the checkpoint fixes the config)")
+  if (a.from_hf is None) == (a.to_hf is None):
+    raise DLMError("give --from_hf HF_DIR (to make --workdir) or --to_hf OUT (to export --workdir), not both or none")
+  if a.to_hf is not None and (a.dtype is not None or a.mask_id is not None):
+    raise DLMError("--dtype and --mask_id apply to --from_hf; --to_hf writes each tensor in its source dtype")
+  from dlm_jax import convert
+  res = convert.from_hf(a.from_hf, a.workdir, a.dtype, a.mask_id) if a.from_hf else convert.to_hf(a.workdir, a.to_hf)
+  print(json.dumps(res))
+
+
 def train_main(argv=None) -> int:
   return _main("dlm-train", _train, argv)
 
@@ -219,6 +250,10 @@ def sample_main(argv=None) -> int:
   return _main("dlm-sample", _sample, argv)
 
 
+def convert_main(argv=None) -> int:
+  return _main("dlm-convert", _convert, argv)
+
+
 def _exit(fn):
   def wrapped():
     sys.exit(fn())
@@ -228,3 +263,4 @@ def _exit(fn):
 train_entry = _exit(train_main)
 eval_entry = _exit(eval_main)
 sample_entry = _exit(sample_main)
+convert_entry = _exit(convert_main)

@@ -47,11 +47,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.time_conditioning = False  # adaLN modulation from the noise level
   c.model.init_std = 0.02
   c.model.attention = "xla"  # dlm_jax.attention implementation: "xla" (fast) or "reference" (jax.nn.dot_product_attention)
+  # Options of converted checkpoints (dlm-convert sets them; each adds parameters only when on):
+  c.model.vocab_size = 0  # input = output classes of the model; 0 = the family's convention (tokenizer + its mask id)
+  c.model.qkv_bias = False  # biases on the q / k / v projections (Qwen2: Dream, Fast-dLLM v2)
+  c.model.qk_norm = False  # per-head RMSNorm of q and k before RoPE (Qwen3: SDAR)
+  c.model.tie_embeddings = False  # output head = input table transposed (needs model.vocab_size, or the same sizes)
+  c.model.logit_shift = False  # the network predicts token i at position i - 1 (Dream, Fast-dLLM v2)
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # "" = embedded corpus (this interpreter's standard-library .py sources)
-  c.data.tokenizer = "bytes"  # "bytes" or a path to a Hugging Face tokenizer.json
+  c.data.tokenizer = "bytes"  # "bytes", a path to a Hugging Face tokenizer.json, or "none" (token ids only: a
+  # converted checkpoint without tokenizer files; dlm-sample / dlm-eval / dlm-train need text and say so)
   c.data.eos_token = ""  # for tokenizer.json files: the end-of-document token ("" = try the usual names)
+  c.data.eos_id = -1  # end-of-document id (-1 = the tokenizer's: data.eos_token or the usual names); a checkpoint's
+  c.data.eot_id = -1  # end-of-turn id of chat models (-1 = none; LLaDA <|eot_id|>, Qwen <|im_end|>): run.tokenizer.eot_id
+  c.data.pad_id = -1  # the checkpoint's padding id (-1 = the EOS id): run.tokenizer.pad_id (samplers' finished rows)
   c.data.seq_len = 256
   c.data.val_fraction = 0.01
   c.data.split_seed = 0  # which packed sequences go to validation
@@ -69,6 +79,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.t_max = 1.0  # block only: the clipped interval's omega (BD3-LM); `dlm-eval --clip_search` picks one
   c.diffusion.antithetic = True
   c.diffusion.block_size = 16  # block only: tokens per block; 1 = autoregressive (exact NLL), data.seq_len = masked
+  c.diffusion.mask_id = -1  # masked / block: the mask id (-1 = the family's convention, the id after the tokenizer's);
+  # a checkpoint's own id may lie inside model.vocab_size (LLaDA 126336 of 126464, Dream 151666 of 152064)
+  c.diffusion.suppress_mask_logit = True  # masked / block: the mask class gets probability 0 when it is an output
+  # class; False keeps it in the softmax as the reference code of LLaDA / Dream / Fast-dLLM v2 / SDAR does
   # continuous families (flow, embedding_flow, bitstream; dlm_jax/processes/<name>.py). Every family has defaults.
   c.diffusion.bound_steps = 64  # Heun steps (2 network calls each) of the ODE likelihood bound (Hutchinson divergence)
   c.diffusion.self_cond_prob = 0.5  # embedding_flow, bitstream: probability of a self-conditioned training example
@@ -133,8 +147,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 # Keys that define the network's shape: a checkpoint can only be restored into the same values.
 SHAPE_KEYS = ("model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads", "model.head_dim",
-              "model.mlp_dim", "model.time_conditioning", "data.tokenizer", "diffusion.process", "diffusion.block_size",
-              "diffusion.bits")
+              "model.mlp_dim", "model.time_conditioning", "model.vocab_size", "model.qkv_bias", "model.qk_norm",
+              "model.tie_embeddings", "model.logit_shift", "data.tokenizer", "diffusion.process",
+              "diffusion.block_size", "diffusion.bits", "diffusion.mask_id")
 
 
 def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -367,6 +382,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   hd = m.head_dim or m.d_model // m.num_heads
   need(hd % 2 == 0, f"the attention head dimension ({hd}) must be even for RoPE; change model.d_model or model.head_dim")
   need(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
+  need(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = the family's convention), got {m.vocab_size}")
+  for key in ("eos_id", "eot_id", "pad_id"):
+    need(d[key] >= -1, f"data.{key} must be >= 0, or -1 (see dlm_jax/config.py), got {d[key]}")
+  need(df.mask_id >= -1, f"diffusion.mask_id must be >= 0, or -1 (the family's convention), got {df.mask_id}")
+  need(d.tokenizer != "none" or m.vocab_size > 0,
+       "data.tokenizer='none' (token ids only) needs model.vocab_size > 0 (the number of ids the model takes)")
   impls = registry.attention_implementations()
   need(m.attention in impls, f"model.attention must be one of {impls}, got {m.attention!r}")
   need(d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}")
@@ -378,6 +399,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   families = registry.processes()
   need(df.process in families, f"diffusion.process must be one of {tuple(families)}, got {df.process!r}")
   family = families[df.process]
+  need(m.vocab_size == 0 or "mask_id" in family.CONFIG_KEYS,
+       f"model.vocab_size={m.vocab_size} sets the vocabulary of a checkpoint's own mask-token model; "
+       f"diffusion.process={df.process!r} builds its own vocabulary: set model.vocab_size=0")
   defaults = default_config().diffusion
   for key in defaults:
     if key != "process" and key not in family.CONFIG_KEYS and df[key] != defaults[key]:

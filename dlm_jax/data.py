@@ -30,6 +30,8 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl")
 class Tokenizer(Protocol):
   vocab_size: int  # number of real tokens; the mask token of the masked process is appended after these
   eos_id: int
+  eot_id: int | None  # end of turn (chat models), set by make_tokenizer
+  pad_id: int | None  # the padding id of the checkpoint (EOS unless data.pad_id says otherwise)
 
   def encode(self, text: str) -> np.ndarray: ...
 
@@ -109,10 +111,40 @@ class HFTokenizer:
     return self._tok.decode(ids, skip_special_tokens=False)
 
 
-def make_tokenizer(name: str, eos_token: str = "") -> Tokenizer:
+class NoTokenizer:
+  """`data.tokenizer='none'`: a model that works on token ids only (a checkpoint converted without tokenizer files).
+  Logits functions and samplers work from Python; anything that needs text raises the one-line error below."""
+
+  name = "none"
+  fingerprint = "none"
+
+  def __init__(self, vocab_size: int):
+    self.vocab_size = int(vocab_size)
+    self.eos_id = None
+
+  def _fail(self, *args):
+    raise DLMError("this workdir has no tokenizer (data.tokenizer='none': converted without tokenizer files), so "
+                   "text cannot be encoded or decoded; convert a directory that holds tokenizer.json, or use the model "
+                   "at the token-id level from Python (load_for_inference, model.logits_fn, the samplers)")
+
+  encode = encode_many = decode = _fail
+
+
+def make_tokenizer(name: str, eos_token: str = "", *, eos_id: int = -1, eot_id: int = -1, pad_id: int = -1,
+                   vocab_size: int = 0) -> Tokenizer:
+  """The tokenizer of `data.tokenizer` with the special ids a checkpoint fixes (`data.eos_id` / `eot_id` / `pad_id`;
+  -1 = the tokenizer's EOS, no end-of-turn, padding = EOS). `vocab_size` is the id count of a tokenizer-less model."""
   if name == "bytes":
-    return ByteTokenizer()
-  return HFTokenizer(name, eos_token)
+    tok = ByteTokenizer()
+  elif name == "none":
+    tok = NoTokenizer(vocab_size)
+  else:
+    tok = HFTokenizer(name, eos_token)
+  if eos_id >= 0:
+    tok.eos_id = eos_id
+  tok.eot_id = eot_id if eot_id >= 0 else None
+  tok.pad_id = pad_id if pad_id >= 0 else tok.eos_id
+  return tok
 
 
 # ----------------------------------------------------------------------------------------------------------------------

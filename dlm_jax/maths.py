@@ -6,6 +6,7 @@
   token_nll                -log softmax(logits)[target]
   to_bits / from_bits      fixed-width bit codes of token ids (bitstream diffusion and its sampler)
   PAD, pad_layout          the left-padding convention of sampling canvases and the row layout a network needs for it
+  shift_logits             the logit shift of networks that predict token i at position i - 1 (Dream, Fast-dLLM v2)
 
 Masking schedules alpha_t (probability that a token is still clean at time t; alpha_0 = 1, t = 1 is pure noise).
 Closed forms (MD4, Shi et al. 2024; MDLM, Sahoo et al. 2024):
@@ -92,6 +93,13 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return lse - picked
+
+
+def shift_logits(logits: jax.Array) -> jax.Array:
+  """Logits [B, L, V] of a network that predicts token i at position i - 1 (Dream, Fast-dLLM v2: the HF causal-LM
+  head) -> the prediction of each position i: [l_0, l_0, l_1, ..., l_{L-2}] (position 0 keeps its own; Dream's
+  `generation_utils` and Fast-dLLM v2's `generate` do the same)."""
+  return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
 
 
 def to_bits(tokens: jax.Array, bits: int) -> jax.Array:

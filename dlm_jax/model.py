@@ -8,6 +8,12 @@ modulation weights start at zero, so every block starts as the identity and the 
 Every parameter carries `logical_axes` metadata (embed, mlp, heads, kv, vocab, cond) that `dlm_jax.sharding` maps onto the
 mesh. Training and sampling never touch the module: they call `apply(graphdef, params, tokens, ...)` with `params` a plain
 nested dict of arrays (`init()` returns both).
+
+Options for converted checkpoints (`dlm_jax.convert`), each adding parameters only when on, so the parameter names of
+existing checkpoints do not change: q / k / v biases `bq`, `bk`, `bv` (Qwen2: Dream, Fast-dLLM v2), per-head RMSNorm of
+q and k before RoPE `q_norm`, `k_norm` (Qwen3: SDAR), a head tied to the input table (no `head`), and the logit shift
+(`Network.logit_shift`: the forward's logits at position i predict token i + 1, as the HF causal-LM head of Dream and
+Fast-dLLM v2 does; the processes and samplers shift them).
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ class ModelConfig:
   cond_dim: int = 256
   input_bits: int = 0  # > 0: bitstream input adapter (a token's bits -> one trunk token), no token embedding table
   self_conditioning: bool = False  # embedding input: z + W_sc [z || self_cond] (W_sc zero-initialised; LangFlow)
+  qkv_bias: bool = False  # biases on the q / k / v projections (Qwen2: Dream, Fast-dLLM v2)
+  qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3: SDAR)
+  tie_embeddings: bool = False  # the output head is the input table transposed (needs vocab_in == vocab_out)
+  logit_shift: bool = False  # the network predicts token i at position i - 1 (Dream, Fast-dLLM v2): `Network.logit_shift`
 
   @classmethod
   def from_config(cls, cfg, vocab_in: int, vocab_out: int, **process_options) -> "ModelConfig":
@@ -55,7 +65,8 @@ class ModelConfig:
               head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim, max_seq_len=m.max_seq_len,
               rope_theta=m.rope_theta, norm_eps=m.norm_eps, time_conditioning=m.time_conditioning,
               init_std=m.init_std, dtype=jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32,
-              attention_impl=m.attention)
+              attention_impl=m.attention, qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings,
+              logit_shift=m.logit_shift)
     kw.update(process_options)
     return cls(**kw)
 
@@ -127,6 +138,13 @@ class Block(nnx.Module):
     self.wk = _param(rngs, (d, k, hd), ("embed", "heads", "kv"), s)
     self.wv = _param(rngs, (d, k, hd), ("embed", "heads", "kv"), s)
     self.wo = _param(rngs, (h, hd, d), ("heads", "kv", "embed"), s / (2 * c.num_layers) ** 0.5)
+    if c.qkv_bias:
+      self.bq = _param(rngs, (h, hd), ("heads", "kv"), None)
+      self.bk = _param(rngs, (k, hd), ("heads", "kv"), None)
+      self.bv = _param(rngs, (k, hd), ("heads", "kv"), None)
+    if c.qk_norm:
+      self.q_norm = _ones((hd,), ("kv",))
+      self.k_norm = _ones((hd,), ("kv",))
     self.mlp_norm = _ones((d,), ("embed",))
     self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), s)
     self.w_up = _param(rngs, (d, f), ("embed", "mlp"), s)
@@ -150,6 +168,10 @@ class Block(nnx.Module):
     q = dense(h, self.wq[...].astype(dt))
     k = dense(h, self.wk[...].astype(dt))
     v = dense(h, self.wv[...].astype(dt))
+    if c.qkv_bias:
+      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    if c.qk_norm:  # per head, before RoPE (and before the K/V cache, which holds keys before RoPE)
+      q, k = rms_norm(q, self.q_norm[...], c.norm_eps), rms_norm(k, self.k_norm[...], c.norm_eps)
     q = apply_rope(q, rot)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     new_cache = None
@@ -200,6 +222,9 @@ class Transformer(nnx.Module):
 
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     self.c = c
+    if c.tie_embeddings and (c.input_bits or c.vocab_in != c.vocab_out):
+      raise ValueError(f"tied embeddings need a token input table of the output's size (vocab_in {c.vocab_in}, "
+                       f"vocab_out {c.vocab_out}, input_bits {c.input_bits})")
     if c.input_bits:
       f, nb = BIT_FEATURES, c.input_bits
       self.bit_in = _param(rngs, (2, f), (None, None), 1.0)
@@ -213,7 +238,8 @@ class Transformer(nnx.Module):
     for i in range(c.num_layers):
       setattr(self, f"layer_{i}", Block(c, rngs))
     self.final_norm = _ones((c.d_model,), ("embed",))
-    self.head = _param(rngs, (c.d_model, c.vocab_out), ("embed", "vocab"), c.init_std)
+    if not c.tie_embeddings:
+      self.head = _param(rngs, (c.d_model, c.vocab_out), ("embed", "vocab"), c.init_std)
     if c.time_conditioning:
       self.t_mlp1 = _param(rngs, (c.cond_dim, c.cond_dim), ("cond", "cond"), c.init_std)
       self.t_mlp1_b = _param(rngs, (c.cond_dim,), ("cond",), None)
@@ -281,7 +307,8 @@ class Transformer(nnx.Module):
     if c.time_conditioning:
       sh, sc = jnp.split((cond @ self.final_ada[...]).astype(c.dtype)[:, None, :], 2, axis=-1)
       x = x * (1 + sc) + sh
-    logits = dense(x, self.head[...].astype(c.dtype)).astype(jnp.float32)
+    head = self.embed[...].T if c.tie_embeddings else self.head[...]
+    logits = dense(x, head.astype(c.dtype)).astype(jnp.float32)
     logits = constrain(logits, ("batch", "length", "vocab"))
     return logits if cache is None else (logits, new_cache)
 
@@ -312,8 +339,11 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, **kwargs) -> 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Network:
   """The model as the processes and samplers see it (`dlm_jax.processes.base.Network`): the pure forward, the input
-  table, and the sampler-facing forwards (`logits_fn`, `cached_logits_fn`). Processes never read parameter names."""
+  table, and the sampler-facing forwards (`logits_fn`, `cached_logits_fn`). Processes never read parameter names.
+  `logit_shift`: the forward's logits at position i - 1 are the prediction of token i (Dream, Fast-dLLM v2); the
+  forwards return them unshifted and the processes / samplers shift them (`dlm_jax.maths.shift_logits`)."""
   graphdef: Any
+  logit_shift: bool = False
 
   def __call__(self, params: dict, tokens, **kwargs):
     return apply(self.graphdef, params, tokens, **kwargs)
@@ -329,8 +359,8 @@ class Network:
     return cached_logits_fn(self, params, time_conditioned=time_conditioned, block_size=block_size)
 
 
-def make_apply(graphdef: nnx.GraphDef) -> Network:
-  return Network(graphdef)
+def make_apply(graphdef: nnx.GraphDef, logit_shift: bool = False) -> Network:
+  return Network(graphdef, logit_shift)
 
 
 def num_params(params: dict, exclude_embeddings: bool = False) -> int:

@@ -121,6 +121,22 @@ def init_train_state(run: Run, opt, shardings: dict) -> dict:
     return jax.jit(rest, out_shardings=shardings)(params)
 
 
+def init_from_params(run: Run, opt, shardings: dict, ckpt: Checkpointer, step: int) -> dict:
+  """The train state of a parameters-only checkpoint (what `dlm-convert --from_hf` writes): its parameters, restored
+  straight into their shardings and cast to float32, a fresh optimizer state and EMA = the parameters; the step is the
+  checkpoint's, the data pipeline starts at its beginning."""
+  params = ckpt.restore_subset(step, {"params": with_shardings(run.abstract_params, run.param_shardings)})["params"]
+  seed = run.cfg.train.seed
+
+  def make(params):
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    return {"params": params, "opt_state": opt.init(params), "ema": params, "step": jnp.array(step, jnp.int32),
+            "process_state": run.process.init_state(jax.random.fold_in(jax.random.PRNGKey(seed), 1))}
+
+  with jax.set_mesh(run.mesh):
+    return jax.jit(make, out_shardings=shardings)(params)
+
+
 def abstract_batch(run: Run) -> dict:
   """The global batch the training pipeline produces, as sharded ShapeDtypeStructs (AOT-compile and export targets)."""
   shape = (run.cfg.train.batch_size, run.cfg.data.seq_len)
@@ -368,7 +384,9 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start = ckpt.latest_step()
-  if start is not None:
+  if start is not None and "opt_state" not in ckpt.state_keys(start):
+    state = init_from_params(run, opt, shardings, ckpt, start)  # a converted checkpoint (dlm-convert): parameters only
+  elif start is not None:
     state, data_state = ckpt.restore(start, with_shardings(abstract, shardings))
     it.set_state(data_state)
   else:
@@ -634,8 +652,29 @@ def train(cfg, workdir: str, *, progress: bool = True, objective: Objective | No
   return all_hooks[0].last
 
 
-def load_for_inference(workdir: str, overrides=()) -> tuple[Any, Run, Any, Any]:
-  """(cfg, run, params, process_state) from the latest checkpoint in `workdir`; EMA parameters when configured."""
+def workdir_config(workdir: str, overrides=()):
+  """The config saved in the latest checkpoint of `workdir` with `--config.KEY=VALUE` overrides, validated (dlm-train
+  without --config: continue a run, or train a converted checkpoint further)."""
+  if not os.path.isdir(workdir):
+    raise DLMError(f"workdir '{workdir}' does not exist; pass --config to start a new run")
+  ckpt = Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step()
+  if step is None:
+    raise DLMError(f"workdir '{workdir}' holds no checkpoint; pass --config to start a new run there")
+  cfg = config_lib.config_from_dict(ckpt.restore_config(step))
+  ckpt.close()
+  config_lib.apply_overrides(cfg, overrides)
+  return config_lib.validate(cfg)
+
+
+NO_TOKENIZER = ("workdir '{}' has no tokenizer (converted from a directory without tokenizer.json, data.tokenizer="
+                "'none'): {} needs text; convert a directory with tokenizer files, or use the model at the token-id "
+                "level from Python (dlm_jax.train.load_for_inference, model.logits_fn, the samplers)")
+
+
+def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "") -> tuple[Any, Run, Any, Any]:
+  """(cfg, run, params, process_state) from the latest checkpoint in `workdir`; EMA parameters when configured.
+  `need_tokenizer` (a command name): a workdir without tokenizer is a DLMError before any parameter is read."""
   if not os.path.isdir(workdir):
     raise DLMError(f"workdir '{workdir}' does not exist; pass the --workdir of a dlm-train run")
   ckpt = Checkpointer(workdir, read_only=True)
@@ -643,6 +682,8 @@ def load_for_inference(workdir: str, overrides=()) -> tuple[Any, Run, Any, Any]:
   if step is None:
     raise DLMError(f"workdir '{workdir}' holds no checkpoint; run dlm-train --workdir {workdir} first")
   cfg = config_lib.config_from_dict(ckpt.restore_config(step))
+  if need_tokenizer and cfg.data.tokenizer == "none":
+    raise DLMError(NO_TOKENIZER.format(workdir, need_tokenizer))
   overrides = list(overrides)
   for key, _ in overrides:
     if key in config_lib.SHAPE_KEYS or key.startswith("model."):
@@ -655,7 +696,8 @@ def load_for_inference(workdir: str, overrides=()) -> tuple[Any, Run, Any, Any]:
   abstract = abstract_train_state(run, opt)
   shardings = state_shardings(run, opt, abstract)
   which = "ema" if _use_ema(cfg) else "params"
-  subset = {k: with_shardings(abstract[k], shardings[k]) for k in (which, "process_state")}
+  names = (which, "process_state") if "process_state" in ckpt.state_keys(step) else (which,)
+  subset = {k: with_shardings(abstract[k], shardings[k]) for k in names}
   state = ckpt.restore_subset(step, subset)
   ckpt.close()
-  return cfg, run, state[which], state["process_state"]
+  return cfg, run, state[which], state.get("process_state", abstract["process_state"])

@@ -25,13 +25,19 @@ import dataclasses
 from typing import Any, Callable, Optional, Protocol
 
 import jax
+import jax.numpy as jnp
 
 from dlm_jax import registry
 from dlm_jax.errors import DLMError
+from dlm_jax.maths import shift_logits
 
 
 class Network(Protocol):
-  """The model as the processes see it."""
+  """The model as the processes see it. `logit_shift`: its logits at position i - 1 predict token i (Dream,
+  Fast-dLLM v2); the absorbing families' losses and bounds shift them (`maths.shift_logits`) and their sampling_net
+  tells the samplers (`SamplingNet.logit_shift`)."""
+
+  logit_shift: bool
 
   def __call__(self, params, tokens, **kwargs) -> jax.Array:
     """The pure forward: logits (or (logits, cache)) for token ids, `embeddings=`, or `bits=` inputs."""
@@ -149,7 +155,14 @@ class Vocab:
 class AbsorbingVocab(Vocab):
   """The mask-token (absorbing-state) families, masked and block diffusion. Default vocabulary: the tokenizer's
   `vocab_size` tokens plus one mask id (= vocab_size) on input, the tokens alone on output. A checkpoint whose mask id
-  lies inside its vocabulary (LLaDA, Dream) passes mask_id, vocab_in = vocab_out = its vocabulary."""
+  lies inside its vocabulary (LLaDA, Dream) passes mask_id, vocab_in = vocab_out = its vocabulary.
+
+
+  `suppress_mask` (config `diffusion.suppress_mask_logit`): when the mask id is also an output class, its logit is
+  -inf in the losses, bounds and samplers (SUBS); False keeps it in the softmax, as the reference code of LLaDA / Dream
+  / Fast-dLLM v2 / SDAR does (their converted workdirs set it, so our numbers are those of the reference model)."""
+
+  suppress_mask: bool = dataclasses.field(default=True, kw_only=True)
 
   capabilities = frozenset({"infilling"})
   model_options = {}  # the network takes token ids, the mask id among them
@@ -161,6 +174,15 @@ class AbsorbingVocab(Vocab):
     super().__post_init__()
     if self.mask_id >= self.vocab_in:
       raise DLMError(f"the mask id {self.mask_id} is outside the model's input vocabulary of {self.vocab_in} ids")
+
+  def predictions(self, net, logits: jax.Array) -> jax.Array:
+    """The network's logits [B, L, V] as the prediction of each position: shifted when the network predicts token i
+    at position i - 1 (`net.logit_shift`), the mask class at -inf when it is an output class and `suppress_mask`."""
+    if getattr(net, "logit_shift", False):
+      logits = shift_logits(logits)
+    if self.suppress_mask and self.mask_id < logits.shape[-1]:
+      logits = logits.at[..., self.mask_id].set(-jnp.inf)
+    return logits
 
 
 def network_layout(batch: dict) -> dict:

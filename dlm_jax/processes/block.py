@@ -62,7 +62,7 @@ class BlockDiffusion(AbsorbingVocab):
   name: str = "block"
 
   DEFAULT_SAMPLER = "first_hitting"
-  CONFIG_KEYS = ("block_size", "t_min", "t_max", "antithetic")
+  CONFIG_KEYS = ("block_size", "t_min", "t_max", "antithetic", "mask_id", "suppress_mask_logit")
 
   @property
   def capabilities(self) -> frozenset:
@@ -74,7 +74,7 @@ class BlockDiffusion(AbsorbingVocab):
   def from_config(cls, cfg, vocab_size: int, **vocab) -> "BlockDiffusion":
     d = cfg.diffusion
     return cls(vocab_size=vocab_size, block_size=d.block_size, t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic,
-               **vocab)
+               suppress_mask=d.suppress_mask_logit, **vocab)
 
   @classmethod
   def check_config(cls, cfg) -> None:
@@ -127,7 +127,7 @@ class BlockDiffusion(AbsorbingVocab):
     logits = apply_fn(params, jnp.concatenate([z, x], axis=1),
                       positions=jnp.broadcast_to(jnp.concatenate([pos, pos])[None], (b, 2 * l)),
                       mask=jnp.asarray(bd3_mask(l, self.block_size))[None, None], output_len=l, **kwargs)
-    return token_nll(logits, x)
+    return token_nll(self.predictions(apply_fn, logits), x)
 
   def causal_nll(self, apply_fn, params, batch) -> jax.Array:
     """Block size 1: -log p(x_i | x_<i) [B, L], the exact autoregressive NLL of every token."""
@@ -199,4 +199,5 @@ class BlockDiffusion(AbsorbingVocab):
     return registry.SamplingNet(
         mask_id=self.mask_id, logits_fn=net.logits_fn(params, block_size=b),
         cached_logits_fn=net.cached_logits_fn(params, block_size=b), block_size=b,
-        arguments={"schedule": Schedule("linear"), "time_conditioned": False})
+        arguments={"schedule": Schedule("linear"), "time_conditioned": False},
+        logit_shift=bool(getattr(net, "logit_shift", False)), suppress_mask=self.suppress_mask)

@@ -45,14 +45,15 @@ class MaskedDiffusion(AbsorbingVocab):
   name: str = "masked"
 
   DEFAULT_SAMPLER = "ancestral"
-  CONFIG_KEYS = ("schedule", "schedule_power", "schedule_eps", "objective", "t_min", "antithetic")
+  CONFIG_KEYS = ("schedule", "schedule_power", "schedule_eps", "objective", "t_min", "antithetic", "mask_id",
+                 "suppress_mask_logit")
 
   @classmethod
   def from_config(cls, cfg, vocab_size: int, **vocab) -> "MaskedDiffusion":
     d = cfg.diffusion
     return cls(vocab_size=vocab_size, schedule=Schedule(d.schedule, d.schedule_power, d.schedule_eps),
                objective=d.objective, t_min=d.t_min, antithetic=d.antithetic,
-               time_conditioning=cfg.model.time_conditioning, **vocab)
+               time_conditioning=cfg.model.time_conditioning, suppress_mask=d.suppress_mask_logit, **vocab)
 
   @classmethod
   def check_config(cls, cfg) -> None:
@@ -81,7 +82,7 @@ class MaskedDiffusion(AbsorbingVocab):
     kwargs = network_layout(batch)
     if self.time_conditioning:
       kwargs["t"] = t
-    logits = apply_fn(params, z, **kwargs)
+    logits = self.predictions(apply_fn, apply_fn(params, z, **kwargs))
     return jnp.sum(jnp.where(masked, token_nll(logits, batch["tokens"]), 0.0), axis=-1)  # [B]
 
   # --- process interface -------------------------------------------------------------------------------------------
@@ -137,13 +138,14 @@ class MaskedDiffusion(AbsorbingVocab):
 
   def sampling_net(self, net, params, state, canvas, steps):
     """The padding-aware forward (and its K/V-cached form) over mask-token canvases; the masking schedule for the
-    ancestral and ReMDM samplers."""
+    ancestral and ReMDM samplers; the network's logit shift and whether the mask class is suppressed."""
     del state, canvas, steps
     tc = self.time_conditioning
     return registry.SamplingNet(
         mask_id=self.mask_id, logits_fn=net.logits_fn(params, time_conditioned=tc),
         cached_logits_fn=net.cached_logits_fn(params, time_conditioned=tc),
-        arguments={"schedule": self.schedule, "time_conditioned": tc})
+        arguments={"schedule": self.schedule, "time_conditioned": tc},
+        logit_shift=bool(getattr(net, "logit_shift", False)), suppress_mask=self.suppress_mask)
 
 
 def check_schedule_keys(d) -> None:
