@@ -48,6 +48,14 @@ EXAMPLES = {
     # left to right in blocks of 2 (one token per step), EOS drawn often: rows that commit EOS stop there
     ("llada", "stop_at_eos"): {"stop_at_eos": True, "@sampler.temperature": 3.0, "@sampler.llada.block_length": 2,
                                "@sampler.steps": 14},
+    ("dream", "alg"): {"alg": "maskgit_plus"},
+    ("dream", "eps"): {"eps": 0.5, "@sampler.dream.alg": "entropy"},  # the confidence algorithms' counts follow eps
+    ("dream", "alg_temp"): {"alg_temp": 0.5, "@sampler.dream.alg": "maskgit_plus"},
+    ("fastdllm_v2", "small_block_size"): {"small_block_size": 2, "@sampler.fastdllm_v2.threshold": 0.3},
+    ("fastdllm_v2", "threshold"): {"threshold": 0.3},
+    ("fastdllm_v2", "use_block_cache"): {"use_block_cache": True, "@sampler.fastdllm_v2.small_block_size": 2},
+    ("sdar", "strategy"): {"strategy": "sequential"},
+    ("sdar", "threshold"): {"threshold": 0.05},
     ("edm_churn", "churn"): {"churn": 0.4},
     ("edm_churn", "band_lo"): {"band_lo": 0.5},
     ("edm_churn", "band_hi"): {"band_hi": 0.5},
@@ -74,9 +82,9 @@ FORBIDDEN = [
      ("sampler.llada.noise",)),
     ({"diffusion.process": "flow", "sampler.euler.logit_shift": True}, ("has no option 'logit_shift'",)),
     ({"sampler.name": "llada", "sampler.llada.cache_refresh": 2}, ("sampler.llada.cache_refresh",)),
-    ({"sampler.threshold": 0.9}, ("sampler.threshold is now sampler.llada.threshold",)),
+    ({"sampler.threshold": 0.9}, ("sampler.threshold is now", "sampler.NAME.threshold", "llada")),
     ({"sampler.top_p": 0.9}, ("sampler.top_p", "sampler.NAME.top_p")),
-    ({"sampler.remdm_strategy": "conf"}, ("sampler.remdm.strategy",)),
+    ({"sampler.remdm_strategy": "conf"}, ("sampler.remdm_strategy is now", "sampler.NAME.strategy", "remdm")),
     ({"sampler.ancestral.threshold": 0.9}, ("sampler.ancestral has no option 'threshold'", "sampler.llada")),
 ]
 L = 16

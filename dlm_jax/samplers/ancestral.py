@@ -27,8 +27,8 @@ from dlm_jax.samplers.common import model_logits, prepare, sample_tokens, step_k
 
 def ancestral(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array, canvas: jax.Array, *,
               mask_id: int, steps: int, schedule: Schedule = Schedule("linear"), temperature: float = 1.0,
-              time_conditioned: bool = False, precision: str = "float32", logit_shift: bool = False
-              ) -> tuple[jax.Array, dict]:
+              time_conditioned: bool = False, precision: str = "float32", logit_shift: bool = False,
+              suppress_mask: bool = True) -> tuple[jax.Array, dict]:
   """Decodes every `mask_id` position of `canvas` [B, L]; other positions (prompts, infilling context, PAD) stay fixed.
 
   Randomness is per row and position (`dlm_jax.samplers.common`): a row decodes the same alone or in any batch.
@@ -40,7 +40,7 @@ def ancestral(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.A
   b, length = canvas.shape
 
   def logits_at(tokens, t):
-    return model_logits(logits_fn, tokens, jnp.full((b,), t, jnp.float32), mask_id, logit_shift)
+    return model_logits(logits_fn, tokens, jnp.full((b,), t, jnp.float32), mask_id, logit_shift, suppress_mask)
 
   def body(i, carry):
     tokens, logits, fresh, nfe = carry
@@ -73,7 +73,8 @@ def _bind(net, opts, shared, *, length, gen_start, eos_id):
   del length, gen_start, eos_id
   return functools.partial(ancestral, mask_id=net.mask_id, steps=shared.steps, schedule=net.arguments["schedule"],
                            time_conditioned=net.arguments["time_conditioned"], temperature=shared.temperature,
-                           precision=opts.precision, logit_shift=opts.logit_shift), False
+                           precision=opts.precision, logit_shift=opts.logit_shift or net.logit_shift,
+                           suppress_mask=net.suppress_mask), False
 
 
 registry.register_sampler(registry.SamplerSpec(

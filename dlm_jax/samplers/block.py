@@ -75,7 +75,7 @@ def _check_prompts(tokens, mask_id: int) -> None:
 def block_diffusion(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, block_size: int, mask_id: int,
                     inner: Optional[Callable] = None, temperature: float = 1.0, precision: str = "float32",
                     cached_fn: Optional[Callable] = None, eos_id: Optional[int] = None, entropy_stop: float = 0.0,
-                    entropy_window: int = 256) -> tuple[jax.Array, dict]:
+                    entropy_window: int = 256, suppress_mask: bool = True) -> tuple[jax.Array, dict]:
   """Generates the masks of `canvas` [B, L] block by block (see the module docstring).
 
   Args:
@@ -85,6 +85,8 @@ def block_diffusion(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, b
     temperature, precision: the draw at block size 1 (0 = greedy).
     cached_fn: the cache-aware forward; None = uncached.
     eos_id, entropy_stop, entropy_window: variable-length stopping (off when None / 0).
+    suppress_mask: the autoregressive draw gives the mask class probability 0 (False: keep it, as a checkpoint's
+      reference code whose mask id lies inside the vocabulary does).
   Returns: (tokens [B, L] left-aligned, PAD after a stop; stats {'nfe', 'steps', 'lengths'}).
   """
   check_precision(precision)
@@ -113,20 +115,36 @@ def block_diffusion(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, b
   state = (tokens, ~has_mask)
   if block_size == 1:
     tokens, done, nfe, steps = _autoregressive(logits_fn, cached_fn, keys, state, first, mask_id, temperature,
-                                               precision, stop)
+                                               precision, stop, suppress_mask)
   else:
     tokens, done, nfe, steps = _blocks(logits_fn, cached_fn, inner, keys, state, first, block_size, stop)
   return tokens, {"nfe": nfe, "steps": steps, "lengths": jnp.sum(tokens != PAD, axis=1)}
 
 
+def stop_ids_of(eos_id) -> tuple[int, ...]:
+  """None, one id or several ids -> a tuple of stop ids."""
+  if eos_id is None:
+    return ()
+  return (int(eos_id),) if np.ndim(eos_id) == 0 else tuple(int(i) for i in eos_id)
+
+
+def is_stop(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
+  out = jnp.zeros(tokens.shape, bool)
+  for i in stop_ids:
+    out = out | (tokens == i)
+  return out
+
+
 def _stopper(length: int, first, eos_id, entropy_stop: float, window: int):
-  """(tokens, done, end) -> (tokens, done): rows that stop once positions < end are decoded."""
+  """(tokens, done, end) -> (tokens, done): rows that stop once positions < end are decoded (`eos_id`: one stop id or
+  several)."""
   idx = jnp.arange(length, dtype=jnp.int32)[None]
+  stop_ids = stop_ids_of(eos_id)
 
   def stop(tokens, done, end):
     cut = jnp.full(first.shape, length, jnp.int32)
-    if eos_id is not None:
-      is_eos = (tokens == eos_id) & (idx >= first[:, None]) & (idx < end)
+    if stop_ids:
+      is_eos = is_stop(tokens, stop_ids) & (idx >= first[:, None]) & (idx < end)
       cut = jnp.minimum(cut, jnp.min(jnp.where(is_eos, idx + 1, length), axis=1))
     if entropy_stop > 0:
       win = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(end - window, 0), window, axis=1)
@@ -185,7 +203,7 @@ def _blocks(logits_fn, cached_fn, inner, keys, state, first, bs, stop):
   return tokens, done, nfe, k - k0
 
 
-def _autoregressive(logits_fn, cached_fn, keys, state, first, mask_id, temperature, precision, stop):
+def _autoregressive(logits_fn, cached_fn, keys, state, first, mask_id, temperature, precision, stop, suppress=True):
   tokens, done = state
   b, length = tokens.shape
   t0 = jnp.zeros((b,), jnp.float32)
@@ -193,7 +211,8 @@ def _autoregressive(logits_fn, cached_fn, keys, state, first, mask_id, temperatu
   def draw(i, logits_i, tokens, done):
     """Samples position i ([B, V] logits) in the rows where it is still masked."""
     k = subkey(step_keys(keys, i), 0)
-    logits_i = suppress_mask(logits_i.astype(jnp.float32), mask_id)
+    logits_i = logits_i.astype(jnp.float32)
+    logits_i = suppress_mask(logits_i, mask_id) if suppress else logits_i
     tok = sample_tokens(k, jnp.reshape(length - i, (1,)).astype(jnp.int32), logits_i[:, None], temperature,
                         precision)[:, 0]
     ic = jnp.minimum(i, length - 1)
@@ -224,6 +243,87 @@ def _autoregressive(logits_fn, cached_fn, keys, state, first, mask_id, temperatu
   init = (i0 + 1, tokens, cache, done, jnp.array(1, jnp.int32))
   i, tokens, _, done, nfe = jax.lax.while_loop(lambda c: (c[0] < length) & ~jnp.all(c[3]), body, init)
   return tokens, done, nfe, i - i0
+
+
+# --- the clean-block forwards of samplers with their own block loop (Fast-dLLM v2, SDAR) ------------------------------
+
+
+def stopper(length: int, first, eos_id, entropy_stop: float, window: int):
+  """Block diffusion's variable-length rules as `stop(tokens, done, end) -> (tokens, done)`: a row stops after its
+  first stop id (`eos_id`: one id or several) or when the unigram entropy of its last `window` tokens falls below
+  `entropy_stop`; what follows the cut becomes PAD."""
+  return _stopper(length, first, eos_id, entropy_stop, window)
+
+
+def feed(tokens: jax.Array) -> jax.Array:
+  """Model input of a window: PAD as token 0 (PAD keys are kept out of attention by the cache's row layout)."""
+  return _feed(tokens)
+
+
+def check_block_canvas(logits_fn: Callable, cached_fn: Optional[Callable], canvas, mask_id: int) -> jax.Array:
+  """The input checks of a block loop: int32 [B, L] canvas, logits functions of the right shape, prompts that do not
+  infill."""
+  canvas = check_canvas(canvas, mask_id)
+  b = canvas.shape[0]
+  check_logits_fn(logits_fn, canvas, mask_id)
+  if cached_fn is not None:
+    check_logits_fn(cached_fn, canvas, mask_id, (canvas, jnp.zeros((b,), jnp.float32), 0, None))
+  _check_prompts(canvas, mask_id)
+  return canvas
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockForward:
+  """Block-causal forwards for a sampler that runs its own block loop: the logits of a window of the canvas against the
+  clean blocks before it.
+
+  With `cached_fn` (`dlm_jax.model.cached_logits_fn(..., block_size=b)`), a window call reads the K/V cache for the
+  positions before the window and writes the window's K/V into it: the block against the prefix cache, or a sub-block
+  against the prefix and the block's cached K/V (Fast-dLLM v2's DualCache). Until the cache has been written once (no
+  prefill: no row has a complete prompt block), a window call is a full forward of the canvas read at the window
+  (block-causal attention makes that the same logits), which also gives the cache its row layout. Without a cache
+  every call is a full forward of `logits_fn`. The cache state is (cache, written); t is 0 (the block family's network
+  takes no time)."""
+  logits_fn: Callable
+  cached_fn: Optional[Callable]
+
+  def init(self, tokens: jax.Array):
+    b = tokens.shape[0]
+    if self.cached_fn is None:
+      return jnp.zeros((), jnp.int32), jnp.array(False)
+    shape = jax.eval_shape(lambda c: self.cached_fn(c, jnp.zeros((b,), jnp.float32), 0, None)[1], tokens)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape), jnp.array(False)
+
+  def full(self, tokens: jax.Array, state):
+    """(logits [B, L, V] of a full forward, the new cache state: written)."""
+    t0 = jnp.zeros(tokens.shape[:1], jnp.float32)
+    if self.cached_fn is None:
+      return self.logits_fn(tokens, t0).astype(jnp.float32), state
+    logits, cache = self.cached_fn(tokens, t0, 0, None)
+    return logits.astype(jnp.float32), (cache, jnp.array(True))
+
+  def window(self, tokens: jax.Array, lo, width: int, state):
+    """(logits [B, width, V] of the positions [lo, lo + width), the new cache state)."""
+    def whole():
+      logits, new = self.full(tokens, state)
+      return jax.lax.dynamic_slice_in_dim(logits, lo, width, axis=1), new
+
+    if self.cached_fn is None:
+      return whole()
+    cache, written = state
+
+    def part():
+      win = feed(jax.lax.dynamic_slice_in_dim(tokens, lo, width, axis=1))
+      logits, new = self.cached_fn(win, jnp.zeros(tokens.shape[:1], jnp.float32), lo, cache)
+      return logits.astype(jnp.float32), (new, jnp.array(True))
+
+    return jax.lax.cond(written, part, whole)
+
+
+def pad_to_blocks(tokens: jax.Array, block_size: int) -> jax.Array:
+  """Right-pads [B, L] with PAD to a multiple of the block size (the last block's window then has the static width)."""
+  extra = -tokens.shape[1] % block_size
+  return jnp.pad(tokens, ((0, 0), (0, extra)), constant_values=PAD) if extra else tokens
 
 
 # --- wiring: the masked samplers over a whole canvas or inside blocks ---------------------------------------------------
@@ -258,7 +358,7 @@ def discrete(bind: Callable) -> Callable:
 
   def run(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
     trunc = functools.partial(truncated, top_k=opts.top_k, top_p=opts.top_p, temperature=shared.temperature,
-                              mask_id=net.mask_id)
+                              mask_id=net.mask_id if net.suppress_mask else None)
     if net.block_size is None:
       sampler, cached = bind(net, opts, shared, length=canvas.shape[1], gen_start=gen_start, eos_id=eos_id)
       return sampler(trunc(net.cached_logits_fn if cached else net.logits_fn), key, canvas)
@@ -268,6 +368,6 @@ def discrete(bind: Callable) -> Callable:
                            cached_fn=trunc(net.cached_logits_fn) if f.cache == "prefix" else None,
                            eos_id=eos_id if f.stop_at_eos else None, entropy_stop=f.entropy_stop,
                            entropy_window=f.entropy_window, mask_id=net.mask_id, temperature=shared.temperature,
-                           precision=opts.precision)
+                           precision=opts.precision, suppress_mask=net.suppress_mask)
 
   return run

@@ -11,7 +11,9 @@ Conventions (all samplers)
     fold_in(fold_in(row_key, n), p). Draws therefore do not depend on batch size, padding or on which window of the
     canvas a step looks at (cached and uncached decoding see the same noise).
   * `logits_fn(tokens [B, L], t [B]) -> [B, L, V]` with V the number of token classes; if V > mask_id the mask logit
-    is suppressed. It is checked once with `jax.eval_shape` before anything runs.
+    is suppressed (`suppress_mask=True`, the default; checkpoints whose reference code keeps the mask class in the
+    softmax, LLaDA / Dream / Fast-dLLM v2 / SDAR, are sampled with it off for parity: `SamplingNet.suppress_mask`).
+    It is checked once with `jax.eval_shape` before anything runs.
 """
 
 from __future__ import annotations
@@ -163,6 +165,15 @@ def check_logits_fn(logits_fn: Callable, canvas: jax.Array, mask_id: int, extra_
   return v
 
 
+def prepare_checks(logits_fn: Callable, canvas, mask_id: int, precision: str) -> jax.Array:
+  """The input checks of a sampler that decodes the whole canvas with one logits function (greedy allowed): returns
+  the canvas as int32 [B, L]."""
+  check_precision(precision)
+  canvas = check_canvas(canvas, mask_id)
+  check_logits_fn(logits_fn, canvas, mask_id)
+  return canvas
+
+
 def prepare(logits_fn: Callable, key: jax.Array, canvas, mask_id: int, temperature: float, precision: str):
   """The checks and per-row randomness of a sampler that decodes the whole canvas (ancestral, first-hitting, ReMDM):
   returns (canvas int32 [B, L], row keys [B], positions from the right end [L])."""
@@ -175,10 +186,13 @@ def prepare(logits_fn: Callable, key: jax.Array, canvas, mask_id: int, temperatu
   return canvas, row_keys(key, b), positions_from_end(length, 0, length)
 
 
-def model_logits(logits_fn: Callable, tokens: jax.Array, t: jax.Array, mask_id: int, logit_shift: bool) -> jax.Array:
-  """float32 logits of `tokens`, shifted for models that predict position i at i - 1, with the mask class removed."""
+def model_logits(logits_fn: Callable, tokens: jax.Array, t: jax.Array, mask_id: int, logit_shift: bool,
+                 suppress: bool = True) -> jax.Array:
+  """float32 logits of `tokens`, shifted for models that predict position i at i - 1, with the mask class removed
+  (`suppress`; False keeps it in the softmax, as the reference code of LLaDA / Dream checkpoints does)."""
   logits = logits_fn(tokens, t).astype(jnp.float32)
-  return suppress_mask(shift_logits(logits) if logit_shift else logits, mask_id)
+  logits = shift_logits(logits) if logit_shift else logits
+  return suppress_mask(logits, mask_id) if suppress else logits
 
 
 def check_ids(canvas, mask_id: int, v: int) -> None:

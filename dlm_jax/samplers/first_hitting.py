@@ -25,8 +25,8 @@ from dlm_jax.samplers.common import model_logits, prepare, sample_tokens, step_k
 
 
 def first_hitting(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array, canvas: jax.Array, *,
-                  mask_id: int, temperature: float = 1.0, precision: str = "float32", logit_shift: bool = False
-                  ) -> tuple[jax.Array, dict]:
+                  mask_id: int, temperature: float = 1.0, precision: str = "float32", logit_shift: bool = False,
+                  suppress_mask: bool = True) -> tuple[jax.Array, dict]:
   """Decodes every `mask_id` position of `canvas` [B, L], one per step and row (per-row, per-position randomness:
   a row decodes the same alone or in any batch). Returns (tokens, {'nfe', 'steps'})."""
   canvas, keys, from_end = prepare(logits_fn, key, canvas, mask_id, temperature, precision)
@@ -44,7 +44,7 @@ def first_hitting(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: j
     t_next = jnp.where(active, t_next, t)
 
     def step(_):
-      logits = model_logits(logits_fn, tokens, t_next, mask_id, logit_shift)
+      logits = model_logits(logits_fn, tokens, t_next, mask_id, logit_shift, suppress_mask)
       pos = jnp.argmax(jnp.where(masked, uniform_noise(k_pos, from_end), -1.0), axis=-1)  # uniform masked slot
       picked = jnp.take_along_axis(logits, pos[:, None, None], axis=1)  # [B, 1, V]
       # the same per-position draw as sample_tokens, for one position per row
@@ -69,7 +69,8 @@ class FirstHittingOptions(registry.Draw, registry.Shift):
 def _bind(net, opts, shared, *, length, gen_start, eos_id):
   del length, gen_start, eos_id
   return functools.partial(first_hitting, mask_id=net.mask_id, temperature=shared.temperature,
-                           precision=opts.precision, logit_shift=opts.logit_shift), False
+                           precision=opts.precision, logit_shift=opts.logit_shift or net.logit_shift,
+                           suppress_mask=net.suppress_mask), False
 
 
 registry.register_sampler(registry.SamplerSpec(

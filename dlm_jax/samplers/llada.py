@@ -72,7 +72,8 @@ from dlm_jax.samplers.block import discrete
 
 from dlm_jax.samplers.common import (PAD, check_canvas, check_logits_fn, check_precision, eos_fill, gumbel_noise,
                                      positions_from_end, row_keys, sample_tokens, shift_logits, step_keys, subkey,
-                                     suppress_mask, uniform_noise)
+                                     uniform_noise)
+from dlm_jax.samplers.common import suppress_mask as remove_mask_class
 
 REMASKING = ("low_confidence", "random")
 CONFIDENCE = ("max_prob", "margin", "neg_entropy")
@@ -329,9 +330,10 @@ class _State(NamedTuple):
 
 
 def decode(policy: CommitPolicy, window: CacheWindow, keys: jax.Array, canvas: jax.Array, *, mask_id: int,
-           eos_id: Optional[int], max_steps: int) -> tuple[jax.Array, dict]:
+           eos_id: Optional[int], max_steps: int, suppress_mask: bool = True) -> tuple[jax.Array, dict]:
   """Decodes the blocks left to right (one `lax.fori_loop`), each with the policy's steps, seen through the window;
-  returns (tokens [B, L], stats) as `llada` documents them."""
+  returns (tokens [B, L], stats) as `llada` documents them. `suppress_mask` False keeps the mask class in the
+  softmax (the reference code of checkpoints whose mask id lies inside the vocabulary)."""
   b = canvas.shape[0]
   gen_start, gen_length, block_length = window.gen_start, window.gen_length, window.block_length
   gen_end = gen_start + gen_length
@@ -360,9 +362,10 @@ def decode(policy: CommitPolicy, window: CacheWindow, keys: jax.Array, canvas: j
       t = still_masked(s.tokens).astype(jnp.float32) / jnp.maximum(n_gen, 1).astype(jnp.float32)
       logits, new_kv, was_full = window.logits(s.tokens, t, s.kv, blo, block_step)
       visible = masked & ((pos >= gen_start) & (pos < gen_end))[None]
+      logits = remove_mask_class(logits, mask_id) if suppress_mask else logits
       commit, values, now = policy.decide(
-          suppress_mask(logits, mask_id), keys, s.row_step, positions_from_end(window.length, lo, width), eligible,
-          visible, active, want, s.rush, 1.0 - t)
+          logits, keys, s.row_step, positions_from_end(window.length, lo, width), eligible, visible, active, want,
+          s.rush, 1.0 - t)
       new_tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, jnp.where(commit, values, win), lo, axis=1)
       new_tokens = eos_fill(new_tokens, eos_id, mask_id, gen_start, gen_end)
       return new_tokens, new_kv, jnp.sum(commit, axis=1).astype(jnp.int32), now, was_full
@@ -412,7 +415,7 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
           factor: Optional[float] = None, cfg_scale: float = 0.0, logit_shift: bool = False,
           cache: Optional[str] = None, cache_refresh: int = 0, prophet: bool = False,
           prophet_gaps: Sequence[float] = PROPHET_GAPS, eos_id: Optional[int] = None,
-          noise: str = "step") -> tuple[jax.Array, dict]:
+          noise: str = "step", suppress_mask: bool = True) -> tuple[jax.Array, dict]:
   """Decodes the `mask_id` positions of canvas[:, gen_start:gen_start + gen_length] (see the module docstring).
 
   Args:
@@ -428,6 +431,8 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
       remasking="low_confidence" with confidence max_prob or margin, and exclude each other.
     cache: None / "none", "prefix" or "dual"; cache_refresh: full forward every k steps within a block (0 = only at
       the block start).
+    suppress_mask: give the mask class probability 0 (default); False keeps it in the softmax as LLaDA's and
+      Fast-dLLM's reference code do (a predicted mask then leaves the position masked).
 
   Returns (tokens [B, L] int32, stats) with stats:
     nfe: logits_fn calls (two per guided step); nfe_full: of which full-sequence passes; steps: decoding iterations
@@ -461,7 +466,7 @@ def llada(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_id: in
                        logit_shift=logit_shift, mask_id=mask_id, length=length, gen_start=gen_start,
                        gen_length=gen_length, block_length=block_length)
   return decode(policy, window, row_keys(key, b), canvas, mask_id=mask_id, eos_id=eos_id,
-                max_steps=steps if fixed else gen_length)
+                max_steps=steps if fixed else gen_length, suppress_mask=suppress_mask)
 
 
 def _check_arguments(length, gen_start, gen_length, block_length, steps, adaptive, remasking, confidence,
@@ -582,9 +587,9 @@ def _bind(net, opts, shared, *, length, gen_start, eos_id):
       llada, mask_id=net.mask_id, gen_start=gen_start, gen_length=gen_length, block_length=block_length, steps=steps,
       remasking=opts.remasking, confidence=opts.confidence, position_temperature=opts.position_temperature,
       temperature=shared.temperature, precision=opts.precision, threshold=opts.threshold or None,
-      factor=opts.factor or None, cfg_scale=opts.cfg_scale, logit_shift=opts.logit_shift, cache=opts.cache,
-      cache_refresh=opts.cache_refresh, prophet=opts.prophet, noise=opts.noise,
-      eos_id=eos_id if opts.stop_at_eos else None)
+      factor=opts.factor or None, cfg_scale=opts.cfg_scale, logit_shift=opts.logit_shift or net.logit_shift,
+      cache=opts.cache, cache_refresh=opts.cache_refresh, prophet=opts.prophet, noise=opts.noise,
+      eos_id=eos_id if opts.stop_at_eos else None, suppress_mask=net.suppress_mask)
   return sampler, opts.cache != "none"
 
 

@@ -35,8 +35,8 @@ def mask_ratio(r, schedule: str):
 
 def maskgit(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array, canvas: jax.Array, *,
             mask_id: int, steps: int, schedule: str = "cosine", choice_temperature: float = 4.5,
-            temperature: float = 1.0, precision: str = "float32", logit_shift: bool = False
-            ) -> tuple[jax.Array, dict]:
+            temperature: float = 1.0, precision: str = "float32", logit_shift: bool = False,
+            suppress_mask: bool = True) -> tuple[jax.Array, dict]:
   """Decodes every `mask_id` position of `canvas` [B, L] in `steps` network calls (module docstring). Returns (tokens,
   {'nfe', 'steps'})."""
   if steps < 1:
@@ -53,7 +53,7 @@ def maskgit(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Arr
     masked = tokens == mask_id
     n_now = jnp.sum(masked, axis=1)
     t = n_now.astype(jnp.float32) / jnp.maximum(n0, 1).astype(jnp.float32)
-    logits = model_logits(logits_fn, tokens, t, mask_id, logit_shift)
+    logits = model_logits(logits_fn, tokens, t, mask_id, logit_shift, suppress_mask)
     k = step_keys(keys, i)
     x0 = sample_tokens(subkey(k, 0), from_end, logits, temperature, precision)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
@@ -88,7 +88,8 @@ def _bind(net, opts, shared, *, length, gen_start, eos_id):
   del length, gen_start, eos_id
   return functools.partial(maskgit, mask_id=net.mask_id, steps=shared.steps, schedule=opts.schedule,
                            choice_temperature=opts.choice_temperature, temperature=shared.temperature,
-                           precision=opts.precision, logit_shift=opts.logit_shift), False
+                           precision=opts.precision, logit_shift=opts.logit_shift or net.logit_shift,
+                           suppress_mask=net.suppress_mask), False
 
 
 registry.register_sampler(registry.SamplerSpec(

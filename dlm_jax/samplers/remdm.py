@@ -41,7 +41,8 @@ STRATEGIES = ("cap", "rescale", "conf")
 def remdm(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array, canvas: jax.Array, *,
           mask_id: int, steps: int, eta: float = 0.02, strategy: str = "cap", t_on: float = 1.0,
           schedule: Schedule = Schedule("linear"), temperature: float = 1.0, precision: str = "float32",
-          logit_shift: bool = False) -> tuple[jax.Array, dict]:
+          logit_shift: bool = False, suppress_mask: bool = True
+          ) -> tuple[jax.Array, dict]:
   """Decodes the `mask_id` positions of `canvas` [B, L] with remasking. Returns (tokens, stats) with stats
   {'nfe': steps, 'steps', 'remasked' [B]: tokens masked again over the run}."""
   if steps < 1:
@@ -60,7 +61,7 @@ def remdm(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array
     tokens, psi, remasked = carry
     t = 1.0 - i / steps
     s = 1.0 - (i + 1) / steps
-    logits = model_logits(logits_fn, tokens, jnp.full((b,), t, jnp.float32), mask_id, logit_shift)
+    logits = model_logits(logits_fn, tokens, jnp.full((b,), t, jnp.float32), mask_id, logit_shift, suppress_mask)
     k = step_keys(keys, i)
     k_tok, k_u, k_r = (subkey(k, j) for j in range(3))
     a_t, a_s = schedule.alpha(jnp.float32(t)), schedule.alpha(jnp.float32(s))
@@ -111,7 +112,8 @@ def _bind(net, opts, shared, *, length, gen_start, eos_id):
   del length, gen_start, eos_id
   return functools.partial(remdm, mask_id=net.mask_id, steps=shared.steps, eta=opts.eta, strategy=opts.strategy,
                            t_on=opts.t_on, schedule=net.arguments["schedule"], temperature=shared.temperature,
-                           precision=opts.precision, logit_shift=opts.logit_shift), False
+                           precision=opts.precision, logit_shift=opts.logit_shift or net.logit_shift,
+                           suppress_mask=net.suppress_mask), False
 
 
 registry.register_sampler(registry.SamplerSpec(
