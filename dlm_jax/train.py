@@ -384,8 +384,10 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start = ckpt.latest_step()
-  if start is not None and "opt_state" not in ckpt.state_keys(start):
-    state = init_from_params(run, opt, shardings, ckpt, start)  # a converted checkpoint (dlm-convert): parameters only
+  if start is not None and "opt_state" not in ckpt.state_keys(start):  # a converted checkpoint: parameters only
+    reader = Checkpointer(workdir, read_only=True)  # (a manager that saved with StandardSave cannot also restore a subset)
+    state = init_from_params(run, opt, shardings, reader, start)
+    reader.close()
   elif start is not None:
     state, data_state = ckpt.restore(start, with_shardings(abstract, shardings))
     it.set_state(data_state)
