@@ -184,22 +184,25 @@ def test_threshold_commits_many_tokens_when_confident():
 
 
 def test_factor_rule():
+  """Fast-dLLM's get_transfer_index_dynamic: leading confidences up to the first c(n) < 1 - f / (n + 1) (n >= 2); all
+  of them when that first failure is the last candidate (its `top_i == len - 1` rule) or nothing fails."""
   c = jnp.array([[0.99, 0.95, 0.9, 0.6], [-jnp.inf] * 4, [0.5, 0.4, -jnp.inf, -jnp.inf]])
-  np.testing.assert_array_equal(factor_count(c, 1.0), [3, 0, 1])  # 0.02, 0.15, 0.4 < 1 <= 2.0
-  np.testing.assert_array_equal(factor_count(c, 0.3), [2, 0, 1])
-  np.testing.assert_array_equal(factor_count(c, 0.01), [1, 0, 1])  # always at least one
+  np.testing.assert_array_equal(factor_count(c, 1.0), [4, 0, 2])  # 0.6 < 0.8 fails last: all (the reference's rule)
+  np.testing.assert_array_equal(factor_count(c, 0.3), [2, 0, 2])  # 0.9 < 0.925 fails at n = 3
+  np.testing.assert_array_equal(factor_count(c, 0.01), [1, 0, 2])  # always at least one
   np.testing.assert_array_equal(factor_count(c, 10.0), [4, 0, 2])
-  c = jnp.array([[0.95, 0.9, 0.5]])  # (n + 1)(1 - c(n)) = 0.1, 0.3, 2.0
-  np.testing.assert_array_equal(factor_count(c, 0.25), [1])
-  np.testing.assert_array_equal(factor_count(c, 0.35), [2])
+  c = jnp.array([[0.95, 0.9, 0.5, 0.1]])  # thresholds 1 - f/3, 1 - f/4, 1 - f/5
+  np.testing.assert_array_equal(factor_count(c, 0.25), [1])  # 0.9 < 0.917
+  np.testing.assert_array_equal(factor_count(c, 0.35), [2])  # 0.9 >= 0.883, 0.5 < 0.9125
 
-  # End to end: block confidences [0.9, 0.99, 0.6, 0.95] -> step 1 commits the top 3, step 2 the last.
+  # End to end, factor 0.3: block confidences [0.9, 0.99, 0.6, 0.95] -> step 1 commits 0.99, 0.95 (0.9 < 0.925), step
+  # 2 the other two (0.6 < 0.9 fails on the last candidate: all).
   conf = np.array([0.5, 0.9, 0.99, 0.6, 0.95])
   log = []
   tokens, stats = _run(recording(fixed_conf_logits(conf), log), jax.random.PRNGKey(0), _canvas(1, 1, 4), gen_start=1,
-                       gen_length=4, block_length=4, factor=1.0)
-  np.testing.assert_array_equal(stats["committed"][0, :2], [3, 1])
-  np.testing.assert_array_equal(_commit_step(log, tokens, 1, 5), [1, 1, 2, 1])
+                       gen_length=4, block_length=4, factor=0.3)
+  np.testing.assert_array_equal(stats["committed"][0, :2], [2, 2])
+  np.testing.assert_array_equal(_commit_step(log, tokens, 1, 5), [2, 1, 2, 1])
   assert int(stats["nfe"]) == 2
 
 

@@ -17,8 +17,9 @@ How many positions a step commits (`CommitPolicy`):
     most confident one (so decoding cannot stall; threshold = 1.0 therefore commits one token per step unless a
     confidence is exactly 1). The number of steps is data dependent: each block loops until it has no mask left
     (at most block_length steps, as every step commits >= 1).
-  * `factor` (Fast-dLLM): sort the block's masked confidences c(1) >= c(2) >= ...; commit the largest prefix n with
-    (n + 1) (1 - c(n)) < factor, and at least 1.
+  * `factor` (Fast-dLLM): sort the block's masked confidences c(1) >= c(2) >= ...; commit the leading ones up to the
+    first n >= 2 with c(n) < 1 - factor / (n + 1), and at least 1 (`factor_count`: the reference's exact rule, including
+    its commit-all when the first failure is the last candidate).
   * `prophet`: at every step, gap = top-1 minus top-2 logit averaged over the block's masked positions; once it reaches
     prophet_gaps[0] (decoded fraction < 1/3), [1] (< 2/3) or [2] (otherwise), the row commits the argmax at every
     masked position it can see in one step (with the dual cache, whose window is one block, each remaining block
@@ -66,6 +67,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dlm_jax import registry
 from dlm_jax.samplers.block import discrete
@@ -89,16 +91,21 @@ def commit_counts(masked: int, steps_per_block: int) -> list[int]:
 
 
 def factor_count(sorted_conf: jax.Array, factor: float) -> jax.Array:
-  """Fast-dLLM factor rule on confidences sorted in descending order along the last axis (-inf = not a candidate).
-
-  Returns the largest n with (n + 1) (1 - c(n)) < factor (c 1-indexed), at least 1 when there is any candidate and 0
-  otherwise.
+  """Fast-dLLM factor rule on confidences sorted in descending order along the last axis (-inf = not a candidate), as
+  Fast-dLLM's `get_transfer_index_dynamic` computes it: with N candidates and thresholds 1 - factor / (n + 1) for
+  n = 2 .. N (none for n = 1), the count is the number of leading confidences before the first one below its threshold;
+  when that first one is the last candidate, or none is below, all N (the reference's `top_i == len - 1` rule); at
+  least 1 when there is any candidate and 0 otherwise.
   """
-  n = jnp.arange(1, sorted_conf.shape[-1] + 1, dtype=jnp.float32)
+  w = sorted_conf.shape[-1]
+  n = np.arange(1, w + 1, dtype=np.float64)
+  thresh = jnp.asarray(np.where(n == 1, -1.0, 1.0 - factor / (n + 1.0)).astype(np.float32))
   valid = jnp.isfinite(sorted_conf)
-  ok = valid & ((n + 1.0) * (1.0 - sorted_conf) < factor)
-  best = jnp.max(jnp.where(ok, n, 0.0), axis=-1).astype(jnp.int32)
-  return jnp.where(jnp.any(valid, axis=-1), jnp.maximum(best, 1), 0)
+  total = jnp.sum(valid, axis=-1).astype(jnp.int32)
+  fail = valid & (sorted_conf < thresh)
+  first = jnp.where(jnp.any(fail, axis=-1), jnp.argmax(fail, axis=-1), total - 1).astype(jnp.int32)
+  count = jnp.where((first == 0) | (first == total - 1), first + 1, first)
+  return jnp.where(total > 0, count, 0)
 
 
 def top2(x: jax.Array) -> tuple[jax.Array, jax.Array]:
