@@ -9,11 +9,14 @@ onto any mesh.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dlm_jax.errors import DLMError
@@ -24,6 +27,45 @@ for _name in ("absl", "orbax"):
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class _SequentialHostArrays(ocp.type_handlers.NumpyHandler):
+  """Writes host arrays one at a time, without Orbax's defensive copy, and releases each memory-mapped array's pages
+  once written: a tree of np.memmap leaves is saved with about one tensor resident at a time."""
+
+  def __init__(self):
+    super().__init__(deepcopy_host_arrays=False)
+
+  async def _background_serialize(self, values, infos, args=None):
+    args = args or [ocp.SaveArgs()] * len(values)
+    for value, info, arg in zip(values, infos, args):
+      await super()._background_serialize([value], [info], [arg])
+      m = getattr(value, "_mmap", None)
+      if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
+
+
+@contextlib.contextmanager
+def _streaming_host_arrays():
+  """Orbax's handler of numpy leaves replaced by `_SequentialHostArrays` for the duration (process-wide; used by
+  `save_host_params`, i.e. by dlm-convert's single-threaded save)."""
+  previous = ocp.type_handlers.get_type_handler(np.ndarray)
+  ocp.type_handlers.register_type_handler(np.ndarray, _SequentialHostArrays(), override=True)
+  try:
+    yield
+  finally:
+    ocp.type_handlers.register_type_handler(np.ndarray, previous, override=True)
+
+
+def save_host_params(workdir: str, step: int, params: Any, config: dict) -> None:
+  """A parameters-only checkpoint {'params', 'step'} (what `dlm_jax.convert` writes) from host arrays, typically
+  np.memmap views of a scratch file: written one tensor at a time, so the host holds about one tensor (the
+  training loop's `init_from_params` starts an optimizer for it)."""
+  ckpt = Checkpointer(workdir, keep=1, async_save=False)
+  with _streaming_host_arrays():
+    ckpt.save(step, {"params": params, "step": np.zeros((), np.int32)}, {}, config)
+    ckpt.wait()
+  ckpt.close()
 
 
 class Checkpointer:

@@ -27,10 +27,12 @@ tensor (round to nearest even) and `--to_hf` then casts back to each tensor's so
 
 Memory: safetensors files are read tensor by tensor through memory maps (our own reader of the documented format:
 an 8-byte little-endian header length, a JSON header of dtype / shape / data_offsets, raw little-endian data; the
-`safetensors` package cannot hand bfloat16 to numpy). Each tensor becomes one contiguous array in our layout and the
-mapping is dropped. The Orbax save takes the whole parameter tree at once (Orbax has no per-tensor append), so the
-peak is about the converted model plus the largest tensor; `benchmarks/convert.py` measures it. Loading a converted
-workdir (`train.load_for_inference`) restores every tensor straight into its sharding on the mesh.
+`safetensors` package cannot hand bfloat16 to numpy). Each tensor is copied (transposed, cast) from its source map
+into a scratch file in our layout, and both maps are dropped; the Orbax checkpoint is then written from read-only maps
+of that file one tensor at a time (`checkpoint.save_host_params`), so the host holds about one source tensor and one
+converted tensor at a time (`benchmarks/convert.py` measures the peak). The scratch file is deleted before the
+workdir is published. Loading a converted workdir (`train.load_for_inference`) restores every tensor straight into its
+sharding on the mesh. `--to_hf` reads the checkpoint one parameter at a time and writes the shards tensor by tensor.
 
 Bad input is one `dlm-convert: error: ...` line and nothing in OUT: everything is written into a temporary directory
 next to OUT that is renamed at the end.
@@ -148,9 +150,12 @@ class Tensor:
   shape: tuple[int, ...]
   transpose: bool
 
+  def view_ours(self, a: np.ndarray) -> np.ndarray:
+    """Our layout of `a`, as a view where numpy can (a transposed [out, in] matrix reshaped on its out axis is one)."""
+    return (a.T if self.transpose else a).reshape(self.shape)
+
   def to_ours(self, a: np.ndarray, dtype) -> np.ndarray:
-    a = a.T if self.transpose else a
-    return np.ascontiguousarray(a.reshape(self.shape), dtype=dtype)
+    return np.ascontiguousarray(self.view_ours(a), dtype=dtype)
 
   def to_hf(self, a: np.ndarray, dtype) -> np.ndarray:
     a = np.asarray(a)
@@ -449,17 +454,29 @@ def from_hf(hf_dir: str, workdir: str, dtype: str | None = None, mask_id: int | 
     del order
     spec_by_name = {t.hf: t for t in specs}
     largest = 0
+    scratch = os.path.join(tmp, "scratch.bin")  # our layout, tensor after tensor; Orbax reads it back one at a time
+    places, offset = [], 0
     for entry in layout["tensors"]:
       t = spec_by_name[entry["name"]]
+      source = _np_dtype(entry["dtype"])
+      target = source if dtype is None else _np_dtype({"float32": "F32", "bfloat16": "BF16"}[dtype])
+      places.append((t, entry, target, offset))
+      offset += -(-int(np.prod(t.shape, dtype=np.int64)) * target.itemsize // 64) * 64
+    with open(scratch, "wb") as f:
+      f.truncate(max(offset, 1))
+    for t, entry, target, at in places:
       header, base = headers[entry["shard"]]
       src = read_tensor(os.path.join(hf_dir, entry["shard"]), header[t.hf], base)
       largest = max(largest, src.nbytes)
-      target = src.dtype if dtype is None else _np_dtype({"float32": "F32", "bfloat16": "BF16"}[dtype])
+      dst = np.memmap(scratch, dtype=target, mode="r+", offset=at, shape=t.shape)
+      dst[...] = t.view_ours(src)  # one strided copy (and cast) from the source map into the scratch map
+      dst.flush()
+      del src, dst
+    for t, entry, target, at in places:
       node = params
       for key in t.path[:-1]:
         node = node.setdefault(key, {})
-      node[t.path[-1]] = t.to_ours(src, target)
-      del src
+      node[t.path[-1]] = np.memmap(scratch, dtype=target, mode="r", offset=at, shape=t.shape)
     index_meta = {}
     if os.path.isfile(os.path.join(hf_dir, INDEX)):
       index_meta = _load_json(os.path.join(hf_dir, INDEX), "the index").get("metadata", {})
@@ -468,6 +485,8 @@ def from_hf(hf_dir: str, workdir: str, dtype: str | None = None, mask_id: int | 
     with open(os.path.join(hf_out, LAYOUT), "w") as f:
       json.dump(layout, f, indent=1)
     _save(tmp, cfg, params)
+    del params
+    os.remove(scratch)
     _publish(tmp, workdir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -479,13 +498,42 @@ def from_hf(hf_dir: str, workdir: str, dtype: str | None = None, mask_id: int | 
 def _save(workdir: str, cfg, params: dict) -> None:
   """The parameters-only Orbax checkpoint at CONVERTED_STEP and config.json."""
   from dlm_jax import config as config_lib
-  from dlm_jax.checkpoint import Checkpointer
+  from dlm_jax.checkpoint import save_host_params
   cfg_dict = config_lib.to_dict(cfg)
-  ckpt = Checkpointer(workdir, keep=1, async_save=False)
-  ckpt.save(CONVERTED_STEP, {"params": params, "step": np.zeros((), np.int32)}, {}, cfg_dict)
-  ckpt.close()
+  save_host_params(workdir, CONVERTED_STEP, params, cfg_dict)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(cfg_dict, f, indent=2)
+
+
+def _param_reader(workdir: str):
+  """path -> that one parameter of the workdir's latest checkpoint as a host array (read alone, so --to_hf holds one
+  tensor at a time)."""
+  import jax
+  from dlm_jax import config as config_lib
+  from dlm_jax.build import build
+  from dlm_jax.checkpoint import Checkpointer
+  ckpt = Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step()
+  _need(step is not None, f"workdir {workdir} holds no checkpoint")
+  cfg = config_lib.config_from_dict(ckpt.restore_config(step))
+  run = build(cfg)
+  which = "ema" if cfg.eval.use_ema and cfg.train.ema_decay > 0 else "params"
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+
+  def read(path):
+    leaf = run.abstract_params
+    for key in path:
+      leaf = leaf[key]
+    tree = want = {}
+    for key in path[:-1]:
+      want = want.setdefault(key, {})
+    want[path[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+    got = ckpt.restore_subset(step, {which: tree})[which]
+    for key in path:
+      got = got[key]
+    return np.asarray(got)
+
+  return read
 
 
 # --- dlm_jax -> HF ---------------------------------------------------------------------------------------------------
@@ -502,8 +550,7 @@ def to_hf(workdir: str, out: str) -> dict:
   hf_cfg = _load_json(os.path.join(workdir, HF_DIR, "config.json"), "config file")
   arch = layout["architecture"]
   spec_by_name = {t.hf: t for t in tensors(arch, model_shape(arch, hf_cfg))}
-  from dlm_jax.train import load_for_inference
-  _, _, params, _ = load_for_inference(workdir)
+  read = _param_reader(workdir)
   tmp = _staging(out)
   try:
     for name in sorted(os.listdir(os.path.join(workdir, HF_DIR))):
@@ -517,11 +564,8 @@ def to_hf(workdir: str, out: str) -> dict:
       items = []
       for e in entries:
         t = spec_by_name[e["name"]]
-        leaf = params
-        for key in t.path:
-          leaf = leaf[key]
         items.append((t.hf, tuple(e["shape"]), _np_dtype(e["dtype"]),
-                      lambda t=t, leaf=leaf, e=e: t.to_hf(np.asarray(leaf), _np_dtype(e["dtype"]))))
+                      lambda t=t, e=e: t.to_hf(read(t.path), _np_dtype(e["dtype"]))))
         weight_map[t.hf] = shard
       write_safetensors(os.path.join(tmp, shard), items)
     if layout.get("index"):

@@ -17,6 +17,10 @@ schedules, chosen by `clip_search`). Block size 1 masks everything with weight 1
 masked-count form (`MaskedDiffusion._bound_masked_count`, per block): E_{m ~ U{1..b}} E_{|S| = m} [(b / m) sum_{i in
 S} -log p(x_i | x_<k, block with S masked)]. At block size 1 it is the exact NLL of every sequence.
 
+Converted checkpoints (Fast-dLLM v2: `Network.logit_shift`, its loss is a causal-LM cross entropy on the x_t half;
+SDAR: no shift): the logits of the x_t half are shifted before the cross entropy when the network declares it, and the
+mask class stays in the softmax when `suppress_mask` is False (`AbsorbingVocab.predictions`).
+
 Sampling: `dlm_jax.samplers.block` (block by block with a K/V cache of the clean blocks; any masked sampler inside a
 block; at block size 1 a KV-cached autoregressive sampler).
 """

@@ -10,6 +10,10 @@ Training estimates it with t ~ U[t_min, 1] (antithetic over the batch, Kingma et
 tokens (never by the number of masked tokens). The "llada" objective draws p_mask = (1 - t_min) u + t_min and weights
 1 / p_mask (this is the linear schedule on [t_min, 1]).
 
+A converted checkpoint whose network predicts token i at position i - 1 (Dream: `Network.logit_shift`) has its logits
+shifted before the cross entropy, and one whose reference code keeps the mask class in the softmax (LLaDA, Dream:
+`suppress_mask` False) keeps it (`AbsorbingVocab.predictions`).
+
 `bound()` is a proper upper bound on -log p(x). For a network without time input and alpha_1 = 0 it is evaluated
 exactly over t in [0, 1] in the masked-count form (see `_bound_masked_count`). Otherwise: the integral over [t_min, 1]
 (stratified), plus the reconstruction term -log p(x | z_{t_min}) (a second forward at t_min: only masked positions
