@@ -67,7 +67,8 @@ EXAMPLES = {
 # Options that leave the tokens as they are by construction (the traced program still differs): the prefix cache is
 # exact; the precision of the arithmetic does not move an argmax or a Gumbel-max draw on this model's peaked
 # distributions.
-OUTPUT_PRESERVING = {("llada", "cache"), ("block", "cache"), ("*", "precision")}
+OUTPUT_PRESERVING = {("llada", "cache"), ("block", "cache"), ("*", "precision"),
+                     ("fastdllm_v2", "use_block_cache")}  # DualCache: stale K/V after the sub-block only
 # Forbidden combinations the issue names, and the words their error must hold.
 FORBIDDEN = [
     ({"diffusion.process": "block", "sampler.first_hitting.logit_shift": True}, ("logit_shift", "block diffusion")),
