@@ -5,9 +5,9 @@
 Builds a random float32 checkpoint with LLaDA's tensor names (config.json, model-0000k-of-0000n.safetensors written
 with safetensors.numpy, model.safetensors.index.json) of at least `--gb` GB in a temporary directory, converts it in a
 subprocess (`dlm_jax.convert.from_hf`, float32 as stored) and prints one JSON line: checkpoint and largest-tensor sizes,
-the converter's peak RSS (ru_maxrss of the child), the RSS of the same subprocess after its imports only (the baseline of
-Python + JAX + Orbax), the conversion's own peak above that baseline, and that as multiples of the largest tensor and of
-the checkpoint. Then the same for --to_hf (workdir -> HF shards).
+the RSS of the converting subprocess after its imports (the baseline of Python + JAX + Orbax), its peak RSS during the
+conversion (psutil, sampled every 5 ms) and the whole process's ru_maxrss, the conversion's own peak above the
+baseline, and that as multiples of the largest tensor and of the checkpoint. Then the same for --to_hf.
 """
 
 from __future__ import annotations
@@ -23,19 +23,30 @@ import time
 import numpy as np
 
 CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys, threading, time
+import psutil
 import jax, orbax.checkpoint
 from dlm_jax import convert
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+proc = psutil.Process()
+base = proc.memory_info().rss
+peak, done = [base], []
+
+def sample():
+  while not done:
+    peak[0] = max(peak[0], proc.memory_info().rss)
+    time.sleep(0.005)
+
+threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
 if sys.argv[1] == "from_hf":
   convert.from_hf(sys.argv[2], sys.argv[3])
 else:
   convert.to_hf(sys.argv[2], sys.argv[3])
-print(json.dumps({"baseline_rss": base, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+done.append(1)
+print(json.dumps({"baseline_rss": base, "peak_rss": max(peak[0], proc.memory_info().rss),
+                  "max_rss_whole_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "seconds": time.perf_counter() - t}))
 """
-
 
 def llada_config(d: int, layers: int, heads: int, mlp: int, vocab: int) -> dict:
   return {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": d, "n_layers": layers, "n_heads": heads,
@@ -110,6 +121,7 @@ def main():
       r = child(what, *args)
       own = r["peak_rss"] - r["baseline_rss"]
       out[what] = {"peak_rss_gib": r["peak_rss"] / gib, "baseline_rss_gib": r["baseline_rss"] / gib,
+                   "max_rss_whole_process_gib": r["max_rss_whole_process"] / gib,
                    "conversion_peak_gib": own / gib, "x_largest_tensor": own / largest, "x_checkpoint": own / total,
                    "seconds": r["seconds"]}
     print(json.dumps(out))
