@@ -329,3 +329,15 @@ def test_train_continues_from_converted(tmp_path):
   assert len(losses) == 3 and all(np.isfinite(losses))
   cfg, run, params, _ = load_for_inference(wd)
   assert cfg.model.vocab_size == 320 and params["embed"].dtype == jnp.float32
+
+
+def test_tokenizer_less_sampling_from_python(converted):
+  """A workdir without tokenizer samples at the token-id level from Python (the family's generation over the
+  checkpoint's block-causal forward); text is refused with the one-line error."""
+  fixture("sdar")
+  from dlm_jax.evaluate import generate
+  cfg, run, params, pstate = load_for_inference(converted["sdar"])
+  tokens, stats = generate(run, params, pstate, num_samples=2, length=8, seed=0)
+  assert tokens.shape == (2, 8) and ((tokens >= 0) & (tokens < 320)).all() and stats["nfe_per_batch"] > 0
+  with pytest.raises(DLMError, match="has no tokenizer"):
+    run.tokenizer.decode(tokens[0])
