@@ -446,12 +446,10 @@ def from_hf(hf_dir: str, workdir: str, dtype: str | None = None, mask_id: int | 
       cfg.data.tokenizer = tok_path
     params: dict = {}
     layout = {"architecture": arch, "tensors": []}
-    order = {name: i for i, name in enumerate(where)}
     for shard, (header, _) in headers.items():  # file order, then the order inside each file
       for name in sorted(header, key=lambda n: header[n]["data_offsets"][0]):
         layout["tensors"].append({"name": name, "shard": shard, "dtype": header[name]["dtype"],
                                   "shape": header[name]["shape"]})
-    del order
     spec_by_name = {t.hf: t for t in specs}
     largest = 0
     scratch = os.path.join(tmp, "scratch.bin")  # our layout, tensor after tensor; Orbax reads it back one at a time
