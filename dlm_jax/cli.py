@@ -151,6 +151,10 @@ def _sample(rest, overrides):
   p.add_argument("--prompt_file", default=None,
                  help="one prompt per line (.txt) or per {'prompt': ...} object (.jsonl); --num_samples samples each; "
                  "prompts of different lengths are batched with left padding")
+  p.add_argument("--chat", action="store_true",
+                 help="chat models: each prompt is a user message (or, in a .jsonl --prompt_file, {'messages': [...]}) "
+                 "rendered with the checkpoint's chat template; generation stops at the end-of-turn token and 'text' "
+                 "holds the reply up to it ('raw_text': everything generated)")
   p.add_argument("--show", action="store_true", help="also print every sample's text to stdout")
   a = p.parse_args(rest)
   if a.num_samples < 1:
@@ -166,14 +170,25 @@ def _sample(rest, overrides):
     raise DLMError("give --prompt or --prompt_file, not both")
   texts = [a.prompt] if a.prompt else None
   if a.prompt_file is not None:
-    texts = _read_prompts(a.prompt_file)
+    texts = _read_prompts(a.prompt_file, chat=a.chat)
+  if a.chat and texts is None:
+    raise DLMError("--chat needs the user's message: give --prompt or --prompt_file")
   cfg, run, params, pstate = load_for_inference(a.workdir, overrides, need_tokenizer="dlm-sample")
   from dlm_jax.evaluate import encode_prompt
   from dlm_jax.maths import PAD
   length = cfg.sampler.length or cfg.data.seq_len
+  stop = None
+  if a.chat:
+    tok = run.tokenizer
+    if not getattr(tok, "has_chat_template", False):
+      raise DLMError(f"--chat: the workdir's tokenizer ({cfg.data.tokenizer}) has no chat template (tokenizer_config.json "
+                     "with chat_template beside tokenizer.json); drop --chat and give the prompt text itself")
+    conversations = [t if isinstance(t, list) else [{"role": "user", "content": t}] for t in texts]
+    texts = [tok.apply_chat_template(c) for c in conversations]
+    stop = tok.eot_id if tok.eot_id is not None else tok.eos_id
   prompts = None if texts is None else [encode_prompt(run.tokenizer, t, run.process.mask_id) for t in texts]
   tokens, stats = generate(run, params, pstate, num_samples=a.num_samples, length=length, seed=cfg.sampler.seed,
-                           prompts=prompts)
+                           prompts=prompts, stop_id=stop)
   from dlm_jax.evaluate import sampler_record
   details = {**sampler_record(cfg), "process": cfg.diffusion.process, **run.process.describe(),
              "tokenizer": run.tokenizer.fingerprint}
@@ -182,11 +197,22 @@ def _sample(rest, overrides):
   with open(tmp, "w") as f:
     for i, row in enumerate(tokens):
       row = [int(x) for x in row if x != PAD]
-      decoded.append(run.tokenizer.decode(np.asarray(row, np.int32)))
-      rec = {"tokens": row, "text": decoded[-1], **details}
+      rec = {"tokens": row}
+      if a.chat:  # the reply: the generated tokens up to the end of turn (or EOS)
+        reply = row[int(len(prompts[i // a.num_samples])):]
+        ends = [j for j, x in enumerate(reply) if x in (stop, run.tokenizer.eos_id)]
+        rec["raw_text"] = run.tokenizer.decode(np.asarray(reply, np.int32))
+        rec["reply_tokens"] = reply[:ends[0]] if ends else reply
+        rec["stopped"] = bool(ends)
+        decoded.append(run.tokenizer.decode(np.asarray(rec["reply_tokens"], np.int32)))
+      else:
+        decoded.append(run.tokenizer.decode(np.asarray(row, np.int32)))
+      rec.update({"text": decoded[-1], **details})
       if texts is not None:
         rec["prompt"] = texts[i // a.num_samples]
         rec["prompt_tokens"] = int(len(prompts[i // a.num_samples]))
+      if a.chat:
+        rec["stop_id"] = stop
       f.write(json.dumps(rec) + "\n")
   os.replace(tmp, a.output)
   if a.show:
@@ -195,7 +221,7 @@ def _sample(rest, overrides):
   print(json.dumps({"output": a.output, "num_samples": int(len(tokens)), "length": length, **stats}), file=sys.stderr)
 
 
-def _read_prompts(path: str) -> list[str]:
+def _read_prompts(path: str, chat: bool = False) -> list:
   if not os.path.isfile(path):
     raise DLMError(f"--prompt_file {path} does not exist")
   with open(path, encoding="utf-8") as f:
@@ -206,11 +232,20 @@ def _read_prompts(path: str) -> list[str]:
     prompts = []
     for n, line in enumerate(lines, 1):
       try:
-        prompts.append(json.loads(line)["prompt"])
+        obj = json.loads(line)
+        if chat and "messages" in obj:
+          messages = obj["messages"]
+          if not (isinstance(messages, list) and messages and all(
+              isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+              for m in messages)):
+            raise TypeError
+          prompts.append(messages)
+        else:
+          prompts.append(obj["prompt"])
       except (ValueError, KeyError, TypeError):
-        raise DLMError(f"{path}:{n} is not a JSON object with a 'prompt' string; write one {{\"prompt\": ...}} per "
-                       "line") from None
-  if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        what = "a 'prompt' string or a 'messages' list of {role, content}" if chat else "a 'prompt' string"
+        raise DLMError(f"{path}:{n} is not a JSON object with {what}; write one such object per line") from None
+  if not prompts or not all(isinstance(p, (str, list)) and p for p in prompts):
     raise DLMError(f"--prompt_file {path} holds no prompts (or an empty one); write one non-empty prompt per line")
   return prompts
 

@@ -99,6 +99,38 @@ class HFTokenizer:
     if eos is None:
       raise DLMError(f"tokenizer '{path}' has no end-of-document token among {names}; set data.eos_token to one of its tokens")
     self.eos_id = int(eos)
+    self._chat = _read_tokenizer_config(os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json"))
+
+  @property
+  def has_chat_template(self) -> bool:
+    return bool(self._chat.get("chat_template"))
+
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt text of a conversation, rendered with the checkpoint's Jinja chat template (`chat_template` of the
+    `tokenizer_config.json` beside tokenizer.json) the way transformers' `apply_chat_template` renders it: a sandboxed
+    environment with trim_blocks / lstrip_blocks, the special tokens' strings as variables (bos_token, eos_token,
+    ...), `raise_exception`, and `add_generation_prompt`."""
+    template = self._chat.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+      template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template:
+      raise DLMError(f"the tokenizer {self.name} has no chat template (no chat_template in its tokenizer_config.json); "
+                     "drop --chat and give the prompt text itself")
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+      raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    specials = {k: _token_text(v) for k, v in self._chat.items() if k.endswith("_token")}
+    try:
+      return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              **specials)
+    except TemplateError as e:
+      raise DLMError(f"the chat template of {self.name} rejected the conversation: {e}") from None
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
@@ -109,6 +141,22 @@ class HFTokenizer:
   def decode(self, ids) -> str:
     ids = [int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < self.vocab_size]
     return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def _read_tokenizer_config(path: str) -> dict:
+  """A Hugging Face tokenizer_config.json ({} when absent)."""
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError:
+    raise DLMError(f"{path} is not valid JSON; repair or delete it") from None
+
+
+def _token_text(value):
+  """A special token of tokenizer_config.json: a string, or an AddedToken-style {"content": ...} object."""
+  return value.get("content", "") if isinstance(value, dict) else value
 
 
 class NoTokenizer:

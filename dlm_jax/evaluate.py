@@ -122,17 +122,19 @@ def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
 
 
 def generate(run, params, process_state=None, *, num_samples: int, length: int, seed: int,
-             prompts: list | None = None, batch_size: int | None = None) -> tuple[np.ndarray, dict]:
+             prompts: list | None = None, batch_size: int | None = None, stop_id: int | None = None
+             ) -> tuple[np.ndarray, dict]:
   """Samples with the configured sampler (`sampler.name` and its section `sampler.<name>.*`, through the registry):
   `num_samples` rows for every prompt (or unconditional rows when `prompts` is None). Row n uses the key
   fold_in(PRNGKey(seed), n), so samples do not depend on the batch size or on the number of devices. Returns
-  (tokens [len(prompts) * num_samples, width], stats)."""
+  (tokens [len(prompts) * num_samples, width], stats). `stop_id`: the token the samplers' stop options stop at
+  (default: the tokenizer's EOS; a chat model's end of turn with `dlm-sample --chat`)."""
   scfg = run.cfg.sampler
   rows = [p for p in (prompts or [None]) for _ in range(num_samples)]
   canvas_all, gen_start = make_canvas(run, rows, length)
   n = len(rows)
   batch_size = _round_to_batch_shards(run, min(batch_size or scfg.batch_size, n))
-  sample, x64, setting = sampler_fn(run, gen_start)
+  sample, x64, setting = sampler_fn(run, gen_start, stop_id=stop_id)
   sample_fn = run.jitted(f"sample:{gen_start}:{canvas_all.shape[1]}:{setting}", sample)  # traced per setting
   spec, opts, _ = config_lib.sampler_options(run.cfg)
   uses_steps = spec.uses_steps(opts) and run.process.decode_block_size(run.cfg) != 1
@@ -154,15 +156,15 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
   return np.concatenate(out)[:n], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps if uses_steps else None}
 
 
-def sampler_fn(run, gen_start: int = 0):
+def sampler_fn(run, gen_start: int = 0, stop_id: int | None = None):
   """The configured sampler as a pure function (params, keys, canvas, process_state) -> (tokens, stats) for canvases
   whose generated region starts at gen_start: the family's network (`Process.sampling_net`) and the registry's
   sampler with its options. Returns (fn, the context it must run in (64-bit JAX for float64 samplers), a string that
-  identifies the setting)."""
+  identifies the setting). `stop_id`: the id the samplers' stop options stop at (None = the tokenizer's EOS)."""
   scfg = run.cfg.sampler
   spec, opts, family_opts = config_lib.sampler_options(run.cfg)
   shared = registry.Shared(steps=scfg.steps, temperature=scfg.temperature)
-  eos_id = getattr(run.tokenizer, "eos_id", None)
+  eos_id = getattr(run.tokenizer, "eos_id", None) if stop_id is None else stop_id
   process = run.process
 
   def sample(params, keys, canvas, pstate):
@@ -170,7 +172,7 @@ def sampler_fn(run, gen_start: int = 0):
     return spec.run(net, opts, shared, keys, canvas, gen_start=gen_start, eos_id=eos_id, family_options=family_opts)
 
   x64 = jax.enable_x64(True) if getattr(opts, "precision", "") == "float64" else contextlib.nullcontext()
-  return sample, x64, json.dumps([spec.name, repr(opts), repr(family_opts), repr(shared)])
+  return sample, x64, json.dumps([spec.name, repr(opts), repr(family_opts), repr(shared), eos_id])
 
 
 def sampler_record(cfg) -> dict:
