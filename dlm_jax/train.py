@@ -657,16 +657,24 @@ def train(cfg, workdir: str, *, progress: bool = True, objective: Objective | No
 def workdir_config(workdir: str, overrides=()):
   """The config saved in the latest checkpoint of `workdir` with `--config.KEY=VALUE` overrides, validated (dlm-train
   without --config: continue a run, or train a converted checkpoint further)."""
-  if not os.path.isdir(workdir):
-    raise DLMError(f"workdir '{workdir}' does not exist; pass --config to start a new run")
-  ckpt = Checkpointer(workdir, read_only=True)
-  step = ckpt.latest_step()
-  if step is None:
-    raise DLMError(f"workdir '{workdir}' holds no checkpoint; pass --config to start a new run there")
-  cfg = config_lib.config_from_dict(ckpt.restore_config(step))
+  ckpt, step, cfg = _latest_config(workdir, "pass --config to start a new run",
+                                   "pass --config to start a new run there")
   ckpt.close()
   config_lib.apply_overrides(cfg, overrides)
   return config_lib.validate(cfg)
+
+
+def _latest_config(workdir: str, if_missing: str, if_empty: str):
+  """(read-only Checkpointer, latest step, its saved config) of `workdir`; a missing workdir or checkpoint is a
+  DLMError ending with the given advice."""
+  if not os.path.isdir(workdir):
+    raise DLMError(f"workdir '{workdir}' does not exist; {if_missing}")
+  ckpt = Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step()
+  if step is None:
+    ckpt.close()
+    raise DLMError(f"workdir '{workdir}' holds no checkpoint; {if_empty}")
+  return ckpt, step, config_lib.config_from_dict(ckpt.restore_config(step))
 
 
 NO_TOKENIZER = ("workdir '{}' has no tokenizer (converted from a directory without tokenizer.json, data.tokenizer="
@@ -677,13 +685,8 @@ NO_TOKENIZER = ("workdir '{}' has no tokenizer (converted from a directory witho
 def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "") -> tuple[Any, Run, Any, Any]:
   """(cfg, run, params, process_state) from the latest checkpoint in `workdir`; EMA parameters when configured.
   `need_tokenizer` (a command name): a workdir without tokenizer is a DLMError before any parameter is read."""
-  if not os.path.isdir(workdir):
-    raise DLMError(f"workdir '{workdir}' does not exist; pass the --workdir of a dlm-train run")
-  ckpt = Checkpointer(workdir, read_only=True)
-  step = ckpt.latest_step()
-  if step is None:
-    raise DLMError(f"workdir '{workdir}' holds no checkpoint; run dlm-train --workdir {workdir} first")
-  cfg = config_lib.config_from_dict(ckpt.restore_config(step))
+  ckpt, step, cfg = _latest_config(workdir, "pass the --workdir of a dlm-train run",
+                                   f"run dlm-train --workdir {workdir} first")
   if need_tokenizer and cfg.data.tokenizer == "none":
     raise DLMError(NO_TOKENIZER.format(workdir, need_tokenizer))
   overrides = list(overrides)

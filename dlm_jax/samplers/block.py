@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlm_jax import registry
+from dlm_jax.errors import DLMError
 from dlm_jax.samplers.common import (PAD, check_canvas, check_logits_fn, check_precision, row_keys, sample_tokens,
                                      step_keys, subkey, suppress_mask, truncated)
 
@@ -347,6 +348,15 @@ class BlockOptions(registry.Options):
 
 
 registry.register_family_options("block", BlockOptions)
+
+
+def block_options_of(name: str, net, family_options) -> BlockOptions:
+  """The `sampler.block.*` options of a sampler that only runs block by block (fastdllm_v2, sdar); a model that
+  decodes at once is a one-line error naming the sampler."""
+  if net.block_size is None or family_options is None:
+    raise DLMError(f"sampler.name={name} generates block by block: it needs a block diffusion model "
+                   "(diffusion.process=block)")
+  return family_options
 
 
 def discrete(bind: Callable) -> Callable:

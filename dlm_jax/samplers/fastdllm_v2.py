@@ -40,8 +40,8 @@ import jax.numpy as jnp
 
 from dlm_jax import registry
 from dlm_jax.errors import DLMError
-from dlm_jax.samplers.block import (BlockForward, check_block_canvas, is_stop, left_align, pad_to_blocks, stop_ids_of,
-                                    stopper)
+from dlm_jax.samplers.block import (BlockForward, block_options_of, check_block_canvas, is_stop, left_align,
+                                    pad_to_blocks, stop_ids_of, stopper)
 from dlm_jax.samplers.common import (PAD, check_precision, filter_logits, positions_from_end, row_keys, sample_tokens,
                                      shift_logits, step_keys, subkey, suppress_mask as remove_mask_class)
 
@@ -239,10 +239,7 @@ class FastDllmV2Options(registry.Draw):
 
 def _run(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
   del gen_start
-  f = family_options
-  if net.block_size is None or f is None:
-    raise DLMError("sampler.name=fastdllm_v2 generates block by block: it needs a block diffusion model "
-                   "(diffusion.process=block)")
+  f = block_options_of('fastdllm_v2', net, family_options)
   if opts.use_block_cache and f.cache != "prefix":
     raise DLMError("sampler.fastdllm_v2.use_block_cache caches the block's K/V on top of the clean blocks' cache: "
                    "set sampler.block.cache=prefix or drop it")

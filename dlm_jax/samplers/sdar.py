@@ -39,9 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax import registry
-from dlm_jax.errors import DLMError
-from dlm_jax.samplers.block import (BlockForward, check_block_canvas, is_stop, left_align, pad_to_blocks, stop_ids_of,
-                                    stopper)
+from dlm_jax.samplers.block import (BlockForward, block_options_of, check_block_canvas, is_stop, left_align,
+                                    pad_to_blocks, stop_ids_of, stopper)
 from dlm_jax.samplers.common import (PAD, check_precision, filter_logits, positions_from_end, row_keys, sample_tokens,
                                      shift_logits, step_keys, subkey, suppress_mask as remove_mask_class)
 
@@ -177,10 +176,7 @@ class SdarOptions(registry.Draw):
 
 def _run(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
   del gen_start
-  f = family_options
-  if net.block_size is None or f is None:
-    raise DLMError("sampler.name=sdar generates block by block: it needs a block diffusion model (diffusion.process="
-                   "block)")
+  f = block_options_of('sdar', net, family_options)
   return sdar(net.logits_fn, key, canvas, mask_id=net.mask_id, block_size=net.block_size,
               steps=min(shared.steps, net.block_size), cached_fn=net.cached_logits_fn if f.cache == "prefix" else None,
               strategy=opts.strategy, threshold=opts.threshold, temperature=shared.temperature, top_k=opts.top_k,
