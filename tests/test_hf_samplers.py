@@ -372,12 +372,19 @@ def _dream_parity(net, params, g, prompt, expected):
 def _fdv2_parity(net, params, g, prompt, expected):
   kw = g["kwargs"]
   bs, p = kw["block_size"], prompt.shape[1]
-  length = p + (kw["max_new_tokens"] // bs) * bs - p % bs + 1  # the reference's output before its stop truncation
-  canvas = np.concatenate([prompt, np.full((1, length - p), kw["mask_id"])], axis=1)
+  batch = g["function"].endswith("batch_sample")
+  if batch:  # prompts right-padded with the mask id; max_new_tokens // bs blocks after the longest prompt's block
+    length = (kw["max_new_tokens"] // bs + p // bs) * bs + 1
+  else:
+    length = p + (kw["max_new_tokens"] // bs) * bs - p % bs + 1  # the reference's output before its stop truncation
+  canvas = np.concatenate([prompt, np.full((prompt.shape[0], length - p), kw["mask_id"])], axis=1)
   out, stats = run(fastdllm_v2, net.logits_fn(params, block_size=bs), canvas, mask_id=kw["mask_id"], block_size=bs,
                    small_block_size=kw["small_block_size"], threshold=float(kw["threshold"]),
                    cached_fn=net.cached_logits_fn(params, block_size=bs), use_block_cache=kw["use_block_cache"],
-                   temperature=0.0, stop_ids=(kw["stop_token"],), logit_shift=True, suppress_mask=False)
+                   temperature=0.0, stop_ids=(kw["stop_token"],), logit_shift=True, suppress_mask=False,
+                   procedure="batch_sample" if batch else "generate")
+  if batch:  # the reference sets what follows a stop to the tokenizer's pad id
+    out = np.where(out == PAD, kw["tokenizer.pad_token_id"], out)
   return out[:, :expected.shape[1]], int(stats["nfe"])
 
 
@@ -397,13 +404,11 @@ def _sdar_parity(net, params, g, prompt, expected):
 
 PARITY = {"llada": _llada_parity, "dream": _dream_parity, "fast_dllm_v2": _fdv2_parity, "sdar": _sdar_parity}
 # Recorded generations we deliberately do not reproduce token for token:
-#  * fdv2_batch_sample_*: v2/generation_functions.py's batch_sample, another procedure than the model's generate (a row
-#    stops when it unmasks the stop token, whatever is masked before it; rows right-padded with the mask id);
 #  * SDAR low_confidence_static with top_k = 1: every confidence is 1, and which of the tied positions torch.topk
 #    returns is its CPU kernel's implementation detail (we take the leftmost: see test_sdar_strategies_order_and_nfe);
 #  * SDAR with an 11-token prompt and 2 steps: the quota 2 exceeds the single mask of the prompt-tail block and the
 #    reference overwrites a prompt token there (test_sdar_reference_overwrites_the_prompt checks it; we keep it).
-NOT_REPRODUCED = ("fdv2_batch_sample", "sdar_P10_steps4_low_confidence_static", "sdar_P10_steps2_low_confidence_static",
+NOT_REPRODUCED = ("sdar_P10_steps4_low_confidence_static", "sdar_P10_steps2_low_confidence_static",
                   "sdar_P11_steps2_low_confidence")
 RECORDS = [r for arch in PARITY for r in _records(arch) if not r[1]["name"].startswith(NOT_REPRODUCED)]
 
@@ -431,3 +436,19 @@ def test_sdar_reference_overwrites_the_prompt(models):
     assert not np.array_equal(expected[0, :p], prompt[0])  # the reference overwrote a prompt token
     out, _ = _sdar_parity(net, params, g, prompt, expected)
     np.testing.assert_array_equal(out[0, :p], prompt[0])
+
+
+def test_fdv2_batch_sample_stop(models):
+  """batch_sample's stop on the recorded threshold-0.9 trajectory, with 131 as the stop id: both rows commit it in the
+  block at 12..15 (row 1 at 15 while 14 is still masked); each decodes the rest of the block, is cut after its first
+  stop id, and no block-finishing forward follows."""
+  g = next(g for _, g in _records("fast_dllm_v2") if g["name"] == "fdv2_batch_sample_thr0.9_cache0")
+  net, params, _ = models("fast_dllm_v2")
+  prompt, expected = _expected("fast_dllm_v2", g)
+  g = {**g, "kwargs": {**g["kwargs"], "stop_token": 131}}
+  out, nfe = _fdv2_parity(net, params, g, prompt, expected)
+  pad = g["kwargs"]["tokenizer.pad_token_id"]
+  for row, cut in ((0, 14), (1, 16)):
+    np.testing.assert_array_equal(out[row, :cut], expected[row, :cut])
+    assert (out[row, cut:] == pad).all()
+  assert nfe < g["nfe"]

@@ -54,6 +54,9 @@ EXAMPLES = {
     ("fastdllm_v2", "small_block_size"): {"small_block_size": 2, "@sampler.fastdllm_v2.threshold": 0.3},
     ("fastdllm_v2", "threshold"): {"threshold": 0.3},
     ("fastdllm_v2", "use_block_cache"): {"use_block_cache": True, "@sampler.fastdllm_v2.small_block_size": 2},
+    # batch_sample: a row that commits a stop id decodes the rest of its block (here: one more step, in the NFE)
+    ("fastdllm_v2", "procedure"): {"procedure": "batch_sample", "@sampler.block.stop_at_eos": True,
+                                   "@sampler.temperature": 3.0, "@sampler.fastdllm_v2.threshold": 0.05},
     ("sdar", "strategy"): {"strategy": "sequential"},
     ("sdar", "threshold"): {"threshold": 0.05},
     ("edm_churn", "churn"): {"churn": 0.4},

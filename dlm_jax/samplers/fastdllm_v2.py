@@ -21,6 +21,19 @@ call: prefill (when a row has a complete prompt block), steps, and the block-fin
 forward runs when the canvas has a position after it: give the canvas one position more than the blocks to get the
 reference's final appended token).
 
+`procedure="batch_sample"` follows instead the batch procedure of NVlabs/Fast-dLLM `v2/generation_functions.py`
+`batch_sample` (read at upstream commit 8292f3c; the same steps, draws and DualCache inside a block). Rows are prompts
+right-padded with the mask id (a left-padded canvas is left-aligned into that layout); decoding starts at the block of
+the shortest prompt, and the prefill covers its complete blocks (its next token goes to the rows of that length only,
+when it ends on a block boundary). Position p of every row belongs to block p // B, so the block of a longer prompt
+holds its prompt tokens, which are not decoded. A row finishes when it commits a stop id, whatever is still masked
+before it; it still decodes the rest of that block, is then cut after its first generated stop id (PAD; the reference
+writes the tokenizer's pad id) and stays as it is. The argmax of a finished block's last logit goes to the next
+position of the rows that generated in the block, and of every row when the input was exactly one token longer than
+the block's end: the reference then takes the block's tokens as its whole input, which overwrites the last prompt
+token of the longest rows (reproduced). The stop test does not look at these carried tokens (a stop id there is cut at
+the next stop). The block-finishing forward runs while a row is unfinished; NFE counts the batch's calls.
+
 Deliberate differences from the reference: a prompt of exactly one block is prefilled (the reference's `>` skips its
 prefill and then never sees the prompt); rows are independent (the reference's stop test and its top-p sampling look at
 batch row 0 only); draws use JAX's per-row keys (only temperature 0 matches the reference token for token); `top_p` /
@@ -44,6 +57,9 @@ from dlm_jax.samplers.block import (BlockForward, block_options_of, check_block_
                                     pad_to_blocks, stop_ids_of, stopper)
 from dlm_jax.samplers.common import (PAD, check_precision, filter_logits, positions_from_end, row_keys, sample_tokens,
                                      shift_logits, step_keys, subkey, suppress_mask as remove_mask_class)
+
+
+PROCEDURES = ("generate", "batch_sample")
 
 
 def draw(keys: jax.Array, from_end: jax.Array, logits: jax.Array, temperature: float, top_k: int, top_p: float,
@@ -79,14 +95,19 @@ def fastdllm_v2(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_
                 small_block_size: int, threshold: float = 1.0, cached_fn: Optional[Callable] = None,
                 use_block_cache: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 precision: str = "float32", stop_ids: Sequence[int] = (), entropy_stop: float = 0.0,
-                entropy_window: int = 256, logit_shift: bool = True, suppress_mask: bool = True
-                ) -> tuple[jax.Array, dict]:
+                entropy_window: int = 256, logit_shift: bool = True, suppress_mask: bool = True,
+                procedure: str = "generate") -> tuple[jax.Array, dict]:
   """Generates the masks of `canvas` [B, L] block by block with Fast-dLLM v2's procedure (module docstring).
 
   logits_fn: the uncached block-causal forward; cached_fn: its cache-aware form (None = a full forward per call;
   use_block_cache needs it). stop_ids: EOS / end-of-turn ids; entropy_stop / entropy_window: block diffusion's entropy
-  stop after each block. Returns (tokens [B, L] left-aligned, PAD after a stop; stats {'nfe', 'steps', 'lengths'}).
+  stop after each block. procedure: "generate" (the model's generate) or "batch_sample" (v2/generation_functions.py's
+  batch_sample, module docstring). Returns (tokens [B, L] left-aligned, PAD after a stop; stats {'nfe', 'steps',
+  'lengths'}).
   """
+  if procedure not in PROCEDURES:
+    raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
+  batch = procedure == "batch_sample"
   bs, sb = block_size, small_block_size
   if bs < 1 or sb < 1 or bs % sb:
     raise ValueError(f"small_block_size ({sb}) must divide block_size ({bs})")
@@ -105,6 +126,8 @@ def fastdllm_v2(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_
   idx = jnp.arange(lp, dtype=jnp.int32)[None]
   has_mask = jnp.any(tokens == mask_id, axis=1)
   first = jnp.where(has_mask, jnp.argmax(tokens == mask_id, axis=1), length).astype(jnp.int32)
+  min_first = jnp.min(first)
+  longest = jnp.max(jnp.where(has_mask, first, 0))  # batch_sample: the width of its right-padded input
   entropy = stopper(lp, first, None, entropy_stop, entropy_window)
   net = BlockForward(logits_fn, cached_fn)
 
@@ -129,8 +152,12 @@ def fastdllm_v2(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_
 
   # prefill: the K/V of the complete prompt blocks; a prompt ending on a block boundary gets its next token
   state = net.init(tokens)
-  complete = first >= bs
-  on_boundary = complete & (first % bs == 0)
+  if batch:  # one prefill of the blocks the shortest prompt completes; its next token only for the shortest rows
+    complete = jnp.broadcast_to(min_first >= bs, (b,))
+    on_boundary = complete & (first == min_first) & (min_first % bs == 0)
+  else:
+    complete = first >= bs
+    on_boundary = complete & (first % bs == 0)
   prefill = jnp.any(complete) if cached_fn is not None else jnp.any(on_boundary)
 
   def do_prefill():
@@ -145,14 +172,15 @@ def fastdllm_v2(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_
   tokens, state = jax.lax.cond(prefill, do_prefill, lambda: (tokens, state))
   nfe = prefill.astype(jnp.int32)
   done = ~has_mask
-  tokens, done = finish(tokens, done)
+  if not batch:
+    tokens, done = finish(tokens, done)
 
   def block(carry):
     k, tokens, state, done, nfe, n_steps = carry
     lo = k * bs
 
     def sub_block(j, c):
-      tokens, state, done, nfe, n_steps, block_step = c
+      tokens, state, done, hit, nfe, n_steps, block_step = c
       slo = lo + j * sb
       from_end = positions_from_end(lp, slo, sb)
 
@@ -160,7 +188,7 @@ def fastdllm_v2(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_
         return (jax.lax.dynamic_slice_in_dim(tokens, slo, sb, axis=1) == mask_id) & ~done[:, None]
 
       def step(c):
-        i, tokens, state, done, nfe, block_step = c
+        i, tokens, state, done, hit, nfe, block_step = c
         masked = masks(tokens, done)
 
         def whole_block():
@@ -186,19 +214,43 @@ def fastdllm_v2(logits_fn: Callable, key: jax.Array, canvas: jax.Array, *, mask_
         take = unmask(p, masked, threshold)
         win = jax.lax.dynamic_slice_in_dim(tokens, slo, sb, axis=1)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, jnp.where(take, x0, win), slo, axis=1)
-        tokens, done = finish(tokens, done)
-        return i + 1, tokens, new_state, done, nfe + 1, block_step + 1
+        if batch:  # a row finishes when it commits a stop id, whatever is masked before it (it decodes its block on)
+          hit = hit | jnp.any(take & is_stop(x0, stop_ids), axis=1) if stop_ids else hit
+        else:
+          tokens, done = finish(tokens, done)
+        return i + 1, tokens, new_state, done, hit, nfe + 1, block_step + 1
 
       def more(c):
         return (c[0] < sb) & jnp.any(masks(c[1], c[3]))
 
-      i, tokens, state, done, nfe, block_step = jax.lax.while_loop(
-          more, step, (jnp.array(0, jnp.int32), tokens, state, done, nfe, block_step))
-      return tokens, state, done, nfe, n_steps + i, block_step
+      i, tokens, state, done, hit, nfe, block_step = jax.lax.while_loop(
+          more, step, (jnp.array(0, jnp.int32), tokens, state, done, hit, nfe, block_step))
+      return tokens, state, done, hit, nfe, n_steps + i, block_step
 
     active = ~done  # rows still generating when the block starts
-    tokens, state, done, nfe, n_steps, _ = jax.lax.fori_loop(
-        0, bs // sb, sub_block, (tokens, state, done, nfe, n_steps, jnp.array(0, jnp.int32)))
+    tokens, state, done, hit, nfe, n_steps, _ = jax.lax.fori_loop(
+        0, bs // sb, sub_block, (tokens, state, done, jnp.zeros((b,), bool), nfe, n_steps, jnp.array(0, jnp.int32)))
+    if batch:  # rows that finished in this block: cut after their first stop id, kept as they are from now on
+      _, where = stop_reached(tokens, first, mask_id, stop_ids) if stop_ids else (None, jnp.full((b,), lp))
+      tokens = jnp.where(hit[:, None] & (idx > where[:, None]), PAD, tokens)
+      rows = active & ~hit
+      run = jnp.any(rows) & (lo + bs < length)
+      # the next block's first token: rows generating in this block, and every row when the input was one token
+      # longer than this block (the reference then replaces its input by the block's: see the module docstring)
+      write = rows & ((first < lo + bs) | (longest <= lo + bs + 1))
+
+      def close_batch():
+        logits, new = net.window(tokens, lo, bs, state)
+        pos = jnp.minimum(lo + bs, lp - 1)
+        cur = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
+        new_tokens = jax.lax.dynamic_update_index_in_dim(tokens, jnp.where(write, greedy(logits[:, -1]), cur), pos,
+                                                         axis=1)
+        return new_tokens, new
+
+      tokens, state = jax.lax.cond(run, close_batch, lambda: (tokens, state))
+      nfe = nfe + run.astype(jnp.int32)
+      tokens, done = entropy(tokens, done | hit, lo + bs)
+      return k + 1, tokens, state, done, nfe, n_steps
     # the finished block: its clean K/V, and the argmax of its last logit as the next block's first token
     rows = ~done & active
     run = jnp.any(rows) & (lo + bs < length)
@@ -226,6 +278,7 @@ class FastDllmV2Options(registry.Draw):
   small_block_size: int = 8  # sub-block width; must divide the checkpoint's block size
   threshold: float = 1.0  # commit every masked sub-block position with p > threshold, plus the most confident one
   use_block_cache: bool = False  # DualCache: sub-block-only forwards over the block's cached K/V
+  procedure: str = "generate"  # "generate" (the HF model's generate) or "batch_sample" (generation_functions.py's)
 
   def check(self, key, family, block_size):
     super().check(key, family, block_size)
@@ -235,6 +288,8 @@ class FastDllmV2Options(registry.Draw):
          f"{key('small_block_size')}={self.small_block_size} must divide the block size ({block_size})")
     need(0 <= self.threshold <= 1, f"{key('threshold')} must be in [0, 1] (1 = one token per step), got "
          f"{self.threshold}")
+    need(self.procedure in PROCEDURES, f"{key('procedure')} must be one of {', '.join(PROCEDURES)}, got "
+         f"{self.procedure!r}")
 
 
 def _run(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=None):
@@ -249,11 +304,12 @@ def _run(net, opts, shared, key, canvas, *, gen_start, eos_id, family_options=No
                      use_block_cache=opts.use_block_cache, temperature=shared.temperature, top_k=opts.top_k,
                      top_p=opts.top_p, precision=opts.precision, stop_ids=stop_ids_of(eos_id) if f.stop_at_eos else (),
                      entropy_stop=f.entropy_stop, entropy_window=f.entropy_window, logit_shift=net.logit_shift,
-                     suppress_mask=net.suppress_mask)
+                     suppress_mask=net.suppress_mask, procedure=opts.procedure)
 
 
 registry.register_sampler(registry.SamplerSpec(
     "fastdllm_v2", ("block",), FastDllmV2Options, _run,
     "Fast-dLLM v2's block decoding: sub-blocks, confidence threshold, next block's first token from the clean block, "
-    "DualCache", uses_steps=lambda opts: False, steps_note="threshold decoding runs until each sub-block is decoded",
+    "DualCache; the HF generate or generation_functions.py's batch_sample", uses_steps=lambda opts: False,
+    steps_note="threshold decoding runs until each sub-block is decoded",
     greedy=True))
