@@ -63,11 +63,11 @@ def build(cfg, devices=None) -> Run:
   tokenizer = make_tokenizer(d.tokenizer, d.eos_token, eos_id=d.eos_id, eot_id=d.eot_id, pad_id=d.pad_id,
                              vocab_size=cfg.model.vocab_size)
   process = make_process(cfg, tokenizer.vocab_size)
-  mc = model_lib.ModelConfig.from_config(cfg, process.vocab_in, process.vocab_out, **process.model_options)
-  if mc.tie_embeddings and (mc.input_bits or mc.vocab_in != mc.vocab_out):
-    raise DLMError(f"model.tie_embeddings needs one table for input and output ids, but diffusion.process="
-                   f"{cfg.diffusion.process!r} gives {mc.vocab_in} input and {mc.vocab_out} output ids; set "
-                   "model.vocab_size (a checkpoint's vocabulary) or model.tie_embeddings=False")
+  try:
+    mc = model_lib.ModelConfig.from_config(cfg, process.vocab_in, process.vocab_out, **process.model_options)
+  except ValueError as e:  # the model's own consistency checks (tied embeddings)
+    raise DLMError(f"model.tie_embeddings with diffusion.process={cfg.diffusion.process!r}: {e}; set "
+                   "model.vocab_size (a checkpoint's vocabulary) or model.tie_embeddings=False") from None
   graphdef, abstract_params, axes = model_lib.abstract(mc)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   return Run(cfg, tokenizer, process, mc, graphdef, abstract_params, axes, mesh)

@@ -55,6 +55,11 @@ class ModelConfig:
   tie_embeddings: bool = False  # the output head is the input table transposed (needs vocab_in == vocab_out)
   logit_shift: bool = False  # the network predicts token i at position i - 1 (Dream, Fast-dLLM v2): `Network.logit_shift`
 
+  def __post_init__(self):
+    if self.tie_embeddings and (self.input_bits or self.vocab_in != self.vocab_out):
+      raise ValueError(f"tied embeddings need one token table for input and output ids (vocab_in {self.vocab_in}, "
+                       f"vocab_out {self.vocab_out}, input_bits {self.input_bits})")
+
   @classmethod
   def from_config(cls, cfg, vocab_in: int, vocab_out: int, **process_options) -> "ModelConfig":
     """`process_options`: what the diffusion family fixes about the network (`Process.model_options`, e.g. the
@@ -222,9 +227,6 @@ class Transformer(nnx.Module):
 
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     self.c = c
-    if c.tie_embeddings and (c.input_bits or c.vocab_in != c.vocab_out):
-      raise ValueError(f"tied embeddings need a token input table of the output's size (vocab_in {c.vocab_in}, "
-                       f"vocab_out {c.vocab_out}, input_bits {c.input_bits})")
     if c.input_bits:
       f, nb = BIT_FEATURES, c.input_bits
       self.bit_in = _param(rngs, (2, f), (None, None), 1.0)

@@ -195,8 +195,8 @@ class SamplerSpec:
   options            its Options dataclass (config section `sampler.<name>`)
   run                (net, options, shared, key, canvas, gen_start, eos_id) -> (tokens, stats)
   summary            one line for the README's sampler table
-  uses_steps         options -> whether `sampler.steps` is read (else a non-default steps is an error);
-                     steps_note says what sets the number of steps instead
+  uses_steps         options -> whether `sampler.steps` is read (the README table and sample records say when not);
+                     steps_note says what sets the number of steps instead (shown in the table)
   greedy             whether temperature 0 (argmax) is allowed
   """
   name: str
@@ -224,7 +224,8 @@ def sampler_table() -> str:
   rows = ["| `sampler.name` | families | what | its options (`sampler.<name>.*`) |", "| --- | --- | --- | --- |"]
   for name, spec in samplers().items():
     default = f" (default of {', '.join(defaults[name])})" if name in defaults else ""
-    steps = "" if spec.uses_steps(spec.options()) else "; does not read `sampler.steps`"
+    steps = "" if spec.uses_steps(spec.options()) else "; does not read `sampler.steps`" + (
+        f" ({spec.steps_note})" if spec.steps_note else "")
     greedy = "; temperature 0 = greedy" if spec.greedy else ""
     options = ", ".join(f"`{k}`={v!r}" for k, v in spec.options.fields().items()) or "-"
     rows.append(f"| `{name}`{default} | {', '.join(spec.families)} | {spec.summary}{steps}{greedy} | {options} |")

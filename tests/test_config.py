@@ -511,3 +511,17 @@ def test_every_family_runs_from_every_shipped_config(path):
       continue
     run = build(cfg, devices=__import__("jax").devices()[:1])
     assert run.process.name == process
+
+
+def test_tied_embeddings_need_one_table_is_one_line_error():
+  """The masked family's own vocabulary has one more input id (its mask) than output ids: tying needs
+  model.vocab_size (a checkpoint's vocabulary), and the error says so in one line."""
+  from dlm_jax.build import build
+  cfg = default_config()
+  cfg.model.tie_embeddings = True
+  config_lib.validate(cfg)
+  with pytest.raises(DLMError) as e:
+    build(cfg)
+  assert "model.tie_embeddings" in str(e.value) and "model.vocab_size" in str(e.value) and "\n" not in str(e.value)
+  cfg.model.vocab_size, cfg.diffusion.mask_id = 300, 299
+  assert build(cfg).model_config.tie_embeddings
