@@ -1,15 +1,22 @@
 """The one attention entry point.
 
-Every attention call in dlm_jax goes through `attention()`. Masks are described, not materialised by callers:
-segment ids (packing and padding; a negative id is padding and is never attended to) and an optional boolean mask for
-structured patterns (later: block-diffusion masks). `implementation` selects the kernel:
+Every attention call in dlm_jax goes through `attention()`. Masks are described, never materialised by callers:
+segment ids (packing and padding; a negative key id is padding and is never attended to) and a hashable
+`dlm_jax.masks.MaskSpec` (full, causal, block-causal(b), the BD3-LM [x_t | x_0] mask). A query row with no allowed key
+(padding) returns zeros. `implementation` selects the kernel:
 
   "xla"  dense attention written as two einsums around a float32 softmax, with a hand-written backward pass that
          reuses the forward probabilities (fewer passes over the [B, H, Lq, Lk] scores than autodiff of
          `jax.nn.dot_product_attention`), over query blocks sized to stay in cache. Fwd + bwd at B=8, H=8, L=512 on
          this project's 2-core CPU: 273 ms for jax.nn.dot_product_attention, 140 ms here.
   "reference"  `jax.nn.dot_product_attention` differentiated by JAX: the baseline the benchmarks and tests compare to.
-Pallas kernels (splash on TPU, a block-sparse kernel on GPU) are added here behind the same call.
+  "splash"  TPU: splash attention (`dlm_jax.kernels.splash`): forward and backward, the spec as a computable mask,
+         empty tiles skipped, under shard_map on a mesh.
+  "pallas_gpu"  GPU: our own Pallas-Triton block-sparse flash attention (`dlm_jax.kernels.flash_gpu`): forward and
+         backward, GQA without repeating K/V, visits only the key tiles `MaskSpec.tile_table` lists.
+  "auto"  resolved by `resolve()` from the platform: splash on TPU, pallas_gpu on GPU, xla on CPU.
+With splash / pallas_gpu, queries against a K/V cache (Lq != Lk) or a mask over positions go to the cached decode
+kernel (`dlm_jax.kernels.decode`, TPU and GPU variants; forward only: the samplers' forwards).
 """
 
 from __future__ import annotations
@@ -20,8 +27,26 @@ import jax
 import jax.numpy as jnp
 
 from dlm_jax import registry
+from dlm_jax.masks import MaskSpec
 
-IMPLEMENTATIONS = registry.register_attention(("xla", "reference"))
+IMPLEMENTATIONS = registry.register_attention(("auto", "xla", "reference", "splash", "pallas_gpu"))
+KERNELS = {"splash": "tpu", "pallas_gpu": "gpu"}  # Pallas implementation -> the platform it compiles for
+
+
+def resolve(implementation: str, platform: str, interpret: bool = False) -> str:
+  """The implementation a run uses on `platform` ("cpu", "tpu", "gpu"/"cuda"/"rocm"); ValueError (one line, naming the
+  fix) for a kernel the platform cannot run. `interpret`: Pallas kernels run in interpret mode (any platform)."""
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"model.attention must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "auto":
+    return {"tpu": "splash", "gpu": "pallas_gpu"}.get(platform, "xla")
+  needs = KERNELS.get(implementation)
+  if needs and needs != platform and not interpret:
+    raise ValueError(f"model.attention={implementation!r} runs on {needs.upper()} but this run's devices are "
+                     f"{platform}; use model.attention='auto' (or 'xla'), or model.attention_interpret=True to run the "
+                     "kernel in Pallas interpret mode (slow; for testing)")
+  return implementation
 
 
 # Internal layout: q [B, K, G, Lq, D] (K key/value heads, G query heads per key head), k / v [B, K, Lk, D],
@@ -89,47 +114,84 @@ def _dense_chunked(q, k, v, bias, scale):
   return jnp.moveaxis(oc, 0, 3).reshape(b, kh, g, lq, d)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
-              kv_segment_ids: jax.Array | None = None, mask: jax.Array | None = None,
-              implementation: str = "xla") -> jax.Array:
-  """Bidirectional multi-head attention with grouped-query support.
-
-  Args:
-    q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H a multiple of K.
-    q_segment_ids, kv_segment_ids: int [B, Lq] / [B, Lk]; a query attends to keys of its own segment; keys with a
-      negative id (padding) are never attended to. Both None = everything attends to everything.
-    mask: optional bool, broadcastable to [B, H, Lq, Lk]; True = may attend. Combined with the segment mask.
-    implementation: "xla" or "reference".
-  Returns: [B, Lq, H, D] in q's dtype. A query row with no allowed key returns the mean of v (never NaN).
-  """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
-  b, lq, h, d = q.shape
-  kh = k.shape[2]
-  if h % kh:
-    raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kh})")
-  g = h // kh
+def _allowed(spec, q_segment_ids, kv_segment_ids, q_positions, kv_positions, b, lq, lk):
+  """[B or 1, 1, Lq, Lk] bool (or None = everything allowed): the spec and the segments, densely (xla, reference)."""
   allowed = None
   if q_segment_ids is not None or kv_segment_ids is not None:
     if kv_segment_ids is None:
       kv_segment_ids = q_segment_ids
     if q_segment_ids is None:
-      q_segment_ids = jnp.zeros(q.shape[:2], kv_segment_ids.dtype)
+      q_segment_ids = jnp.zeros((b, lq), kv_segment_ids.dtype)
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    allowed = (same & (kv_segment_ids >= 0)[:, None, :])[:, None, :, :]  # [B, 1, Lq, Lk]
-  if mask is not None:
-    allowed = mask if allowed is None else (allowed & mask)
+    allowed = (same & (kv_segment_ids >= 0)[:, None, :])[:, None, :, :]
+  if spec is not None and spec.kind != "full":
+    if uses_positions(spec, q_positions):
+      m = spec.allows(q_positions[:, :, None], kv_positions[:, None, :], lk)[:, None]
+    else:
+      m = jnp.asarray(spec.dense(lq, lk))[None, None]
+    allowed = m if allowed is None else (allowed & m)
+  return allowed
+
+
+def uses_positions(spec: MaskSpec | None, q_positions) -> bool:
+  """Causal and block-causal masks are evaluated over the given positions (sampling canvases: left padding, windows
+  against a K/V cache); the BD3 mask is over indices (its [x_t | x_0] input repeats positions)."""
+  return spec is not None and spec.kind in ("causal", "block_causal") and q_positions is not None
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None, mask: MaskSpec | None = None,
+              q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
+              implementation: str = "xla", block_q: int = 0, block_kv: int = 0,
+              interpret: bool = False) -> jax.Array:
+  """Multi-head attention with grouped-query support.
+
+  Args:
+    q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H a multiple of K.
+    q_segment_ids, kv_segment_ids: int [B, Lq] / [B, Lk]; a query attends to keys of its own segment; keys with a
+      negative id (padding) are never attended to. Both None = one segment.
+    mask: a `MaskSpec` (None = full). Causal / block-causal are evaluated over q_positions / kv_positions ([B, Lq] /
+      [B, Lk]) when given (a left-padded canvas, a window against a K/V cache), else over indices.
+    implementation: "xla", "reference", "splash", "pallas_gpu" (resolve "auto" first: `resolve`).
+    block_q, block_kv: kernel tile sizes (0 = the kernel's default). interpret: run Pallas kernels in interpret mode.
+  Returns: [B, Lq, H, D] in q's dtype; zeros for a query row with no allowed key.
+  """
+  if implementation not in IMPLEMENTATIONS or implementation == "auto":
+    raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS[1:]} "
+                     "(resolve 'auto' with attention.resolve)")
+  b, lq, h, d = q.shape
+  lk, kh = k.shape[1], k.shape[2]
+  if h % kh:
+    raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kh})")
+  if mask is not None and mask.kind == "full":
+    mask = None
+  if mask is not None and not uses_positions(mask, q_positions):
+    mask.check(lq, lk)
+  if uses_positions(mask, q_positions) and kv_positions is None:
+    if lq != lk:
+      raise ValueError("a causal / block-causal mask over positions needs kv_positions when Lq != Lk")
+    kv_positions = q_positions
+  if implementation in KERNELS:
+    from dlm_jax import kernels  # the Pallas kernels (imported on use: they pull in jax.experimental.pallas)
+    return kernels.attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
+                             q_positions=q_positions if uses_positions(mask, q_positions) else None,
+                             kv_positions=kv_positions if uses_positions(mask, q_positions) else None,
+                             platform=KERNELS[implementation], block_q=block_q, block_kv=block_kv,
+                             interpret=interpret)
+  g = h // kh
+  allowed = _allowed(mask, q_segment_ids, kv_segment_ids, q_positions, kv_positions, b, lq, lk)
   if implementation == "reference":
-    return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation="xla")
+    o = jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation="xla")
+    return o if allowed is None else jnp.where(jnp.any(allowed, -1)[:, 0, :, None, None], o, 0).astype(o.dtype)
   bias = None
   if allowed is not None:
     if allowed.shape[1] == 1:
       allowed = allowed[:, :, None]  # [B, 1, 1, Lq, Lk]
-    else:
-      allowed = jnp.broadcast_to(allowed, (allowed.shape[0], h) + allowed.shape[2:])
-      allowed = allowed.reshape(allowed.shape[0], kh, g, *allowed.shape[2:])
     bias = jnp.broadcast_to(jnp.where(allowed, 0.0, -1e30).astype(jnp.float32),
-                            (allowed.shape[0],) + allowed.shape[1:3] + (lq, k.shape[1]))
+                            (allowed.shape[0],) + allowed.shape[1:3] + (lq, lk))
   qt = q.reshape(b, lq, kh, g, d).transpose(0, 2, 3, 1, 4)
   o = _dense_chunked(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias, d ** -0.5)
-  return o.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+  o = o.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+  if allowed is not None:  # rows with no allowed key: zeros (their softmax is uniform over the masked keys)
+    o = jnp.where(jnp.any(allowed, -1)[:, 0, 0, :, None, None], o, 0).astype(o.dtype)
+  return o

@@ -63,9 +63,13 @@ def build(cfg, devices=None) -> Run:
   tokenizer = make_tokenizer(d.tokenizer, d.eos_token, eos_id=d.eos_id, eot_id=d.eot_id, pad_id=d.pad_id,
                              vocab_size=cfg.model.vocab_size)
   process = make_process(cfg, tokenizer.vocab_size)
+  devices = list(devices if devices is not None else jax.devices())
   try:
-    mc = model_lib.ModelConfig.from_config(cfg, process.vocab_in, process.vocab_out, **process.model_options)
-  except ValueError as e:  # the model's own consistency checks (tied embeddings)
+    mc = model_lib.ModelConfig.from_config(cfg, process.vocab_in, process.vocab_out, platform=devices[0].platform,
+                                           **process.model_options)
+  except ValueError as e:  # the model's own consistency checks (tied embeddings, attention kernel vs platform)
+    if "model.attention" in str(e):
+      raise DLMError(str(e)) from None
     raise DLMError(f"model.tie_embeddings with diffusion.process={cfg.diffusion.process!r}: {e}; set "
                    "model.vocab_size (a checkpoint's vocabulary) or model.tie_embeddings=False") from None
   graphdef, abstract_params, axes = model_lib.abstract(mc)

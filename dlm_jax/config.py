@@ -46,7 +46,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-6
   c.model.time_conditioning = False  # adaLN modulation from the noise level
   c.model.init_std = 0.02
-  c.model.attention = "xla"  # dlm_jax.attention implementation: "xla" (fast) or "reference" (jax.nn.dot_product_attention)
+  # dlm_jax.attention implementation: "auto" (splash on TPU, pallas_gpu on GPU, xla on CPU), "xla", "reference"
+  # (jax.nn.dot_product_attention), "splash" (TPU Pallas), "pallas_gpu" (GPU Pallas-Triton block-sparse flash)
+  c.model.attention = "auto"
+  c.model.attention_block_q = 0  # Pallas kernels' query tile (0 = the kernel's default: 128 splash, 64 pallas_gpu)
+  c.model.attention_block_kv = 0  # Pallas kernels' key tile (0 = the kernel's default)
+  c.model.attention_interpret = False  # run the Pallas kernels in interpret mode (any platform; slow: for testing)
   # Options of converted checkpoints (dlm-convert sets them; each adds parameters only when on):
   c.model.vocab_size = 0  # input = output classes of the model; 0 = the family's convention (tokenizer + its mask id)
   c.model.qkv_bias = False  # biases on the q / k / v projections (Qwen2: Dream, Fast-dLLM v2)
@@ -390,6 +395,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        "data.tokenizer='none' (token ids only) needs model.vocab_size > 0 (the number of ids the model takes)")
   impls = registry.attention_implementations()
   need(m.attention in impls, f"model.attention must be one of {impls}, got {m.attention!r}")
+  for key in ("attention_block_q", "attention_block_kv"):
+    need(m[key] == 0 or (m[key] >= 8 and m[key] & (m[key] - 1) == 0),
+         f"model.{key} must be 0 (the kernel's default) or a power of two >= 8, got {m[key]}")
   need(d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}")
   need(d.seq_len <= m.max_seq_len,
        f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower data.seq_len or raise model.max_seq_len")

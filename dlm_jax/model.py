@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dlm_jax import attention as attention_lib
 from dlm_jax.attention import attention
+from dlm_jax.masks import MaskSpec, block_causal
 from dlm_jax.maths import PAD, pad_layout
 from dlm_jax.sharding import constrain
 
@@ -46,7 +48,10 @@ class ModelConfig:
   time_conditioning: bool = False
   init_std: float = 0.02
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-  attention_impl: str = "xla"
+  attention_impl: str = "xla"  # resolved (`dlm_jax.attention.resolve`): never "auto" here
+  attention_block_q: int = 0  # Pallas kernels' tiles (0 = the kernel's default)
+  attention_block_kv: int = 0
+  attention_interpret: bool = False  # Pallas kernels in interpret mode
   cond_dim: int = 256
   input_bits: int = 0  # > 0: bitstream input adapter (a token's bits -> one trunk token), no token embedding table
   self_conditioning: bool = False  # embedding input: z + W_sc [z || self_cond] (W_sc zero-initialised; LangFlow)
@@ -61,16 +66,21 @@ class ModelConfig:
                        f"vocab_out {self.vocab_out}, input_bits {self.input_bits})")
 
   @classmethod
-  def from_config(cls, cfg, vocab_in: int, vocab_out: int, **process_options) -> "ModelConfig":
+  def from_config(cls, cfg, vocab_in: int, vocab_out: int, platform: str | None = None,
+                  **process_options) -> "ModelConfig":
     """`process_options`: what the diffusion family fixes about the network (`Process.model_options`, e.g. the
-    continuous families' time conditioning, bit input, self-conditioning)."""
+    continuous families' time conditioning, bit input, self-conditioning). `platform`: where the model runs ("cpu",
+    "tpu", "gpu"; default: JAX's default backend), which resolves model.attention="auto" and rejects a kernel the
+    platform cannot run (ValueError)."""
     m = cfg.model
+    impl = attention_lib.resolve(m.attention, platform or jax.default_backend(), m.attention_interpret)
     kw = dict(vocab_in=vocab_in, vocab_out=vocab_out, num_layers=m.num_layers, d_model=m.d_model,
               num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
               head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim, max_seq_len=m.max_seq_len,
               rope_theta=m.rope_theta, norm_eps=m.norm_eps, time_conditioning=m.time_conditioning,
               init_std=m.init_std, dtype=jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32,
-              attention_impl=m.attention, qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings,
+              attention_impl=impl, attention_block_q=m.attention_block_q,
+              attention_block_kv=m.attention_block_kv, attention_interpret=m.attention_interpret, qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings,
               logit_shift=m.logit_shift)
     kw.update(process_options)
     return cls(**kw)
@@ -158,8 +168,9 @@ class Block(nnx.Module):
       self.ada = _param(rngs, (c.cond_dim, 6 * d), ("cond", "embed"), None)  # zero init: starts unconditioned
       self.ada_b = _param(rngs, (6 * d,), ("embed",), None)
 
-  def __call__(self, x, rot, cond, q_seg, kv_seg, mask, cache=None):
-    """rot: RoPE tables of the input positions (`rope_tables`). cache: None, or (layer cache {'k', 'v'} [B, Lc, K, D]
+  def __call__(self, x, rot, cond, q_seg, kv_seg, mask, cache=None, positions=None, kv_positions=None):
+    """rot: RoPE tables of the input positions (`rope_tables`); mask: a `MaskSpec` (causal / block-causal ones over
+    positions / kv_positions when given, see `dlm_jax.attention.attention`). cache: None, or (layer cache {'k', 'v'} [B, Lc, K, D]
     with keys before RoPE, start, RoPE tables of the Lc cached positions): this window's keys / values are written at
     [start, start + Lq) and the queries attend to the whole cache, whose keys are rotated at use. Returns x, or
     (x, updated layer cache)."""
@@ -190,7 +201,9 @@ class Block(nnx.Module):
       v = new_cache["v"].astype(dt)
     else:
       k = apply_rope(k, rot)
-    o = attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask, implementation=c.attention_impl)
+    o = attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask, q_positions=positions,
+                  kv_positions=kv_positions, implementation=c.attention_impl, block_q=c.attention_block_q,
+                  block_kv=c.attention_block_kv, interpret=c.attention_interpret)
     o = dense(o, self.wo[...].astype(dt), n_in=2)
     x = x + (g1 * o if c.time_conditioning else o)
     x = constrain(x, ("batch", "length", "embed"))
@@ -261,6 +274,9 @@ class Transformer(nnx.Module):
     are written into the cache, and the queries attend to all Lc cached positions (`kv_segment_ids` [B, Lc]: a
     negative id is never attended; `kv_positions` [B, Lc] rotate the cached keys). Returns (logits, cache) then.
 
+    `mask`: a `dlm_jax.masks.MaskSpec` (None = bidirectional); causal / block-causal ones are evaluated over
+    `positions` / `kv_positions` when those are given, the BD3 mask over indices.
+
     `output_len` (static): logits only for the first output_len positions (block diffusion reads its x_t half of the
     [x_t | x_0] input; the head is not applied to the rest)."""
     c = self.c
@@ -283,6 +299,7 @@ class Transformer(nnx.Module):
       # FSDP: gather the table before the lookup (its sharding must not leak into the batch-sharded activations)
       table = constrain(self.embed[...], (None, None))
       x = jnp.take(table, tokens, axis=0).astype(c.dtype)
+    positions_given = positions
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
     x = constrain(x, ("batch", "length", "embed"))
@@ -294,15 +311,18 @@ class Transformer(nnx.Module):
       e = jax.nn.silu(e @ self.t_mlp1[...] + self.t_mlp1_b[...])
       cond = jax.nn.silu(e @ self.t_mlp2[...] + self.t_mlp2_b[...])
     new_cache = {} if cache is not None else None
+    # causal / block-causal masks are over positions when the caller gave them (left-padded canvases, cache windows)
+    mask_pos = positions if attention_lib.uses_positions(mask, positions_given) else None
     rot = rope_tables(positions, c.head_dim, c.rope_theta)
     kv_rot = None if cache is None else rope_tables(kv_positions, c.head_dim, c.rope_theta)
     for i in range(c.num_layers):
       layer = getattr(self, f"layer_{i}")
       if cache is None:
-        x = layer(x, rot, cond, segment_ids, kv_segment_ids, mask)
+        x = layer(x, rot, cond, segment_ids, kv_segment_ids, mask, positions=mask_pos)
       else:
         x, new_cache[f"layer_{i}"] = layer(x, rot, cond, segment_ids, kv_segment_ids, mask,
-                                           cache=(cache[f"layer_{i}"], cache_start, kv_rot))
+                                           cache=(cache[f"layer_{i}"], cache_start, kv_rot), positions=mask_pos,
+                                           kv_positions=kv_positions if mask_pos is not None else None)
     if output_len is not None:
       x = x[:, :output_len]
     x = rms_norm(x, self.final_norm[...], c.norm_eps)
@@ -334,7 +354,7 @@ def abstract(c: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
 
 
 def apply(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, **kwargs) -> jax.Array:
-  """Pure forward: logits = f(params, tokens; t, positions, segment_ids, kv_segment_ids, mask)."""
+  """Pure forward: logits = f(params, tokens; t, positions, segment_ids, kv_segment_ids, mask (a MaskSpec))."""
   return nnx.merge(graphdef, params)(tokens, **kwargs)
 
 
@@ -374,26 +394,24 @@ def num_params(params: dict, exclude_embeddings: bool = False) -> int:
 # --- the model seen by samplers -------------------------------------------------------------------------------------
 
 
-def block_causal_mask(q_positions: jax.Array, kv_positions: jax.Array, block_size: int | None):
-  """[B, 1, Lq, Lk] bool: a query sees the keys whose block (position // block_size) is not after its own; None for
-  block_size None (bidirectional). Block diffusion's inference-time attention (Arriola et al. 2025, BD3-LM): clean
-  earlier blocks plus the query's own block; block_size 1 is causal attention."""
-  if block_size is None:
-    return None
-  return (kv_positions[:, None, None, :] // block_size) <= (q_positions[:, None, :, None] // block_size)
+def block_mask(block_size: int | None) -> MaskSpec | None:
+  """Block diffusion's inference-time attention (Arriola et al. 2025, BD3-LM): a query sees the keys whose block
+  (position // block_size) is not after its own: clean earlier blocks plus its own block; block_size 1 is causal;
+  None = bidirectional."""
+  return None if block_size is None else block_causal(block_size)
 
 
 def logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int = PAD, block_size: int | None = None):
   """(tokens [B, L], t [B]) -> logits: the sampler-facing forward. PAD positions are never attended to and positions
   are numbered from each row's first real token, so a left-padded row gives the logits it gives alone. With
-  `block_size` (block diffusion) attention is block-causal over those positions (`block_causal_mask`)."""
+  `block_size` (block diffusion) attention is block-causal over those positions (`block_mask`)."""
 
   def fn(tokens, t):
     row = pad_layout(tokens, pad_id)
     kw = {"t": t} if time_conditioned else {}
     return apply_fn(params, row["ids"], positions=row["positions"], segment_ids=row["segment_ids"],
                     kv_segment_ids=row["kv_segment_ids"],
-                    mask=block_causal_mask(row["positions"], row["positions"], block_size), **kw)
+                    mask=block_mask(block_size), **kw)
 
   return fn
 
@@ -420,7 +438,7 @@ def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id
   rotated at use with their absolute positions.
 
   With `block_size` (block diffusion's K/V cache of clean blocks, `dlm_jax.samplers.block`) attention is
-  block-causal (`block_causal_mask`): a window sees the cache up to the end of its own block, never later entries.
+  block-causal (`block_mask`): a window sees the cache up to the end of its own block, never later entries.
   """
 
   def fn(window, t, start, cache):
@@ -431,14 +449,13 @@ def cached_logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id
       positions, seg = row["positions"], row["kv_segment_ids"]
       kv = empty_cache(params, b, w, dtype)
       logits, kv = apply_fn(params, row["ids"], positions=positions, segment_ids=row["segment_ids"],
-                            kv_segment_ids=seg, mask=block_causal_mask(positions, positions, block_size), cache=kv,
+                            kv_segment_ids=seg, mask=block_mask(block_size), cache=kv,
                             cache_start=jnp.zeros((), jnp.int32), kv_positions=positions, **kw)
       return logits, {"kv": kv, "segments": seg, "positions": positions}
     start = jnp.asarray(start, jnp.int32)
     positions = jax.lax.dynamic_slice_in_dim(cache["positions"], start, w, axis=1)
     logits, kv = apply_fn(params, window, positions=positions, segment_ids=jnp.zeros((b, w), jnp.int32),
-                          kv_segment_ids=cache["segments"], mask=block_causal_mask(positions, cache["positions"],
-                                                                                   block_size),
+                          kv_segment_ids=cache["segments"], mask=block_mask(block_size),
                           cache=cache["kv"], cache_start=start, kv_positions=cache["positions"], **kw)
     return logits, {**cache, "kv": kv}
 

@@ -18,11 +18,11 @@ from dlm_jax.errors import DLMError
 
 # The layers of docs/architecture.md, bottom up, and what each may import (besides itself).
 LAYERS = {
-    "foundation": ("dlm_jax.errors", "dlm_jax.maths", "dlm_jax.registry"),
+    "foundation": ("dlm_jax.errors", "dlm_jax.maths", "dlm_jax.registry", "dlm_jax.masks"),
     "package": ("dlm_jax",),  # dlm_jax/__init__.py: the version only
     "config": ("dlm_jax.config",),
     "data": ("dlm_jax.data",),
-    "model": ("dlm_jax.sharding", "dlm_jax.attention", "dlm_jax.model"),
+    "model": ("dlm_jax.sharding", "dlm_jax.attention", "dlm_jax.kernels", "dlm_jax.model"),
     "samplers": ("dlm_jax.samplers",),
     "processes": ("dlm_jax.processes",),
     "driver": ("dlm_jax.build", "dlm_jax.train", "dlm_jax.evaluate", "dlm_jax.checkpoint", "dlm_jax.logs",

@@ -34,25 +34,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlm_jax import registry
+from dlm_jax import masks, registry
 from dlm_jax.errors import DLMError
 from dlm_jax.maths import Schedule, sample_times, token_nll
 from dlm_jax.processes.base import AbsorbingVocab, network_layout
 
 
 def bd3_mask(length: int, block_size: int) -> np.ndarray:
-  """[2L, 2L] bool attention mask of the [x_t | x_0] training input (True = may attend); numpy, so it is a
-  compile-time constant. With blk = (index mod L) // b and x0 = index >= L:
-    M_BD  = (blk_q == blk_kv) & (x0_q == x0_kv)     each noisy block sees itself, each clean block itself
-    M_OBC = (blk_q >  blk_kv) & x0_kv & ~x0_q       a noisy block sees the clean blocks before it
-    M_BC  = (blk_q >= blk_kv) & x0_kv & x0_q        the clean half is block-causal
-  """
-  idx = np.arange(2 * length)
-  x0 = idx >= length
-  blk = (idx % length) // block_size
-  bq, bk = blk[:, None], blk[None, :]
-  xq, xk = x0[:, None], x0[None, :]
-  return ((bq == bk) & (xq == xk)) | ((bq > bk) & xk & ~xq) | ((bq >= bk) & xk & xq)
+  """[2L, 2L] bool attention mask of the [x_t | x_0] training input (True = may attend): `dlm_jax.masks.bd3`'s dense
+  form (M_BD | M_OBC | M_BC); the forward itself passes the spec, so kernels skip the empty tiles."""
+  return masks.bd3(block_size).dense(2 * length, 2 * length)
 
 
 @registry.register_process
@@ -130,7 +121,7 @@ class BlockDiffusion(AbsorbingVocab):
     kwargs = {k: jnp.concatenate([v] * 2, axis=1) for k, v in network_layout(batch).items()}
     logits = apply_fn(params, jnp.concatenate([z, x], axis=1),
                       positions=jnp.broadcast_to(jnp.concatenate([pos, pos])[None], (b, 2 * l)),
-                      mask=jnp.asarray(bd3_mask(l, self.block_size))[None, None], output_len=l, **kwargs)
+                      mask=masks.bd3(self.block_size), output_len=l, **kwargs)
     return token_nll(self.predictions(apply_fn, logits), x)
 
   def causal_nll(self, apply_fn, params, batch) -> jax.Array:

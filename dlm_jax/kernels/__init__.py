@@ -1,0 +1,73 @@
+"""Pallas attention kernels behind `dlm_jax.attention.attention` (implementations "splash" and "pallas_gpu").
+
+  splash.py     TPU: splash attention (jax.experimental.pallas.ops.tpu.splash_attention) over a `MaskSpec`'s
+                computable mask, segment ids, GQA; forward + backward; kernels cached per static signature
+  flash_gpu.py  GPU: our Pallas-Triton flash attention, block-sparse over `MaskSpec.tile_table`, GQA without repeating
+                K/V, segment ids; forward + dq and dk/dv backward passes
+  decode.py     TPU and GPU: a block of queries against a K/V cache (or a canvas masked over positions), per-row
+                valid key ranges, forward only (the samplers' forwards)
+
+`attention()` here picks the kernel and, inside a mesh, runs it under `shard_map` (batch over data / fsdp, heads over
+tensor, as the logical axis rules of `dlm_jax.sharding` say): a Pallas call is opaque to the SPMD partitioner.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from dlm_jax.masks import MaskSpec
+from dlm_jax.sharding import spec_for
+
+
+def _specs(mesh, q, k):
+  """PartitionSpecs for q / k,v ([B, L, H, D]) and the per-token arrays ([B, L]): batch over data x fsdp, heads over
+  tensor when it divides both the query and the key/value heads."""
+  qs = spec_for(("batch", "length", "heads", "kv"), q.shape, mesh)
+  ks = spec_for(("batch", "length", "heads", "kv"), k.shape, mesh)
+  batch, heads = qs[0], (qs[2] if qs[2] == ks[2] else None)
+  return P(batch, None, heads, None), P(batch, None, heads, None), P(batch, None)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids, kv_segment_ids, mask: MaskSpec | None,
+              q_positions, kv_positions, platform: str, block_q: int = 0, block_kv: int = 0,
+              interpret: bool = False) -> jax.Array:
+  """See `dlm_jax.attention.attention` (mask None = full; positions given only for a mask over positions)."""
+  b, lq = q.shape[:2]
+  lk = k.shape[1]
+  if kv_segment_ids is None:
+    kv_segment_ids = q_segment_ids if q_segment_ids is not None and lq == lk else jnp.zeros((b, lk), jnp.int32)
+  if q_segment_ids is None:
+    q_segment_ids = jnp.zeros((b, lq), jnp.int32)
+  q_segment_ids, kv_segment_ids = q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
+  decode = q_positions is not None or lq != lk
+  if decode:
+    from dlm_jax.kernels import decode as impl
+    if q_positions is None:  # a full mask needs no positions; the kernel still takes them
+      q_positions = jnp.zeros((b, lq), jnp.int32)
+      kv_positions = jnp.zeros((b, lk), jnp.int32)
+
+    def run(q, k, v, qs, ks, qp, kp):
+      return impl.attention(q, k, v, qs, ks, qp.astype(jnp.int32), kp.astype(jnp.int32), mask, platform=platform,
+                            block_q=block_q, block_kv=block_kv, interpret=interpret)
+
+    args = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+  else:
+    if platform == "tpu":
+      from dlm_jax.kernels import splash as impl
+    else:
+      from dlm_jax.kernels import flash_gpu as impl
+
+    def run(q, k, v, qs, ks):
+      return impl.attention(q, k, v, qs, ks, mask, block_q=block_q, block_kv=block_kv, interpret=interpret)
+
+    args = (q, k, v, q_segment_ids, kv_segment_ids)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return run(*args)
+  qs, ks, ts = _specs(mesh, q, k)
+  in_specs = (qs, ks, ks) + (ts,) * (len(args) - 3)
+  return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=qs, check_vma=False)(*args)
