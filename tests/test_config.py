@@ -525,3 +525,27 @@ def test_tied_embeddings_need_one_table_is_one_line_error():
   assert "model.tie_embeddings" in str(e.value) and "model.vocab_size" in str(e.value) and "\n" not in str(e.value)
   cfg.model.vocab_size, cfg.diffusion.mask_id = 300, 299
   assert build(cfg).model_config.tie_embeddings
+
+
+def test_attention_kernels_are_resolved_per_platform_and_refused_where_they_cannot_run():
+  """model.attention='auto' is xla on CPU, splash on TPU, pallas_gpu on GPU; a Pallas kernel on a platform it does not
+  compile for is a one-line config error naming the fix (never a silent fallback), unless interpret mode is asked."""
+  from dlm_jax import attention
+  from dlm_jax.build import build
+  assert [attention.resolve("auto", p) for p in ("cpu", "tpu", "gpu", "cuda")] == ["xla", "splash", "pallas_gpu",
+                                                                                   "pallas_gpu"]
+  cfg = default_config()
+  assert cfg.model.attention == "auto" and build(cfg).model_config.attention_impl == "xla"
+  for impl in ("splash", "pallas_gpu"):
+    cfg.model.attention = impl
+    config_lib.validate(cfg)
+    with pytest.raises(DLMError) as e:
+      build(cfg)
+    msg = str(e.value)
+    assert f"model.attention={impl!r}" in msg and "model.attention_interpret=True" in msg and "\n" not in msg
+    cfg.model.attention_interpret = True
+    assert build(cfg).model_config.attention_impl == impl
+    cfg.model.attention_interpret = False
+  cfg.model.attention_block_q = 100
+  with pytest.raises(DLMError, match="model.attention_block_q"):
+    config_lib.validate(cfg)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dlm_jax import masks
 from dlm_jax import model as model_lib
 from dlm_jax.attention import attention
 from dlm_jax.config import apply_overrides, default_config
@@ -43,7 +44,7 @@ def _apply_for(c: model_lib.ModelConfig):
 
 
 def _jit_apply(graphdef):
-  return jax.jit(model_lib.make_apply(graphdef))
+  return jax.jit(model_lib.make_apply(graphdef), static_argnames=("mask", "output_len"))
 
 
 def _tokens(seed: int = 0, batch: int = 2, length: int = L) -> jnp.ndarray:
@@ -311,19 +312,22 @@ def test_separate_kv_segment_ids():
   assert _maxdiff(a[:, :4], c[:, :4]) > 1e-4  # hiding keys does change the logits
 
 
-def test_explicit_mask():
-  """A boolean mask blocking every key after position 7 makes positions <= 7 blind to later tokens."""
+def test_mask_specs_through_the_model():
+  """A causal mask makes every position blind to later tokens; block_causal(4) lets a position see the rest of its
+  own block of 4, never a later block."""
   _, params, apply = _model(BASE)
   tokens = _tokens(1)
-  mask = jnp.broadcast_to((jnp.arange(L) <= 7)[None, None, None, :], (2, 1, L, L))
   changed = _bump(tokens, slice(None), 12)
-  a = apply(params, tokens, mask=mask)
-  b = apply(params, changed, mask=mask)
+  a = apply(params, tokens, mask=masks.CAUSAL)
+  b = apply(params, changed, mask=masks.CAUSAL)
   np.testing.assert_allclose(a[:, :12], b[:, :12], rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(a[:, 13:], b[:, 13:], rtol=1e-6, atol=1e-6)
-  assert _maxdiff(a[:, 12], b[:, 12]) > 1e-4  # its own embedding still changes
+  assert _maxdiff(a[:, 12:], b[:, 12:]) > 1e-4  # its own embedding and later positions change
   changed = _bump(tokens, slice(None), 3)
-  assert _maxdiff(apply(params, changed, mask=mask)[:, 10], a[:, 10]) > 1e-6  # visible keys do matter
+  assert _maxdiff(apply(params, changed, mask=masks.CAUSAL)[:, 10], a[:, 10]) > 1e-6  # visible keys do matter
+  a = apply(params, tokens, mask=masks.block_causal(4))
+  b = apply(params, _bump(tokens, slice(None), 13), mask=masks.block_causal(4))  # block 3 = positions 12..15
+  np.testing.assert_allclose(a[:, :12], b[:, :12], rtol=1e-6, atol=1e-6)
+  assert _maxdiff(a[:, 12], b[:, 12]) > 1e-6  # position 12 sees 13: same block
 
 
 def test_model_is_bidirectional():
@@ -561,7 +565,7 @@ def _qkv(seed, b=2, lq=12, lk=12, h=4, kh=4, d=8, dtype=jnp.float32):
                for shape in ((b, lq, h, d), (b, lk, kh, d), (b, lk, kh, d)))
 
 
-_attention = jax.jit(attention, static_argnames="implementation")
+_attention = jax.jit(attention, static_argnames=("implementation", "mask"))
 
 
 @pytest.mark.parametrize("kh", [4, 2, 1])
@@ -578,9 +582,8 @@ def test_attention_with_segments_matches_reference(kh):
   seg = jnp.asarray([[0] * 5 + [1] * 4 + [2] * 3, [0] * 9 + [-1] * 3], jnp.int32)
   out = _attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg)
   ref = _reference_attention(q, k, v, seg, seg)
-  valid = np.asarray(seg >= 0)  # padding queries have no key to attend to; their output is unspecified
-  np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], rtol=1e-4, atol=1e-5)
-  assert np.all(np.isfinite(np.asarray(out)))
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+  assert np.all(np.asarray(out)[1, 9:] == 0)  # padding queries have no key to attend to: zeros
   # q_segment_ids alone means kv_segment_ids = q_segment_ids.
   np.testing.assert_allclose(_attention(q, k, v, q_segment_ids=seg), out, rtol=0, atol=0)
   # The segment mask really changes the result.
@@ -599,19 +602,36 @@ def test_attention_cross_lengths_and_kv_segments_only():
   np.testing.assert_allclose(out, _reference_attention(q, k, v, q_seg, kv_seg), rtol=1e-4, atol=1e-5)
 
 
-def test_attention_with_boolean_mask_and_segments():
+@pytest.mark.parametrize("spec", [masks.CAUSAL, masks.block_causal(4), masks.block_causal(3), masks.bd3(3),
+                                  masks.bd3(2)])
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_attention_with_mask_specs_and_segments(spec, implementation):
+  """Each spec equals its dense boolean form, alone and combined with segments; rows without keys are zeros."""
   q, k, v = _qkv(3, kh=2)
-  rng = np.random.default_rng(0)
-  mask = rng.random((2, 4, 12, 12)) < 0.6
-  mask[..., 0] = True  # every query keeps at least one key
-  out = _attention(q, k, v, mask=jnp.asarray(mask))
-  np.testing.assert_allclose(out, _reference_attention(q, k, v, mask=mask), rtol=1e-4, atol=1e-5)
-  # Broadcast mask [1, 1, Lq, Lk] combined with segments.
-  causal = np.tril(np.ones((12, 12), bool))[None, None]
-  seg = jnp.asarray([[0] * 6 + [1] * 6, [0] * 12], jnp.int32)
-  out = _attention(q, k, v, q_segment_ids=seg, mask=jnp.asarray(causal))
-  ref = _reference_attention(q, k, v, seg, seg, causal)
+  dense = spec.dense(12, 12)[None, None]
+  out = _attention(q, k, v, mask=spec, implementation=implementation)
+  np.testing.assert_allclose(out, _reference_attention(q, k, v, mask=dense), rtol=1e-4, atol=1e-5)
+  seg = jnp.asarray([[0] * 6 + [1] * 6, [-1] * 3 + [0] * 9], jnp.int32)
+  out = _attention(q, k, v, q_segment_ids=seg, mask=spec, implementation=implementation)
+  ref = _reference_attention(q, k, v, seg, seg, dense)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+  assert np.all(np.asarray(out)[1, :3] == 0)  # padding queries: no key of their segment -> exactly zero
+
+
+def test_attention_mask_over_positions():
+  """Causal / block-causal masks are evaluated over positions when given (a left-padded canvas; a window of queries
+  against a longer K/V cache), the BD3 mask over indices."""
+  q, k, v = _qkv(6, lq=4, lk=12, kh=2)
+  kv_pos = jnp.asarray([np.arange(12), np.maximum(np.arange(12) - 3, 0)], jnp.int32)
+  kv_seg = jnp.asarray([[0] * 12, [-1] * 3 + [0] * 9], jnp.int32)
+  q_pos = kv_pos[:, 5:9]
+  for spec in (masks.CAUSAL, masks.block_causal(4)):
+    out = _attention(q, k, v, kv_segment_ids=kv_seg, mask=spec, q_positions=q_pos, kv_positions=kv_pos)
+    dense = np.asarray(spec.allows(np.asarray(q_pos)[:, :, None], np.asarray(kv_pos)[:, None, :], 12))[:, None]
+    ref = _reference_attention(q, k, v, np.zeros((2, 4), np.int32), kv_seg, dense)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="kv_positions"):
+    attention(q, k, v, mask=masks.CAUSAL, q_positions=q_pos)
 
 
 def test_attention_bfloat16():
@@ -624,7 +644,9 @@ def test_attention_bfloat16():
 def test_attention_unknown_implementation():
   q, k, v = _qkv(5)
   with pytest.raises(ValueError, match="implementation"):
-    attention(q, k, v, implementation="splash")
+    attention(q, k, v, implementation="flash")
+  with pytest.raises(ValueError, match="resolve"):
+    attention(q, k, v, implementation="auto")
 
 
 def test_query_chunked_attention_matches_unchunked(monkeypatch):
