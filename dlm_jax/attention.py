@@ -49,6 +49,20 @@ def resolve(implementation: str, platform: str, interpret: bool = False) -> str:
   return implementation
 
 
+def check_kernel(implementation: str, head_dim: int, block_q: int, block_kv: int) -> None:
+  """ValueError (one line naming the key to change) for a model shape or tile size the kernel cannot take; raised when
+  the model is configured, not when it is traced."""
+  if implementation == "pallas_gpu" and (head_dim < 16 or head_dim & (head_dim - 1)):
+    raise ValueError(f"model.attention='pallas_gpu' needs a head dimension that is a power of two >= 16 (Triton tiles), "
+                     f"got {head_dim}; change model.head_dim or use model.attention='xla'")
+  for key, size in (("model.attention_block_q", block_q), ("model.attention_block_kv", block_kv)):
+    if implementation == "splash" and size % 128:
+      raise ValueError(f"model.attention='splash' takes tiles that are multiples of 128, got {key}={size}; "
+                       "use 0 (default 128) or 128, 256, 512, ...")
+    if implementation == "pallas_gpu" and size and size < 16:
+      raise ValueError(f"model.attention='pallas_gpu' takes tiles >= 16, got {key}={size}; use 0 (default 64) or 16..128")
+
+
 # Internal layout: q [B, K, G, Lq, D] (K key/value heads, G query heads per key head), k / v [B, K, Lk, D],
 # scores [B, K, G, Lq, Lk]. Batched matmuls over (B, K) with (G, Lq) as one free dimension need no transposes.
 

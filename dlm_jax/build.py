@@ -68,7 +68,7 @@ def build(cfg, devices=None) -> Run:
     mc = model_lib.ModelConfig.from_config(cfg, process.vocab_in, process.vocab_out, platform=devices[0].platform,
                                            **process.model_options)
   except ValueError as e:  # the model's own consistency checks (tied embeddings, attention kernel vs platform)
-    if "model.attention" in str(e):
+    if "model.attention" in str(e) or "model.head_dim" in str(e):
       raise DLMError(str(e)) from None
     raise DLMError(f"model.tie_embeddings with diffusion.process={cfg.diffusion.process!r}: {e}; set "
                    "model.vocab_size (a checkpoint's vocabulary) or model.tie_embeddings=False") from None

@@ -74,6 +74,7 @@ class ModelConfig:
     platform cannot run (ValueError)."""
     m = cfg.model
     impl = attention_lib.resolve(m.attention, platform or jax.default_backend(), m.attention_interpret)
+    attention_lib.check_kernel(impl, m.head_dim or m.d_model // m.num_heads, m.attention_block_q, m.attention_block_kv)
     kw = dict(vocab_in=vocab_in, vocab_out=vocab_out, num_layers=m.num_layers, d_model=m.d_model,
               num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
               head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim, max_seq_len=m.max_seq_len,

@@ -549,3 +549,13 @@ def test_attention_kernels_are_resolved_per_platform_and_refused_where_they_cann
   cfg.model.attention_block_q = 100
   with pytest.raises(DLMError, match="model.attention_block_q"):
     config_lib.validate(cfg)
+  # shapes a kernel cannot take are config errors too (checked when the model is configured, not when traced)
+  cfg.model.attention_interpret = True
+  for impl, key, value in (("splash", "attention_block_kv", 64), ("pallas_gpu", "head_dim", 24)):
+    cfg.model.attention, cfg.model.attention_block_q = impl, 0
+    setattr(cfg.model, key, value)
+    config_lib.validate(cfg)
+    with pytest.raises(DLMError) as e:
+      build(cfg)
+    assert f"model.{key}" in str(e.value) and "\n" not in str(e.value)
+    setattr(cfg.model, key, 0)
