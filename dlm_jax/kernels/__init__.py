@@ -23,6 +23,37 @@ from dlm_jax.masks import MaskSpec
 from dlm_jax.sharding import spec_for
 
 
+def padded_length(spec: MaskSpec | None, length: int, multiple: int) -> int:
+  """The length a kernel whose tiles need `multiple` runs at: `length` when it is a multiple, else the next one. For
+  bd3 each half ([x_t | x_0]) is padded at its end to a multiple of both multiple / 2 and the block size, so block
+  numbers and the clean / noisy halves of the real positions stay what they were."""
+  if length % multiple == 0:
+    return length
+  if spec is not None and spec.kind == "bd3":
+    unit = math.lcm(multiple // 2, spec.block_size)
+    return 2 * (-(-(length // 2) // unit) * unit)
+  return -(-length // multiple) * multiple
+
+
+def pad(x: jax.Array, spec: MaskSpec | None, length: int, padded: int, value=0) -> jax.Array:
+  """x [B, length, ...] -> [B, padded, ...]: new positions at the end (bd3: at the end of each half). Kernels pad
+  queries with a segment id no key has and keys with -1, so padding changes nothing and its rows are dropped."""
+  def grow(y, n):
+    return jnp.pad(y, [(0, 0), (0, n)] + [(0, 0)] * (y.ndim - 2), constant_values=value)
+  if spec is not None and spec.kind == "bd3":
+    half, padded_half = length // 2, padded // 2
+    return jnp.concatenate([grow(x[:, :half], padded_half - half), grow(x[:, half:], padded_half - half)], axis=1)
+  return grow(x, padded - length)
+
+
+def unpad(x: jax.Array, spec: MaskSpec | None, length: int, padded: int) -> jax.Array:
+  """The inverse of `pad` on [B, padded, ...] outputs."""
+  if spec is not None and spec.kind == "bd3":
+    half, padded_half = length // 2, padded // 2
+    return jnp.concatenate([x[:, :half], x[:, padded_half:padded_half + half]], axis=1)
+  return x[:, :length]
+
+
 def _specs(mesh, q, k):
   """PartitionSpecs for q / k,v ([B, L, H, D]) and the per-token arrays ([B, L]): batch over data x fsdp, heads over
   tensor when it divides both the query and the key/value heads."""

@@ -34,9 +34,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dlm_jax import kernels
 from dlm_jax.masks import MaskSpec
 
 DEFAULT_BLOCK = 64
+MIN_TILE = 16  # Triton tile shapes: powers of two >= 16; shorter or unaligned lengths are padded to a multiple
 _NEG = -1e30  # finite "minus infinity" for masked scores (masked probabilities are zeroed explicitly)
 
 
@@ -384,7 +386,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg
   """Block-sparse flash attention (Pallas-Triton), differentiable in q, k, v.
 
   Args:
-    q: [B, L, H, D]; k, v: [B, L, K, D] with H a multiple of K; D a power of two >= 16. float32 or bfloat16.
+    q: [B, L, H, D]; k, v: [B, L, K, D] with H a multiple of K; D a power of two >= 16. float32 or bfloat16. A length
+      that is not a multiple of 16 is padded (`dlm_jax.kernels.padded_length`) and the padding dropped again.
     q_seg, kv_seg: int32 [B, L]: query i sees key j iff their ids are equal and kv_seg[j] >= 0.
     mask: a `MaskSpec` (None = full) over indices.
     block_q, block_kv: tile sizes, powers of two >= 16 dividing L; 0 = 64, or the largest power of two below it that
@@ -392,8 +395,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg
     interpret: Pallas interpret mode (runs on CPU).
   Returns: [B, L, H, D] in q's dtype, softmax scale D ** -0.5; zeros for a query with no allowed key.
   """
+  lq = q.shape[1]
+  length = kernels.padded_length(mask, lq, MIN_TILE) if lq == k.shape[1] else lq
+  q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+  if length != lq:  # padded keys (-1) are never attended, padded queries (-1) see nothing; their rows are dropped
+    q, k, v = (kernels.pad(x, mask, lq, length) for x in (q, k, v))
+    q_seg, kv_seg = kernels.pad(q_seg, mask, lq, length, -1), kernels.pad(kv_seg, mask, lq, length, -1)
   cfg = _config(q, k, v, q_seg, kv_seg, mask, block_q, block_kv, interpret)
-  return _flash(q, k.astype(q.dtype), v.astype(q.dtype), q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32), cfg)
+  o = _flash(q, k.astype(q.dtype), v.astype(q.dtype), q_seg, kv_seg, cfg)
+  return o if length == lq else kernels.unpad(o, mask, lq, length)
 
 
 def tile_visits(q, k, v, q_seg, kv_seg, mask: MaskSpec | None, *, block_q: int = 0, block_kv: int = 0,

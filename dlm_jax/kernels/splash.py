@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlm_jax import kernels
 from dlm_jax.masks import FULL, MaskSpec
 
 LANES = 128  # TPU lane width: splash's kv tiles (and so L) are multiples of it
@@ -51,15 +52,8 @@ _SINK = -1e30  # the sink logit: above splash's mask value (-2.4e38), below any 
 
 
 def padded_length(spec: MaskSpec, length: int) -> int:
-  """The length the kernel runs at: `length` itself when a multiple of 128, else the next length it can tile. For bd3
-  each half ([x_t | x_0]) is padded at its end to a multiple of both 64 and the block size, so block numbers and the
-  clean / noisy halves of the real positions stay what they were."""
-  if length % LANES == 0:
-    return length
-  if spec.kind == "bd3":
-    unit = math.lcm(LANES // 2, spec.block_size)
-    return 2 * (-(-(length // 2) // unit) * unit)
-  return -(-length // LANES) * LANES
+  """The length the kernel runs at: the next multiple of 128 (`dlm_jax.kernels.padded_length`)."""
+  return kernels.padded_length(spec, length, LANES)
 
 
 def block_sizes(length: int, block_q: int = 0, block_kv: int = 0) -> tuple[int, int]:
@@ -79,23 +73,6 @@ def block_sizes(length: int, block_q: int = 0, block_kv: int = 0) -> tuple[int, 
                        "model.attention_block_kv accordingly, or to 0")
     out.append(b)
   return out[0], out[1]
-
-
-def _pad(x, spec: MaskSpec, length: int, padded: int, value=0):
-  """x [B, length, ...] -> [B, padded, ...]: new positions at the end (for bd3: at the end of each half)."""
-  def grow(y, n):
-    return jnp.pad(y, [(0, 0), (0, n)] + [(0, 0)] * (y.ndim - 2), constant_values=value)
-  if spec.kind == "bd3":
-    half, padded_half = length // 2, padded // 2
-    return jnp.concatenate([grow(x[:, :half], padded_half - half), grow(x[:, half:], padded_half - half)], axis=1)
-  return grow(x, padded - length)
-
-
-def _unpad(x, spec: MaskSpec, length: int, padded: int):
-  if spec.kind == "bd3":
-    half, padded_half = length // 2, padded // 2
-    return jnp.concatenate([x[:, :half], x[:, padded_half:padded_half + half]], axis=1)
-  return x[:, :length]
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,8 +117,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg
   kv_seg = jnp.where(kv_seg < 0, -1, kv_seg).astype(jnp.int32)
   length = padded_length(spec, lq)
   if length != lq:  # padded queries (id -2) and keys (id -1) match nothing; their outputs are dropped
-    q, k, v = (_pad(x, spec, lq, length) for x in (q, k, v))
-    q_seg, kv_seg = _pad(q_seg, spec, lq, length, -2), _pad(kv_seg, spec, lq, length, -1)
+    q, k, v = (kernels.pad(x, spec, lq, length) for x in (q, k, v))
+    q_seg, kv_seg = kernels.pad(q_seg, spec, lq, length, -2), kernels.pad(kv_seg, spec, lq, length, -1)
   bq, bkv = block_sizes(length, block_q, block_kv)
   kern = _kernel(spec, length, h, bq, bkv, bool(interpret))
   sinks = jnp.full((h,), _SINK, jnp.float32)
@@ -149,4 +126,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   o = jax.vmap(lambda q1, k1, v1, s1: kern(q1, k1, v1, s1, sinks))(qt, kt, vt, sk.SegmentIds(q_seg, kv_seg))
   o = o.transpose(0, 2, 1, 3)
-  return o if length == lq else _unpad(o, spec, lq, length)
+  return o if length == lq else kernels.unpad(o, spec, lq, length)
