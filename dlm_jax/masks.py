@@ -131,16 +131,7 @@ class MaskSpec:
     """(tiles [nq, m] int32, counts [nq] int32): for query tile i, the key tiles tiles[i, :counts[i]] in increasing
     order are the non-empty ones; the rest of the row repeats the last of them (a kernel that fetches it again does no
     extra memory traffic). m = the largest count."""
-    tm = self.tile_mask(lq, lk, bq, bk)
-    counts = tm.sum(axis=1).astype(np.int32)
-    m = max(int(counts.max()), 1)
-    tiles = np.zeros((tm.shape[0], m), np.int32)
-    for r in range(tm.shape[0]):
-      idx = np.flatnonzero(tm[r])
-      if idx.size:
-        tiles[r, :idx.size] = idx
-        tiles[r, idx.size:] = idx[-1]
-    return tiles, counts
+    return tile_rows(self.tile_mask(lq, lk, bq, bk))
 
   def tiles_visited(self, lq: int, lk: int, bq: int, bk: int) -> tuple[int, int]:
     """(key tiles a block-sparse kernel visits, tiles of the dense [lq, lk] score matrix)."""
@@ -159,6 +150,19 @@ class MaskSpec:
     if self.kind == "causal":
       return sm.CausalMask((lq, lk), shard_count=shard_count)
     return _splash_mask_class()(self, (lq, lk), shard_count)
+
+
+def tile_rows(tm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(tiles [n, m] int32, counts [n] int32) from a boolean tile mask [n, n']: row r lists its True columns in increasing
+  order, padded with the last of them (`MaskSpec.tile_table`; the transposed mask gives the query tiles per key tile)."""
+  counts = tm.sum(axis=1).astype(np.int32)
+  tiles = np.zeros((tm.shape[0], max(int(counts.max(initial=0)), 1)), np.int32)
+  for r in range(tm.shape[0]):
+    idx = np.flatnonzero(tm[r])
+    if idx.size:
+      tiles[r, :idx.size] = idx
+      tiles[r, idx.size:] = idx[-1]
+  return tiles, counts
 
 
 FULL = MaskSpec("full")

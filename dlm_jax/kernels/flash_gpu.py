@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dlm_jax import kernels
-from dlm_jax.masks import MaskSpec
+from dlm_jax.masks import MaskSpec, tile_rows
 
 DEFAULT_BLOCK = 64
 MIN_TILE = 16  # Triton tile shapes: powers of two >= 16; shorter or unaligned lengths are padded to a multiple
@@ -73,25 +73,12 @@ def _check_block(name: str, block: int, length: int) -> None:
     raise ValueError(f"flash_gpu: sequence length {length} is not a multiple of {name}={block}")
 
 
-def _pad_rows(tm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(tiles [n, m] int32, counts [n] int32) from a boolean [n, n'] tile mask: row r lists its True columns in
-  increasing order, padded with the last of them (as `MaskSpec.tile_table`)."""
-  counts = tm.sum(axis=1).astype(np.int32)
-  tiles = np.zeros((tm.shape[0], max(int(counts.max(initial=0)), 1)), np.int32)
-  for r in range(tm.shape[0]):
-    idx = np.flatnonzero(tm[r])
-    if idx.size:
-      tiles[r, :idx.size] = idx
-      tiles[r, idx.size:] = idx[-1]
-  return tiles, counts
-
-
 @functools.lru_cache(maxsize=256)
 def _tables(spec: MaskSpec | None, length: int, bq: int, bk: int):
   """((tiles, counts) per query tile, (tiles, counts) per key tile): the forward / dq table and its transpose."""
   spec = spec or MaskSpec("full")
   tiles, counts = spec.tile_table(length, length, bq, bk)
-  tiles_t, counts_t = _pad_rows(spec.tile_mask(length, length, bq, bk).T)
+  tiles_t, counts_t = tile_rows(spec.tile_mask(length, length, bq, bk).T)
   return (tiles, counts), (tiles_t, counts_t)
 
 
