@@ -65,12 +65,10 @@ def main(argv=None) -> int:
 
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host discovery on non-TPU machines
   import jax
-  import jax.numpy as jnp
   from jax.experimental import topologies
 
   from dlm_jax.build import build
-  from dlm_jax.train import (abstract_train_state, check_batch, make_optimizer, make_train_step, state_shardings,
-                             with_shardings)
+  from dlm_jax.train import check_batch
 
   try:
     topo = topologies.get_topology_desc(a.topology, platform="tpu")
@@ -101,14 +99,9 @@ def main(argv=None) -> int:
       report[name] = _figures(compiled)
     compiled = programs["sampler"]
   else:
-    opt = make_optimizer(cfg)
-    abstract = abstract_train_state(run, opt)
-    shardings = state_shardings(run, opt, abstract)
-    state = with_shardings(abstract, shardings)
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32, sharding=run.batch_sharding())
-    step = make_train_step(run, opt, shardings)
+    lowered = lower_train_step(run)
     with jax.set_mesh(run.mesh):
-      compiled = step.lower(state, batch).compile()
+      compiled = lowered.compile()
     report.update(_figures(compiled, flops_key="per_device_flops_per_step"))
   if a.hlo:
     with open(a.hlo, "w") as f:
@@ -116,6 +109,29 @@ def main(argv=None) -> int:
     report["hlo"] = a.hlo
   print(json.dumps(report, indent=2))
   return 0
+
+
+def lower_train_step(run, lowering_platforms=None):
+  """The jit-compiled train step of dlm_jax.train (what `dlm-train` runs), lowered for abstract state and token batch
+  in their shardings over `run.mesh` (nothing is allocated). `lowering_platforms`, e.g. ("cuda",): lower for a
+  platform this host has no device of (StableHLO only; such a program cannot be compiled here). Call it outside
+  `jax.set_mesh` (it sets the mesh for the trace itself; the optimizer's sharding tree is built eagerly, which fails
+  under a mesh of compile-only TPU devices); compile the result under `jax.set_mesh(run.mesh)`."""
+  import jax
+  import jax.numpy as jnp
+
+  from dlm_jax.train import abstract_train_state, make_optimizer, make_train_step, state_shardings, with_shardings
+
+  cfg = run.cfg
+  opt = make_optimizer(cfg)
+  abstract = abstract_train_state(run, opt)
+  shardings = state_shardings(run, opt, abstract)
+  state = with_shardings(abstract, shardings)
+  batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32, sharding=run.batch_sharding())
+  step = make_train_step(run, opt, shardings)
+  with jax.set_mesh(run.mesh):
+    traced = step.trace(state, batch)
+    return traced.lower() if lowering_platforms is None else traced.lower(lowering_platforms=tuple(lowering_platforms))
 
 
 def _figures(compiled, flops_key: str = "per_device_flops") -> dict:
