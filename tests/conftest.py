@@ -23,6 +23,12 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
 
 
+# libtpu (installed by the test extra) compiles for TPU topologies on this CPU host. Without a TPU it logs worker-host
+# errors unless told the host is alone, and its process lock file would let only one test process load it at a time.
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
 def pytest_collection_modifyitems(items):
   """Tests marked `slow` run first, longest (`slow(minutes=...)`) first, so the parallel workers share them and the
   short tests fill in around them."""
