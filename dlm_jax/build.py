@@ -10,6 +10,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlm_jax import model as model_lib
@@ -73,11 +74,23 @@ def build(cfg, devices=None) -> Run:
     raise DLMError(f"model.tie_embeddings with diffusion.process={cfg.diffusion.process!r}: {e}; set "
                    "model.vocab_size (a checkpoint's vocabulary) or model.tie_embeddings=False") from None
   graphdef, abstract_params, axes = model_lib.abstract(mc)
+  dtype = param_dtype(cfg)  # master weights in train.param_dtype: restore targets and shardings carry it
+  abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), abstract_params)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   return Run(cfg, tokenizer, process, mc, graphdef, abstract_params, axes, mesh)
 
 
+def param_dtype(cfg):
+  """The dtype of the master weights (and the EMA): train.param_dtype."""
+  return jnp.dtype(cfg.train.param_dtype)
+
+
 def init_params(run: Run, seed: int):
-  """Parameters created directly with their shardings (no full copy on one device first)."""
-  init = jax.jit(lambda: model_lib.init(run.model_config, seed)[1], out_shardings=run.param_shardings)
-  return init()
+  """Parameters created directly with their shardings (no full copy on one device first), in train.param_dtype (the
+  model initialises them in float32; bfloat16 ones are those values rounded)."""
+  dtype = param_dtype(run.cfg)
+
+  def make():
+    return jax.tree.map(lambda p: p.astype(dtype), model_lib.init(run.model_config, seed)[1])
+
+  return jax.jit(make, out_shardings=run.param_shardings)()

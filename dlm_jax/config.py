@@ -113,7 +113,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.adam_b1 = 0.9
   c.train.adam_b2 = 0.999
   c.train.ema_decay = 0.999  # 0 = no EMA (eval and sampling then use the raw parameters)
-  c.train.compute_dtype = "float32"  # "bfloat16": bf16 activations and matmuls, float32 parameters and optimizer
+  c.train.compute_dtype = "float32"  # "bfloat16": bf16 activations and matmuls (logits and loss stay float32)
+  # master weights (and the EMA) in this dtype: "bfloat16" halves parameter memory; gradients are taken in it, then
+  # cast to float32 for clipping, accumulation and the optimizer; the update is added in float32 and stochastically
+  # rounded to bf16 (unbiased, noise from the step's key: resume = uninterrupted), as is the EMA's
+  c.train.param_dtype = "float32"
+  # Adam's first and second moments (mu, nu) stored in this dtype; "bfloat16": the moment update is computed in float32
+  # and stochastically rounded to bf16 (nu with adam_b2 = 0.999 would otherwise never move: its step is below bf16's
+  # half-ulp), reproducibly (the rounding noise comes from the optimizer's step count, so resume = uninterrupted)
+  c.train.moments_dtype = "float32"
   c.train.seed = 0
   c.train.log_every = 10
   c.train.checkpoint_every = 500
@@ -429,6 +437,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(0 <= t.adam_b1 < 1 and 0 <= t.adam_b2 < 1, "train.adam_b1 and train.adam_b2 must be in [0, 1)")
   need(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
   need(t.compute_dtype in DTYPES, f"train.compute_dtype must be one of {DTYPES}, got {t.compute_dtype!r}")
+  need(t.param_dtype in DTYPES, f"train.param_dtype must be one of {DTYPES}, got {t.param_dtype!r}")
+  need(t.moments_dtype in DTYPES, f"train.moments_dtype must be one of {DTYPES}, got {t.moments_dtype!r}")
   need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
   need(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
   need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")

@@ -52,7 +52,7 @@ import numpy as np
 import optax
 
 from dlm_jax import config as config_lib
-from dlm_jax.build import Run, build, init_params
+from dlm_jax.build import Run, build, init_params, param_dtype
 from dlm_jax.checkpoint import Checkpointer
 from dlm_jax.data import Corpus, load_corpus, segment_ids, train_iterator
 from dlm_jax.errors import DLMError
@@ -71,12 +71,69 @@ def lr_schedule(cfg) -> optax.Schedule:
                                             end_value=t.learning_rate * t.min_lr_ratio)
 
 
+def stochastic_round(x, dtype, key):
+  """float32 `x` rounded to bfloat16 up or down with probability given by the distance (unbiased: E[round(x)] = x), so
+  increments far below bf16's half-ulp (an EMA's (1 - decay) step) still move the stored value on average. Any other
+  target dtype: a plain cast."""
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return x.astype(dtype)
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  noise = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+  rounded = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+  return jnp.where(jnp.isfinite(x), rounded, x).astype(jnp.bfloat16)  # (the low bits of a bf16 value are zero: exact)
+
+
+def _tree_stochastic_round(tree, dtype, key):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  return jax.tree.unflatten(treedef, [stochastic_round(x, dtype, k) for x, k in zip(leaves, keys)])
+
+
+_PARAMS_KEY = 0x706172  # bf16 master weights' stochastic rounding: fold_in(the step's key, _PARAMS_KEY)
+_EMA_KEY = 0x656d61  # the EMA's stochastic rounding: fold_in(the step's key, _EMA_KEY)
+_MOMENTS_KEY = 0x6d6f6d  # the stochastic rounding of bf16 moments: fold_in(PRNGKey(_MOMENTS_KEY), Adam's count)
+
+
+def scale_by_adam(b1: float, b2: float, moments_dtype, eps: float = 1e-8) -> optax.GradientTransformation:
+  """optax.scale_by_adam (same state, ScaleByAdamState, and the same float32 arithmetic) with both moments stored in
+  `moments_dtype` whatever the parameters' dtype (optax's nu follows the parameters). Updates are float32. The moment
+  update is computed in float32; bfloat16 moments are stochastically rounded (noise from the step count, so a resumed
+  run repeats the uninterrupted one), because nu's step (1 - b2) (g^2 - nu) is below bf16's half-ulp for b2 = 0.999
+  and round-to-nearest would freeze it."""
+  dtype = jnp.dtype(moments_dtype)
+
+  def init_fn(params):
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=dtype),
+                                  nu=optax.tree.zeros_like(params, dtype=dtype))
+
+  def update_fn(updates, state, params=None):
+    del params
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    g = f32(updates)
+    mu = optax.tree.update_moment(g, f32(state.mu), b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(g, f32(state.nu), b2, 2)
+    count = optax.safe_increment(state.count)
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+    key_mu, key_nu = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(_MOMENTS_KEY), count))
+    return out, optax.ScaleByAdamState(count=count, mu=_tree_stochastic_round(mu, dtype, key_mu),
+                                       nu=_tree_stochastic_round(nu, dtype, key_nu))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (optax.adamw's chain and state, with scale_by_adam above: moments in
+  train.moments_dtype). Gradients reach it in float32 (the step casts them), so its updates are float32 and are
+  rounded to train.param_dtype only when added to the parameters."""
   t = cfg.train
   lr = lr_schedule(cfg)
   # identity() has the same (empty) state as clipping, so grad_clip can change between resumes
   clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
-  return optax.chain(clip, optax.adamw(lr, b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay))
+  adamw = optax.chain(scale_by_adam(t.adam_b1, t.adam_b2, t.moments_dtype),
+                      optax.add_decayed_weights(t.weight_decay), optax.scale_by_learning_rate(lr))
+  return optax.chain(clip, adamw)
 
 
 def state_shardings(run: Run, opt: optax.GradientTransformation, abstract_state: dict) -> dict:
@@ -123,13 +180,15 @@ def init_train_state(run: Run, opt, shardings: dict) -> dict:
 
 def init_from_params(run: Run, opt, shardings: dict, ckpt: Checkpointer, step: int) -> dict:
   """The train state of a parameters-only checkpoint (what `dlm-convert --from_hf` writes): its parameters, restored
-  straight into their shardings and cast to float32, a fresh optimizer state and EMA = the parameters; the step is the
-  checkpoint's, the data pipeline starts at its beginning."""
+  straight into their shardings and cast to train.param_dtype, a fresh optimizer state and EMA = the parameters; the
+  step is the checkpoint's, the data pipeline starts at its beginning."""
   params = ckpt.restore_subset(step, {"params": with_shardings(run.abstract_params, run.param_shardings)})["params"]
   seed = run.cfg.train.seed
 
+  dtype = param_dtype(run.cfg)
+
   def make(params):
-    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
     return {"params": params, "opt_state": opt.init(params), "ema": params, "step": jnp.array(step, jnp.int32),
             "process_state": run.process.init_state(jax.random.fold_in(jax.random.PRNGKey(seed), 1))}
 
@@ -189,6 +248,9 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
     return loss, (metrics, new_pstate)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  pdtype = param_dtype(cfg)
+  # gradients come in train.param_dtype; clipping, accumulation and Adam see them in float32
+  to_f32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32), tree)
 
   def step(state, batch):
     if not isinstance(batch, dict):
@@ -199,6 +261,7 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
     params, pstate = state["params"], state["process_state"]
     if accum == 1:
       (loss, (metrics, new_pstate)), grads = grad_fn(params, batch, key, pstate)
+      grads = to_f32(grads)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
       keys = jax.random.split(key, accum)
@@ -207,9 +270,9 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
         g_sum, l_sum, m_sum, ps = carry
         mb, k = xs
         (l, (m, ps)), g = grad_fn(params, mb, k, ps)
-        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, jax.tree.map(jnp.add, m_sum, m), ps), None
+        return (jax.tree.map(jnp.add, g_sum, to_f32(g)), l_sum + l, jax.tree.map(jnp.add, m_sum, m), ps), None
 
-      zeros_g = jax.tree.map(jnp.zeros_like, params)
+      zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       first = jax.tree.map(lambda x: x[0], micro)
       m_shape = jax.eval_shape(lambda: loss_fn(params, first, keys[0], pstate)[1][0])
       zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
@@ -219,13 +282,21 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
       metrics = jax.tree.map(lambda m: m / accum, metrics)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = opt.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    if pdtype == jnp.float32:
+      new_params = optax.apply_updates(params, updates)
+    else:  # added in float32, stochastically rounded (late, small Adam steps are below bf16's half-ulp of a weight)
+      new_params = jax.tree.map(lambda p, u: p.astype(jnp.float32) + u, params, updates)
+      new_params = _tree_stochastic_round(new_params, pdtype, jax.random.fold_in(key, _PARAMS_KEY))
     if ema_decay > 0:
       # warm-up of the decay (as TF's ExponentialMovingAverage with num_updates): early in a run the average does not
       # sit on the random initialisation; for long runs the decay is ema_decay.
       step_f = state["step"].astype(jnp.float32)
       decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
-      new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], new_params)
+      # in float32, stored in train.param_dtype: stochastically rounded to bf16 ((1 - decay) (p - e) is below its
+      # half-ulp), with noise from the step's key
+      new_ema = jax.tree.map(lambda e, p: decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32),
+                             state["ema"], new_params)
+      new_ema = _tree_stochastic_round(new_ema, pdtype, jax.random.fold_in(key, _EMA_KEY))
     else:
       new_ema = new_params
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
