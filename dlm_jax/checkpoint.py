@@ -4,7 +4,8 @@ A checkpoint is one step directory under `<workdir>/checkpoints/` with three ite
 EMA, step, process state), `data` (the grain iterator state, JSON) and `config` (the run's config, JSON). Orbax writes to
 a temporary directory and renames it when complete, so an interrupted save never leaves a half-written step; saves are
 asynchronous and the last `keep` steps are kept. Restores take abstract arrays with shardings, so a checkpoint restores
-onto any mesh.
+onto any mesh, and in either layer layout (model.scan_layers): a checkpoint saved with the other layout is read in its
+own and converted (`dlm_jax.model.stack_layers` / `unstack_layers`) into the target's shardings.
 """
 
 from __future__ import annotations
@@ -68,6 +69,33 @@ def save_host_params(workdir: str, step: int, params: Any, config: dict) -> None
   ckpt.close()
 
 
+def _layer_axis_sharding(sharding, add: bool):
+  """The sharding of a parameter with its leading layer axis added (stacked) or removed (one layer)."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)
+  spec = (None, *spec) if add else spec[1:]
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _in_layout(abstract: Any, layout: str) -> Any:
+  """An abstract tree (ShapeDtypeStructs with shardings) converted to the given layer layout."""
+  from dlm_jax import model as model_lib
+  if layout == "unrolled":
+    return model_lib.unstack_layers(abstract, take=lambda a, i: jax.ShapeDtypeStruct(
+        a.shape[1:], a.dtype, sharding=_layer_axis_sharding(getattr(a, "sharding", None), add=False)))
+  return model_lib.stack_layers(abstract, stack=lambda xs: jax.ShapeDtypeStruct(
+      (len(xs), *xs[0].shape), xs[0].dtype, sharding=_layer_axis_sharding(getattr(xs[0], "sharding", None), add=True)))
+
+
+def _to_layout(tree: Any, abstract: Any, layout: str) -> Any:
+  """Restored arrays converted to the target's layer layout, placed in the target's shardings."""
+  from dlm_jax import model as model_lib
+  convert = model_lib.stack_layers if layout == "scanned" else model_lib.unstack_layers
+  shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), abstract)
+  return jax.jit(convert, out_shardings=shardings)(tree)
+
+
 class Checkpointer:
   """save / restore / latest_step over an Orbax CheckpointManager."""
 
@@ -108,34 +136,52 @@ class Checkpointer:
     except Exception as e:  # orbax raises many exception types for unreadable files
       raise self._fail(step, "config", e) from None
 
-  def state_keys(self, step: int) -> set[str]:
-    """The top-level entries of a step's saved state ({'params', 'step'} for a checkpoint dlm-convert wrote; the
-    training loop's add 'opt_state', 'ema', 'process_state')."""
+  def _state_tree(self, step: int) -> dict:
     try:
       meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
       tree = getattr(meta, "item_metadata", meta)
-      return set(getattr(tree, "tree", tree).keys())
+      return getattr(tree, "tree", tree)
     except Exception as e:
       raise self._fail(step, "state metadata", e) from None
 
+  def state_keys(self, step: int) -> set[str]:
+    """The top-level entries of a step's saved state ({'params', 'step'} for a checkpoint dlm-convert wrote; the
+    training loop's add 'opt_state', 'ema', 'process_state')."""
+    return set(self._state_tree(step).keys())
+
+  def _layouts(self, step: int, abstract: Any) -> tuple[str | None, str | None]:
+    """(saved, wanted) layer layouts ("scanned" / "unrolled"; None: no layers in the tree, or the same layout)."""
+    from dlm_jax import model as model_lib
+    wanted = model_lib.layer_layout(abstract)
+    if wanted is None:
+      return None, None
+    tree = self._state_tree(step)
+    saved = model_lib.layer_layout({k: tree[k] for k in abstract if k in tree} if isinstance(abstract, dict) else tree)
+    return (saved, wanted) if saved is not None and saved != wanted else (None, None)
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    saved, wanted = self._layouts(step, abstract_state)
+    target = _in_layout(abstract_state, saved) if saved else abstract_state
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+      out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                               data=ocp.args.JsonRestore()))
     except Exception as e:
       raise self._fail(step, "state", e) from None
-    return out["state"], out["data"]
+    state = _to_layout(out["state"], abstract_state, wanted) if saved else out["state"]
+    return state, out["data"]
 
   def restore_subset(self, step: int, abstract_subset: dict) -> dict:
     """Only some top-level entries of the saved state (e.g. the EMA parameters for inference), read from disk
     without materialising the rest (the optimizer state is not loaded)."""
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_subset)
+    saved, wanted = self._layouts(step, abstract_subset)
+    target = _in_layout(abstract_subset, saved) if saved else abstract_subset
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          abstract_subset, restore_args=restore_args, partial_restore=True)))
+          target, restore_args=restore_args, partial_restore=True)))
     except Exception as e:
       raise self._fail(step, "state", e) from None
-    return out["state"]
+    return _to_layout(out["state"], abstract_subset, wanted) if saved else out["state"]
 
   def close(self) -> None:
     if self._mngr is not None:

@@ -58,6 +58,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.qk_norm = False  # per-head RMSNorm of q and k before RoPE (Qwen3: SDAR)
   c.model.tie_embeddings = False  # output head = input table transposed (needs model.vocab_size, or the same sizes)
   c.model.logit_shift = False  # the network predicts token i at position i - 1 (Dream, Fast-dLLM v2)
+  # the blocks as one stacked module under jax.lax.scan (parameters get a leading "layers" axis, replicated): compile
+  # time independent of depth; presets >= 350M turn it on. Checkpoints restore in either layout (converted on restore).
+  c.model.scan_layers = False
+  # per-block rematerialisation of the backward pass: "none" (keep every activation), "full" (recompute the block),
+  # "dots_saveable" (keep matmul outputs without batch dims), "save_attention" (keep only each block's attention
+  # output), "offload" (move that attention output to pinned host memory and back; needs a backend with a pinned_host
+  # memory space: TPU, GPU, and XLA:CPU, where it is a copy)
+  c.model.remat = "none"
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # "" = embedded corpus (this interpreter's standard-library .py sources)
@@ -395,6 +403,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   hd = m.head_dim or m.d_model // m.num_heads
   need(hd % 2 == 0, f"the attention head dimension ({hd}) must be even for RoPE; change model.d_model or model.head_dim")
   need(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
+  remats = ("none", "full", "dots_saveable", "save_attention", "offload")  # = model.REMAT_POLICIES
+  need(m.remat in remats, f"model.remat must be one of {remats}, got {m.remat!r}")
   need(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = the family's convention), got {m.vocab_size}")
   for key in ("eos_id", "eot_id", "pad_id"):
     need(d[key] >= -1, f"data.{key} must be >= 0, or -1 (see dlm_jax/config.py), got {d[key]}")

@@ -14,6 +14,13 @@ existing checkpoints do not change: q / k / v biases `bq`, `bk`, `bv` (Qwen2: Dr
 q and k before RoPE `q_norm`, `k_norm` (Qwen3: SDAR), a head tied to the input table (no `head`), and the logit shift
 (`Network.logit_shift`: the forward's logits at position i predict token i + 1, as the HF causal-LM head of Dream and
 Fast-dLLM v2 does; the processes and samplers shift them).
+
+Scale: `scan_layers` keeps the blocks as one stacked module `layers` (every block parameter gets a leading layer axis,
+logical name "layers", replicated) run by `jax.lax.scan`, so the compiled step does not grow with depth; the unrolled
+layout (`layer_0` .. `layer_{n-1}`, what converted checkpoints use) stays the default and `stack_layers` /
+`unstack_layers` convert between the two (the checkpoint adapter does so on restore). The same seed gives the same
+parameters in both layouts. `remat` picks what each block's backward pass recomputes (`REMAT_POLICIES`), applied per
+layer in both layouts.
 """
 
 from __future__ import annotations
@@ -24,12 +31,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dlm_jax import attention as attention_lib
 from dlm_jax.attention import attention
 from dlm_jax.masks import MaskSpec, block_causal
 from dlm_jax.maths import PAD, pad_layout
 from dlm_jax.sharding import constrain
+
+ATTENTION_OUT = "attention_out"  # checkpoint_name of a block's attention output (before the output projection)
+
+
+def _remat_policy(name: str):
+  """The `jax.checkpoint` policy of model.remat (None with "full": save nothing, recompute the whole block)."""
+  cp = jax.checkpoint_policies
+  return {"full": None, "dots_saveable": cp.dots_with_no_batch_dims_saveable,
+          "save_attention": cp.save_only_these_names(ATTENTION_OUT),
+          "offload": cp.save_and_offload_only_these_names(names_which_can_be_saved=[],
+                                                          names_which_can_be_offloaded=[ATTENTION_OUT],
+                                                          offload_src="device", offload_dst="pinned_host")}[name]
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attention", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +82,15 @@ class ModelConfig:
   qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3: SDAR)
   tie_embeddings: bool = False  # the output head is the input table transposed (needs vocab_in == vocab_out)
   logit_shift: bool = False  # the network predicts token i at position i - 1 (Dream, Fast-dLLM v2): `Network.logit_shift`
+  scan_layers: bool = False  # blocks as one stacked module `layers` under jax.lax.scan (else layer_0 .. layer_{n-1})
+  remat: str = "none"  # per-block rematerialisation: one of REMAT_POLICIES
 
   def __post_init__(self):
     if self.tie_embeddings and (self.input_bits or self.vocab_in != self.vocab_out):
       raise ValueError(f"tied embeddings need one token table for input and output ids (vocab_in {self.vocab_in}, "
                        f"vocab_out {self.vocab_out}, input_bits {self.input_bits})")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
   @classmethod
   def from_config(cls, cfg, vocab_in: int, vocab_out: int, platform: str | None = None,
@@ -82,7 +109,7 @@ class ModelConfig:
               init_std=m.init_std, dtype=jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32,
               attention_impl=impl, attention_block_q=m.attention_block_q,
               attention_block_kv=m.attention_block_kv, attention_interpret=m.attention_interpret, qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings,
-              logit_shift=m.logit_shift)
+              logit_shift=m.logit_shift, scan_layers=m.scan_layers, remat=m.remat)
     kw.update(process_options)
     return cls(**kw)
 
@@ -205,6 +232,7 @@ class Block(nnx.Module):
     o = attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask, q_positions=positions,
                   kv_positions=kv_positions, implementation=c.attention_impl, block_q=c.attention_block_q,
                   block_kv=c.attention_block_kv, interpret=c.attention_interpret)
+    o = checkpoint_name(o, ATTENTION_OUT)  # what remat="save_attention" / "offload" keep
     o = dense(o, self.wo[...].astype(dt), n_in=2)
     x = x + (g1 * o if c.time_conditioning else o)
     x = constrain(x, ("batch", "length", "embed"))
@@ -251,8 +279,12 @@ class Transformer(nnx.Module):
       self.embed = _param(rngs, (c.vocab_in, c.d_model), ("vocab", "embed"), c.init_std)
     if c.self_conditioning:
       self.self_cond = _param(rngs, (2 * c.d_model, c.d_model), (None, "embed"), None)
-    for i in range(c.num_layers):
-      setattr(self, f"layer_{i}", Block(c, rngs))
+    blocks = [Block(c, rngs) for _ in range(c.num_layers)]  # the same random draws in both layouts
+    if c.scan_layers:
+      self.layers = _stack_blocks(blocks)
+    else:
+      for i, block in enumerate(blocks):
+        setattr(self, f"layer_{i}", block)
     self.final_norm = _ones((c.d_model,), ("embed",))
     if not c.tie_embeddings:
       self.head = _param(rngs, (c.d_model, c.vocab_out), ("embed", "vocab"), c.init_std)
@@ -316,14 +348,36 @@ class Transformer(nnx.Module):
     mask_pos = positions if attention_lib.uses_positions(mask, positions_given) else None
     rot = rope_tables(positions, c.head_dim, c.rope_theta)
     kv_rot = None if cache is None else rope_tables(kv_positions, c.head_dim, c.rope_theta)
-    for i in range(c.num_layers):
-      layer = getattr(self, f"layer_{i}")
-      if cache is None:
-        x = layer(x, rot, cond, segment_ids, kv_segment_ids, mask, positions=mask_pos)
-      else:
-        x, new_cache[f"layer_{i}"] = layer(x, rot, cond, segment_ids, kv_segment_ids, mask,
-                                           cache=(cache[f"layer_{i}"], cache_start, kv_rot), positions=mask_pos,
-                                           kv_positions=kv_positions if mask_pos is not None else None)
+    kv_pos = kv_positions if mask_pos is not None else None
+
+    def run_block(graphdef, x, layer_params, layer_cache):
+      """One block as a function of its parameters (and its cache), rematerialised per model.remat."""
+      def f(x, layer_params, layer_cache):
+        block = nnx.merge(graphdef, layer_params)
+        if layer_cache is None:
+          return block(x, rot, cond, segment_ids, kv_segment_ids, mask, positions=mask_pos), None
+        return block(x, rot, cond, segment_ids, kv_segment_ids, mask, cache=(layer_cache, cache_start, kv_rot),
+                     positions=mask_pos, kv_positions=kv_pos)
+      if c.remat != "none":
+        f = jax.checkpoint(f, policy=_remat_policy(c.remat), prevent_cse=not c.scan_layers)
+      return f(x, layer_params, layer_cache)
+
+    if c.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(x, xs):
+        layer_params, layer_cache = xs
+        return run_block(graphdef, x, layer_params, layer_cache)
+
+      x, scanned = jax.lax.scan(body, x, (stacked, None if cache is None else cache["layers"]))
+      if cache is not None:
+        new_cache["layers"] = scanned
+    else:
+      for i in range(c.num_layers):
+        graphdef, layer_params = nnx.split(getattr(self, f"layer_{i}"))
+        x, layer_cache = run_block(graphdef, x, layer_params, None if cache is None else cache[f"layer_{i}"])
+        if cache is not None:
+          new_cache[f"layer_{i}"] = layer_cache
     if output_len is not None:
       x = x[:, :output_len]
     x = rms_norm(x, self.final_norm[...], c.norm_eps)
@@ -334,6 +388,62 @@ class Transformer(nnx.Module):
     logits = dense(x, head.astype(c.dtype)).astype(jnp.float32)
     logits = constrain(logits, ("batch", "length", "vocab"))
     return logits if cache is None else (logits, new_cache)
+
+
+def _stack_blocks(blocks: list[Block]) -> Block:
+  """One Block whose parameters are the blocks' stacked on a leading "layers" axis."""
+  out = blocks[0]
+  for name, var in list(vars(out).items()):
+    if isinstance(var, nnx.Param):
+      value = jnp.stack([getattr(b, name)[...] for b in blocks])
+      setattr(out, name, nnx.Param(value, logical_axes=("layers", *var.get_metadata()["logical_axes"])))
+  return out
+
+
+def _is_layer_dict(x) -> bool:
+  return isinstance(x, dict) and ("layers" in x or "layer_0" in x)
+
+
+def stack_layers(params: Any, stack=None) -> Any:
+  """The unrolled layout (`layer_0` .. `layer_{n-1}`) -> the scanned one (`layers`, leading layer axis), in every
+  params-shaped dict of a tree (parameters, EMA, optimizer moments); other entries unchanged. Pure; `stack` (a list of
+  leaves -> one leaf, default jnp.stack) lets the checkpoint adapter convert abstract trees."""
+  stack = stack or (lambda xs: jnp.stack(xs))
+
+  def one(d):
+    if not (isinstance(d, dict) and "layer_0" in d):
+      return d
+    n = sum(1 for k in d if k.startswith("layer_"))
+    out = {k: v for k, v in d.items() if not k.startswith("layer_")}
+    out["layers"] = jax.tree.map(lambda *xs: stack(list(xs)), *[d[f"layer_{i}"] for i in range(n)])
+    return out
+
+  return jax.tree.map(one, params, is_leaf=_is_layer_dict)
+
+
+def unstack_layers(params: Any, take=None) -> Any:
+  """The scanned layout (`layers`) -> the unrolled one (`layer_0` .. `layer_{n-1}`); the inverse of `stack_layers`.
+  `take` (leaf, i -> the i-th layer's leaf, default x[i]) for abstract trees."""
+  take = take or (lambda x, i: x[i])
+
+  def one(d):
+    if not (isinstance(d, dict) and "layers" in d):
+      return d
+    n = jax.tree.leaves(d["layers"])[0].shape[0]
+    out = {k: v for k, v in d.items() if k != "layers"}
+    for i in range(n):
+      out[f"layer_{i}"] = jax.tree.map(lambda x: take(x, i), d["layers"])
+    return out
+
+  return jax.tree.map(one, params, is_leaf=_is_layer_dict)
+
+
+def layer_layout(params: Any) -> str | None:
+  """"scanned", "unrolled" or None (no transformer parameters) of a tree holding parameters."""
+  found = [d for d in jax.tree.leaves(params, is_leaf=_is_layer_dict) if _is_layer_dict(d)]
+  if not found:
+    return None
+  return "scanned" if "layers" in found[0] else "unrolled"
 
 
 def init(c: ModelConfig, seed: int) -> tuple[nnx.GraphDef, dict]:
@@ -418,8 +528,12 @@ def logits_fn(apply_fn, params, *, time_conditioned: bool = False, pad_id: int =
 
 
 def empty_cache(params: dict, batch: int, length: int, dtype=jnp.float32) -> dict:
-  """Zero K/V cache {'layer_i': {'k', 'v'}: [B, L, K, D]} for the model whose parameters are `params`."""
+  """Zero K/V cache {'layer_i': {'k', 'v'}: [B, L, K, D]} for the model whose parameters are `params` (scanned
+  layout: {'layers': {'k', 'v'}: [num_layers, B, L, K, D]})."""
   cache = {}
+  if "layers" in params:
+    n, _, kh, hd = params["layers"]["wk"].shape
+    return {"layers": {"k": jnp.zeros((n, batch, length, kh, hd), dtype), "v": jnp.zeros((n, batch, length, kh, hd), dtype)}}
   for name, layer in params.items():
     if name.startswith("layer_"):
       _, kh, hd = layer["wk"].shape

@@ -28,6 +28,7 @@ RULES: dict[str, Any] = {
     "kv": None,
     "vocab": "tensor",
     "cond": None,
+    "layers": None,  # the stacked layer axis of model.scan_layers (scanned over, never sharded)
 }
 
 
