@@ -518,7 +518,16 @@ def _param_reader(workdir: str):
   which = "ema" if cfg.eval.use_ema and cfg.train.ema_decay > 0 else "params"
   device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
 
+  stacked = bool(cfg.model.get("scan_layers", False))
+  last = {}  # a scanned checkpoint's stacked parameter, read once for all its layers
+
   def read(path):
+    if stacked and path[0].startswith("layer_"):  # a scanned checkpoint: layer i of the stacked parameter
+      key = ("layers",) + tuple(path[1:])
+      if last.get("key") != key:
+        last.clear()
+        last.update(key=key, value=read(key))
+      return last["value"][int(path[0][len("layer_"):])]
     leaf = run.abstract_params
     for key in path:
       leaf = leaf[key]

@@ -753,6 +753,11 @@ NO_TOKENIZER = ("workdir '{}' has no tokenizer (converted from a directory witho
                 "level from Python (dlm_jax.train.load_for_inference, model.logits_fn, the samplers)")
 
 
+# model keys that change how the same parameters run, not what they are (restores convert the layer layout)
+HOW_TO_RUN_KEYS = ("model.scan_layers", "model.remat", "model.attention", "model.attention_block_q",
+                   "model.attention_block_kv", "model.attention_interpret")
+
+
 def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "") -> tuple[Any, Run, Any, Any]:
   """(cfg, run, params, process_state) from the latest checkpoint in `workdir`; EMA parameters when configured.
   `need_tokenizer` (a command name): a workdir without tokenizer is a DLMError before any parameter is read."""
@@ -762,9 +767,9 @@ def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "") 
     raise DLMError(NO_TOKENIZER.format(workdir, need_tokenizer))
   overrides = list(overrides)
   for key, _ in overrides:
-    if key in config_lib.SHAPE_KEYS or key.startswith("model."):
+    if (key in config_lib.SHAPE_KEYS or key.startswith("model.")) and key not in HOW_TO_RUN_KEYS:
       raise DLMError(f"--config.{key} changes the model of a trained checkpoint; only data/eval/sampler/mesh keys "
-                     "can be overridden here")
+                     f"and how the model runs ({', '.join(HOW_TO_RUN_KEYS)}) can be overridden here")
   config_lib.apply_overrides(cfg, overrides)
   config_lib.validate(cfg)
   run = build(cfg)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -341,3 +342,26 @@ def test_tokenizer_less_sampling_from_python(converted):
   assert tokens.shape == (2, 8) and ((tokens >= 0) & (tokens < 320)).all() and stats["nfe_per_batch"] > 0
   with pytest.raises(DLMError, match="has no tokenizer"):
     run.tokenizer.decode(tokens[0])
+
+
+def test_to_hf_from_a_scanned_checkpoint(converted, tmp_path):
+  """A workdir whose checkpoint holds stacked layers (model.scan_layers) writes the same HF tensors."""
+  import shutil
+  from dlm_jax import model as model_lib
+  from dlm_jax.checkpoint import save_host_params
+  from dlm_jax.train import load_for_inference
+  cfg, _, params, _ = load_for_inference(converted["llada"])
+  work = str(tmp_path / "scanned")
+  shutil.copytree(converted["llada"], work)
+  shutil.rmtree(os.path.join(work, "checkpoints"))
+  cfg.model.scan_layers = True
+  save_host_params(work, 0, jax.tree.map(np.asarray, model_lib.stack_layers(params)), cfg.to_dict())
+  out = str(tmp_path / "hf")
+  convert.to_hf(work, out)
+  a, b = _tensors(fixture("llada")), _tensors(out)
+  assert sorted(a) == sorted(b) and all(a[n].tobytes() == b[n].tobytes() for n in a)
+  # how the model runs may be chosen at inference: the scanned checkpoint restores unrolled (model.scan_layers=false)
+  _, run, again, _ = load_for_inference(work, [("model.scan_layers", "false"), ("model.attention", "reference")])
+  assert run.model_config.attention_impl == "reference" and "layer_0" in again
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
