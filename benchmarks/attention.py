@@ -14,7 +14,7 @@ Prints a table per part and, last, one JSON line with every figure:
          forward and dk/dv) and their non-empty tiles must equal the count (column `splash=`). `grid` is splash's
          forward grid after its shrinking (query tiles x the largest count in any query row): steps beyond a row's
          count do no work and fetch nothing new, but cost a grid step each.
-  aot    the real train step (`dlm-train`'s, `launch/aot_compile_tpu.py: lower_train_step`) of --config as block
+  aot    the real train step (`dlm-train`'s, `dlm_jax/aot.py: lower_train_step`) of --config as block
          diffusion (BD3: the trunk sees [x_t | x_0], 2L tokens) at input lengths 2L = --aot_lengths, with
          model.attention = xla and = splash, compiled for --topology: XLA's per-device arguments, outputs, temporaries,
          its cost analysis (FLOPs, bytes accessed), and the ratio of splash's temporaries to xla's. XLA's FLOPs and
@@ -31,7 +31,6 @@ a GPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -55,10 +54,8 @@ def _spec(name: str):
 
 
 def _aot_script():
-  spec = importlib.util.spec_from_file_location("aot_compile_tpu", os.path.join(REPO, "launch", "aot_compile_tpu.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from dlm_jax import aot
+  return aot
 
 
 # --- tiles ------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from dlm_jax.aot import train_flops_per_token  # noqa: F401  (one FLOP count for dlm-compile and the benchmarks)
+
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
   """Best achieved FLOP/s of an n x n x n float32 matmul through XLA on the default device."""
@@ -20,20 +22,6 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 / best
-
-
-def train_flops_per_token(mc, seq_len: int, attention_fraction: float = 1.0) -> float:
-  """Training FLOPs per token (forward + backward = 3x forward), counted analytically.
-
-  Matmuls: 6 x (attention and MLP weights + the output head). The embedding lookup is not a matmul.
-  Attention: QK^T and AV cost 2 * 2 * L * d_attn per token per layer forward; `attention_fraction` is the share of the
-  score matrix the mask leaves (1 for the bidirectional mask of masked diffusion, ~1/2 for causal).
-  """
-  d, h, k, hd, f = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.mlp_dim
-  per_layer = d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f
-  matmul_params = mc.num_layers * per_layer + d * mc.vocab_out
-  attn = mc.num_layers * 4 * seq_len * h * hd * attention_fraction
-  return 6 * matmul_params + 3 * attn
 
 
 def train_step_setup(cfg):

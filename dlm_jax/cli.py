@@ -1,4 +1,4 @@
-"""Command-line entry points: dlm-train, dlm-eval, dlm-sample, dlm-convert.
+"""Command-line entry points: dlm-train, dlm-eval, dlm-sample, dlm-convert, dlm-compile.
 
   dlm-train  --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
              (without --config: the config saved in DIR's checkpoint, e.g. a converted checkpoint trained further)
@@ -9,6 +9,8 @@
              [--config.KEY=VALUE ...]
   dlm-convert --from_hf HF_DIR --workdir OUT [--dtype float32|bfloat16]   a Hugging Face LLaDA / Dream / Fast-dLLM v2 /
              SDAR checkpoint -> a workdir;  dlm-convert --workdir DIR --to_hf OUT   the reverse (dlm_jax/convert.py)
+  dlm-compile --config C --topology v5e:4x4 [--sampler] [--find_batch] [--num_slices N] [--config.KEY=VALUE ...]
+             will it fit, how fast: the train step AOT-compiled for a TPU slice on this host (dlm_jax/aot.py)
 
 User errors print one line `dlm-<cmd>: error: ...` and exit with status 2; SIGTERM during training saves a checkpoint and
 exits with 143. Multi-host runs call jax.distributed.initialize when JAX_COORDINATOR_ADDRESS is set (with
@@ -289,6 +291,16 @@ def convert_main(argv=None) -> int:
   return _main("dlm-convert", _convert, argv)
 
 
+def compile_main(argv=None) -> int:
+  """dlm-compile: AOT-compile the train step (or the sampler) for a TPU topology on this host (dlm_jax/aot.py)."""
+  from dlm_jax import aot
+  try:
+    return aot.main(argv)
+  except KeyboardInterrupt:
+    print("dlm-compile: interrupted", file=sys.stderr)
+    return 130
+
+
 def _exit(fn):
   def wrapped():
     sys.exit(fn())
@@ -299,3 +311,4 @@ train_entry = _exit(train_main)
 eval_entry = _exit(eval_main)
 sample_entry = _exit(sample_main)
 convert_entry = _exit(convert_main)
+compile_entry = _exit(compile_main)

@@ -1,7 +1,6 @@
-"""launch/aot_compile_tpu.py's inference path (--sampler): the forward and the configured sampler compiled for abstract,
-sharded parameters, here on CPU devices (the same code compiles for a TPU topology through libtpu)."""
+"""dlm-compile's inference path (dlm_jax/aot.py, --sampler): the forward and the configured sampler compiled for
+abstract, sharded parameters, here on CPU devices (the same code compiles for a TPU topology through libtpu)."""
 
-import importlib.util
 import json
 import os
 
@@ -16,10 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location("aot_compile_tpu", os.path.join(ROOT, "launch", "aot_compile_tpu.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from dlm_jax import aot
+  return aot
 
 
 @pytest.mark.parametrize("arch,sampler", [("dream", "dream"), ("sdar", "sdar")])

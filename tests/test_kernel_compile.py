@@ -1,5 +1,5 @@
 """The Pallas attention kernels inside the real train step (`dlm-train`'s, built by
-`launch/aot_compile_tpu.py: lower_train_step`), compiled or lowered on this CPU host for the accelerators it lacks.
+`dlm_jax/aot.py: lower_train_step`), compiled or lowered on this CPU host for the accelerators it lacks.
 
   TPU   model.attention=splash: the step compiles for a v5e:2x2 slice with XLA:TPU and Mosaic (libtpu: the test extra
         installs it; without it these tests skip and say so). Its StableHLO holds the splash kernel (tpu_custom_call)
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib.util
 import os
 import re
 
@@ -37,10 +36,8 @@ TOPOLOGY = "v5e:2x2"
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location("aot_compile_tpu", os.path.join(ROOT, "launch", "aot_compile_tpu.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from dlm_jax import aot
+  return aot
 
 
 def _config(name: str, attention: str):

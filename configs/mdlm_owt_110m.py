@@ -1,0 +1,57 @@
+"""MDLM on OpenWebText at GPT-2-small size (~110M with embeddings, 85M trunk): the recipe of Sahoo et al. 2024, "Simple
+and Effective Masked Diffusion Language Models" (kuleshov-group/mdlm, configs/config.yaml + configs/model/small.yaml):
+  model small: 12 blocks, hidden 768, 12 heads, L (model.length) 1024; GPT-2 tokenizer (50257 ids + the mask id)
+  loader.global_batch_size 512; optim AdamW lr 3e-4, betas (0.9, 0.999), weight decay 0; grad clip 1.0
+  lr_scheduler constant_warmup, 2500 warmup steps (here: warmup, then a constant rate: min_lr_ratio 1.0)
+  training.ema 0.9999; trainer.max_steps 1_000_000; loglinear noise (our "loglinear" schedule), antithetic times
+Differences: our trunk is LLaMA-style (RMSNorm, RoPE, SwiGLU 2048 ~ the DiT's 4x GELU MLP in parameters), no dropout
+(MDLM: 0.1), no time conditioning (MDLM's default for masked diffusion).
+
+Sized for a v5e-16 slice (v5e:4x4, 16 chips; batch 512 = 32 sequences per chip in 2 micro-batches, FSDP over all
+chips):
+  dlm-compile --config configs/mdlm_owt_110m.py --topology v5e:4x4
+
+Tokenizer: data.tokenizer is the path of GPT-2's tokenizer.json, which you provide (e.g. from the Hugging Face hub
+repository openai-community/gpt2); `dlm-train` reads it, `dlm-compile` only needs its size (50257) and runs without it.
+Point data.path at the OpenWebText text (a directory of .txt / .jsonl files; see README "Data").
+"""
+
+from dlm_jax.config import default_config
+
+GPT2_TOKENIZER = "tokenizers/gpt2/tokenizer.json"  # override: --config.data.tokenizer=/path/to/gpt2/tokenizer.json
+
+
+def get_config():
+  c = default_config()
+  c.model.num_layers = 12
+  c.model.d_model = 768
+  c.model.num_heads = 12
+  c.model.mlp_dim = 2048
+  c.model.max_seq_len = 1024
+  c.data.tokenizer = GPT2_TOKENIZER
+  c.data.seq_len = 1024
+  c.data.val_fraction = 0.005
+  c.diffusion.process = "masked"
+  c.diffusion.schedule = "loglinear"
+  c.diffusion.antithetic = True
+  c.train.steps = 1_000_000
+  c.train.batch_size = 512
+  c.train.grad_accum_steps = 2  # 16 sequences per chip per micro-batch: 32 at once needs 16.1 GiB of v5e's 15.75
+  c.train.learning_rate = 3e-4
+  c.train.warmup_steps = 2500
+  c.train.min_lr_ratio = 1.0  # MDLM: constant after warmup
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1.0
+  c.train.adam_b1 = 0.9
+  c.train.adam_b2 = 0.999
+  c.train.ema_decay = 0.9999
+  c.train.compute_dtype = "bfloat16"
+  c.train.log_every = 100
+  c.train.checkpoint_every = 5000
+  c.train.eval_every = 10000
+  c.eval.batch_size = 64
+  c.eval.max_batches = 100
+  c.sampler.steps = 1000
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # fully sharded over all chips
+  return c

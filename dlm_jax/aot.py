@@ -1,0 +1,508 @@
+"""`dlm-compile`: will this config fit on that TPU slice, and how fast will it be? (ahead-of-time, on any host)
+
+  dlm-compile --config configs/mdlm_owt_110m.py --topology v5e:4x4 [--config.KEY=VALUE ...]
+              [--sampler] [--find_batch] [--num_slices N] [--vocab N] [--hlo FILE]
+
+`jax.experimental.topologies.get_topology_desc(TOPOLOGY, platform="tpu", num_slices=N)` describes the chips of a slice
+(compile-only devices; libtpu is the compiler, no TPU is needed). The run's mesh is built over them exactly as
+`dlm-train` builds it (mesh.* keys), the jit-compiled train step of dlm_jax.train (or, with --sampler, one forward of
+the model and the configured sampler) is lowered with abstract, sharded inputs (nothing is allocated) and compiled by
+XLA:TPU. Printed: a table and one JSON line with the mesh, the parameter count, XLA's per-device memory (arguments,
+outputs, temporaries, total) against the chip's HBM, the FLOPs per step from the analytic mask-aware count
+(`step_flops`) next to XLA's cost analysis (which does not see inside Pallas kernels), and an estimated step time and
+MFU at the chip's figures (`CHIPS`): est_step_s = the roofline max(XLA FLOPs / bf16 peak, XLA bytes accessed / HBM
+bandwidth, analytic FLOPs / peak) per device (XLA's counts times train.grad_accum_steps: it counts a loop body
+once), est_mfu = analytic FLOPs / (est_step_s x peak): an upper bound (no communication, perfect overlap), so a
+config below ~50% here will not reach it on the chip.
+
+Exit status: 0 = compiles and fits; 2 = a config or topology error, or "does not fit: needs X GiB of Y GiB per
+device"; 1 = another error. `--find_batch` binary-searches the largest per-device batch (train.batch_size = per-device
+x data x fsdp, no accumulation) that fits, for each remat policy when the config has model.remat, and prints the
+frontier.
+
+A tokenizer.json that is not on this machine (the presets name GPT-2's) does not stop a compile: only its size matters,
+taken from --vocab (default: 50257 when the path names gpt2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from dlm_jax import config as config_lib
+from dlm_jax.errors import DLMError
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  hbm_gib: float  # HBM per chip
+  peak_tflops: float  # dense bf16 TFLOP/s per chip
+  hbm_gbps: float  # HBM bandwidth, GB/s per chip
+
+
+# Per chip, from Google Cloud's TPU documentation (cloud.google.com/tpu/docs/system-architecture-tpu-vm and the
+# per-generation pages /tpu/docs/v4, /v5e, /v5p, /v6e): HBM capacity, peak bf16 compute, HBM bandwidth.
+CHIPS = {
+    "v4": Chip("v4", 32.0, 275.0, 1200.0),
+    "v5e": Chip("v5e", 16.0, 197.0, 819.0),
+    "v5p": Chip("v5p", 95.0, 459.0, 2765.0),
+    "v6e": Chip("v6e", 32.0, 918.0, 1640.0),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
+
+# XLA:TPU's out-of-memory messages: "... memory required for HLO temporaries (38.45G) exceeds available HBM (15.75G)",
+# or "Used 38.5G of 15.75G hbm"
+_OOM_PATTERNS = (re.compile(r"\(([0-9.]+)([KMGT]?)\) exceeds available HBM \(([0-9.]+)([KMGT]?)\)"),
+                 re.compile(r"Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm"))
+
+
+def _gib(value: str, unit: str) -> float:
+  return float(value) * {"": 2 ** -30, "K": 2 ** -20, "M": 2 ** -10, "G": 1.0, "T": 1024.0}[unit]
+
+
+def chip_of(topology: str) -> Chip | None:
+  gen = topology.split(":")[0].split("-")[0].lower()
+  return CHIPS.get(_ALIASES.get(gen, gen))
+
+
+class DoesNotFit(Exception):
+
+  def __init__(self, needs_gib: float, hbm_gib: float):
+    super().__init__(f"does not fit: needs {needs_gib:.2f} GiB of {hbm_gib:.2f} GiB per device")
+    self.needs_gib, self.hbm_gib = needs_gib, hbm_gib
+
+
+# --- analytic FLOPs ---------------------------------------------------------------------------------------------------
+
+
+def train_flops_per_token(mc, seq_len: int, attention_fraction: float = 1.0) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), counted analytically.
+
+  Matmuls: 6 x (attention and MLP weights + the output head). The embedding lookup is not a matmul.
+  Attention: QK^T and AV cost 2 * 2 * L * d_attn per token per layer forward; `attention_fraction` is the share of the
+  score matrix the mask leaves (1 for the bidirectional mask of masked diffusion, ~1/2 for causal).
+  """
+  d, h, k, hd, f = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.mlp_dim
+  per_layer = d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f
+  matmul_params = mc.num_layers * per_layer + d * mc.vocab_out
+  attn = mc.num_layers * 4 * seq_len * h * hd * attention_fraction
+  return 6 * matmul_params + 3 * attn
+
+
+def attention_mask(cfg):
+  """(MaskSpec, trunk length) of the family's training forward: block diffusion runs the trunk over [x_t | x_0]
+  (2L) under the BD3 mask; every other family attends bidirectionally over L."""
+  from dlm_jax import masks
+  length = cfg.data.seq_len
+  if cfg.diffusion.process == "block":
+    return masks.bd3(cfg.diffusion.block_size), 2 * length
+  return masks.FULL, length
+
+
+def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
+  """Analytic FLOPs of one train step (forward + backward) of `run`, mask-aware: the attention share is the key tiles a
+  block-sparse kernel visits at `tile` x `tile` (splash's 128; `MaskSpec.tiles_visited`), the matmuls run over the
+  trunk's tokens (2L for block diffusion) and the output head over L. The continuous flow's one-hot input projection
+  counts as a matmul."""
+  cfg, mc = run.cfg, run.model_config
+  b = cfg.train.batch_size if batch_size is None else batch_size
+  length = cfg.data.seq_len
+  spec, n = attention_mask(cfg)
+  t = min(tile, n)
+  visited, dense = spec.tiles_visited(n, n, t, t) if n % t == 0 else (1, 1)
+  frac = visited / dense
+  d, h, k, hd, f = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.mlp_dim
+  layer_params = mc.num_layers * (d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f)
+  head = d * mc.vocab_out
+  inp = d * mc.vocab_in if cfg.diffusion.process == "flow" and not cfg.diffusion.flow_embed_state else 0
+  matmul = 6 * b * (n * layer_params + length * head + n * inp)
+  attention = 3 * b * mc.num_layers * 4 * n * n * h * hd * frac
+  total = matmul + attention
+  return {"flops_per_step": float(total), "attention_flops_share": round(attention / total, 4),
+          "mask": str(spec), "mask_tiles_fraction": round(frac, 4), "trunk_len": n}
+
+
+# --- compiling --------------------------------------------------------------------------------------------------------
+
+
+def lower_train_step(run, lowering_platforms=None):
+  """The jit-compiled train step of dlm_jax.train (what `dlm-train` runs), lowered for abstract state and token batch
+  in their shardings over `run.mesh` (nothing is allocated). `lowering_platforms`, e.g. ("cuda",): lower for a
+  platform this host has no device of (StableHLO only; such a program cannot be compiled here). Call it outside
+  `jax.set_mesh` (it sets the mesh for the trace itself; the optimizer's sharding tree is built eagerly, which fails
+  under a mesh of compile-only TPU devices); compile the result under `jax.set_mesh(run.mesh)`."""
+  import jax
+  import jax.numpy as jnp
+
+  from dlm_jax.train import abstract_train_state, make_optimizer, make_train_step, state_shardings, with_shardings
+
+  cfg = run.cfg
+  opt = make_optimizer(cfg)
+  abstract = abstract_train_state(run, opt)
+  shardings = state_shardings(run, opt, abstract)
+  state = with_shardings(abstract, shardings)
+  batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32, sharding=run.batch_sharding())
+  step = make_train_step(run, opt, shardings)
+  with jax.set_mesh(run.mesh):
+    traced = step.trace(state, batch)
+    return traced.lower() if lowering_platforms is None else traced.lower(lowering_platforms=tuple(lowering_platforms))
+
+
+def figures(compiled, flops_key: str = "per_device_flops") -> dict:
+  """XLA's per-device memory (bytes) and FLOP estimates of a compiled program."""
+  out = {}
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes",
+              "alias_size_in_bytes"):
+      if hasattr(mem, k):
+        out[f"per_device_{k}"] = int(getattr(mem, k))
+    total = sum(out.get(f"per_device_{k}_size_in_bytes", 0) for k in ("argument", "output", "temp"))
+    total -= out.get("per_device_alias_size_in_bytes", 0)  # donated state: outputs reuse the arguments' buffers
+    out["per_device_total_gib"] = round(total / 2 ** 30, 3)
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):  # older JAX: one dict per computation
+    cost = cost[0] if cost else None
+  if cost and "flops" in cost:
+    out[flops_key] = float(cost["flops"])
+  if cost and "bytes accessed" in cost:
+    out["xla_bytes_accessed_per_device"] = float(cost["bytes accessed"])
+  return out
+
+
+_figures = figures  # the name launch/aot_compile_tpu.py's callers used
+
+
+def inference_programs(run, params_dtype: str, prompt_len: int) -> dict:
+  """Compiled {forward, sampler} for abstract parameters placed in their shardings (nothing is allocated)."""
+  import jax
+  import jax.numpy as jnp
+
+  from dlm_jax.evaluate import sampler_fn
+
+  cfg = run.cfg
+  gen = cfg.sampler.length or cfg.data.seq_len
+  length = prompt_len + gen
+  if length > cfg.model.max_seq_len:
+    raise DLMError(f"--prompt_len {prompt_len} + sampler.length {gen} exceeds model.max_seq_len "
+                   f"{cfg.model.max_seq_len}")
+  batch = cfg.sampler.batch_size
+  if batch % run.batch_shards:
+    raise DLMError(f"sampler.batch_size={batch} must be a multiple of the mesh's data x fsdp = {run.batch_shards}")
+  dt = jnp.bfloat16 if params_dtype == "bfloat16" else jnp.float32
+  params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dt, sharding=sh), run.abstract_params,
+                        run.param_shardings)
+  canvas = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=run.batch_sharding())
+  keys = jax.ShapeDtypeStruct((batch, 2), jnp.uint32, sharding=run.batch_sharding())
+  pstate = jax.eval_shape(run.process.init_state, jax.random.PRNGKey(0))
+  sample, x64, _ = sampler_fn(run, prompt_len)
+
+  def forward(p, c):  # one network call of the sampler: the family's own forward over the canvas
+    net = run.process.sampling_net(run.apply_fn, p, pstate, c, cfg.sampler.steps)
+    return net.logits_fn(c, jnp.full((batch,), 0.5, jnp.float32))
+
+  out = {"length": length, "sampler_name": config_lib.sampler_options(cfg)[0].name}
+  with jax.set_mesh(run.mesh), x64:
+    try:  # the token-id families; the continuous ones' sampling nets take their own states, not a token canvas
+      jax.eval_shape(forward, params, canvas)
+    except (TypeError, ValueError):
+      pass
+    else:
+      out["forward"] = jax.jit(forward).lower(params, canvas).compile()
+    out["sampler"] = jax.jit(sample).lower(params, keys, canvas, pstate).compile()
+  return out
+
+
+_inference_programs = inference_programs
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+  """Compile-only devices of a TPU topology (DLMError for a name libtpu does not know, or without libtpu)."""
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host discovery on non-TPU machines
+  from jax.experimental import topologies
+  try:
+    kw = {"num_slices": num_slices} if num_slices > 1 else {}
+    topo = topologies.get_topology_desc(topology, platform="tpu", **kw)
+  except Exception as e:  # pylint: disable=broad-except  (libtpu missing or an unknown topology name)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    raise DLMError(f"cannot describe TPU topology '{topology}' ({first}); use a name like v5e:2x2, v5p:2x2x1 or "
+                   "v4:2x2x2 (pip install libtpu)") from None
+  return list(topo.devices)
+
+
+def _build(cfg, devices, vocab: int):
+  """dlm_jax.build.build over `devices`, with a stand-in tokenizer of `vocab` ids when data.tokenizer names a
+  tokenizer.json that is not on this machine (only its size shapes the program)."""
+  from dlm_jax import build as build_lib
+  from dlm_jax import data
+  from dlm_jax.train import check_batch
+  tok = cfg.data.tokenizer
+  if tok not in ("bytes", "none") and not os.path.isfile(tok):
+    n = vocab or (50257 if "gpt2" in tok.lower() else 0)
+    if not n:
+      raise DLMError(f"data.tokenizer '{tok}' is not on this machine; pass --vocab N (its vocabulary size) to compile "
+                     "without it")
+    stand_in = data.NoTokenizer(n)
+    stand_in.eos_id = n - 1
+    stand_in.eot_id = None
+    stand_in.pad_id = n - 1
+    real = build_lib.make_tokenizer
+    build_lib.make_tokenizer = lambda *a, **k: stand_in
+    try:
+      run = build_lib.build(cfg, devices=devices)
+    finally:
+      build_lib.make_tokenizer = real
+  else:
+    run = build_lib.build(cfg, devices=devices)
+  check_batch(run)
+  return run
+
+
+def _oom(e: Exception) -> DoesNotFit | None:
+  msg = str(e)
+  for pattern in _OOM_PATTERNS:
+    found = pattern.search(msg)
+    if found:
+      return DoesNotFit(_gib(found.group(1), found.group(2)), _gib(found.group(3), found.group(4)))
+  if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
+    return DoesNotFit(float("nan"), float("nan"))
+  return None
+
+
+def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0) -> tuple[dict, object]:
+  """Compile the train step of `cfg` over `devices`: (report, compiled). DoesNotFit when XLA runs out of HBM or the
+  per-device total exceeds the chip's."""
+  import jax
+  run = _build(cfg, devices, vocab)
+  report = {"mesh": dict(run.mesh.shape), "num_params": int(sum(x.size for x in jax.tree.leaves(run.abstract_params))),
+            "batch": cfg.train.batch_size, "per_device_batch": cfg.train.batch_size // run.batch_shards,
+            "grad_accum_steps": cfg.train.grad_accum_steps, "seq_len": cfg.data.seq_len,
+            "compute_dtype": cfg.train.compute_dtype}
+  for key in ("remat", "scan_layers"):
+    if key in cfg.model:
+      report[key] = cfg.model[key]
+  t0 = time.perf_counter()
+  try:
+    lowered = lower_train_step(run)
+    with jax.set_mesh(run.mesh):
+      compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    oom = _oom(e)
+    if oom is None:
+      raise
+    if chip and math.isnan(oom.hbm_gib):
+      oom = DoesNotFit(oom.needs_gib, chip.hbm_gib)
+    raise oom from None
+  report["compile_s"] = round(time.perf_counter() - t0, 1)
+  report.update(figures(compiled, flops_key="xla_flops_per_device"))
+  report.update(step_flops(run))
+  n = len(devices)
+  report["analytic_flops_per_device"] = report["flops_per_step"] / n
+  if report.get("xla_flops_per_device"):
+    report["analytic_over_xla_flops"] = round(report["analytic_flops_per_device"] / report["xla_flops_per_device"], 3)
+  if chip:
+    report["hbm_gib"] = chip.hbm_gib
+    report["peak_tflops_per_chip"] = chip.peak_tflops
+    # roofline: the step takes at least XLA's FLOPs at the chip's peak and XLA's bytes at its HBM bandwidth; MFU =
+    # the analytic (model) FLOPs over that time at peak
+    est = report["flops_per_step"] / (n * chip.peak_tflops * 1e12)
+    report["est_step_s_at_peak"] = round(est, 4)
+    xla = report.get("xla_flops_per_device")
+    if xla:
+      # XLA counts a while loop's body once: the micro-batch loop of gradient accumulation runs it accum times; and
+      # it does not see inside Pallas kernels (splash), so the analytic FLOPs bound the time too
+      accum = cfg.train.grad_accum_steps
+      peak = chip.peak_tflops * 1e12
+      roof = max(report["analytic_flops_per_device"] / peak, accum * xla / peak,
+                 accum * report.get("xla_bytes_accessed_per_device", 0.0) / (chip.hbm_gbps * 1e9))
+      report["est_step_s"] = round(roof, 4)
+      report["est_mfu"] = round(min(1.0, report["analytic_flops_per_device"] / (roof * chip.peak_tflops * 1e12)), 3)
+      report["tokens_per_s"] = round(cfg.train.batch_size * cfg.data.seq_len / roof)
+    if report.get("per_device_total_gib", 0) > chip.hbm_gib:
+      raise DoesNotFit(report["per_device_total_gib"], chip.hbm_gib)
+  return report, compiled
+
+
+def find_batch(cfg, devices, chip, vocab: int = 0, limit: int = 4096) -> list[dict]:
+  """Per remat policy (model.remat's choices when the config has it; else the current setting): the largest
+  per-device batch that compiles and fits (binary search over powers of two, then between them)."""
+  policies = [None]
+  if "remat" in cfg.model:
+    from dlm_jax import model as model_lib
+    policies = list(getattr(model_lib, "REMAT_POLICIES", None) or [cfg.model.remat])
+  run_shards = None
+  frontier = []
+  errors = {}
+  for policy in policies:
+    cache = {}
+
+    def fits(per_device, policy=policy):
+      if per_device in cache:
+        return cache[per_device]
+      over = [("train.batch_size", per_device * run_shards), ("train.grad_accum_steps", 1)]
+      if policy is not None:
+        over.append(("model.remat", policy))
+      c = config_lib.config_from_dict(cfg.to_dict())
+      config_lib.apply_overrides(c, over)
+      try:
+        rep, _ = compile_train(c, devices, chip, vocab)
+      except DoesNotFit:
+        rep = None
+      except Exception as e:  # pylint: disable=broad-except  (a policy this platform cannot compile, e.g. offload)
+        errors[policy] = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        rep = None
+      cache[per_device] = rep
+      print(f"  remat={policy} per-device batch {per_device}: " + ("fits" if rep else "does not fit"),
+            file=sys.stderr, flush=True)
+      return rep
+
+    if run_shards is None:
+      run_shards = _build(cfg, devices, vocab).batch_shards
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi) and policy not in errors:
+      lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      if fits(mid):
+        lo = mid
+      else:
+        hi = mid
+    row = {"remat": policy, "per_device_batch": lo, "batch": lo * run_shards}
+    if not lo and policy in errors:
+      row["error"] = errors[policy]
+    if lo:
+      rep = cache[lo]
+      row.update({k: rep.get(k) for k in ("per_device_total_gib", "est_mfu", "est_step_s_at_peak")})
+    frontier.append(row)
+  return frontier
+
+
+# --- the command ------------------------------------------------------------------------------------------------------
+
+
+def _table(report: dict) -> str:
+  gib = lambda k: "-" if k not in report else f"{report[k] / 2 ** 30:.2f} GiB"  # noqa: E731
+  rows = [("topology", f"{report['topology']} x {report.get('num_slices', 1)} slice(s), {report['devices']} chips "
+           f"({report['device_kind']})"),
+          ("mesh", " ".join(f"{k}={v}" for k, v in report["mesh"].items())),
+          ("parameters", f"{report['num_params']:,}")]
+  if "batch" in report:
+    rows.append(("batch", f"{report['batch']} ({report.get('per_device_batch')} per device, accum "
+                 f"{report.get('grad_accum_steps')}), L {report.get('seq_len')}, {report.get('compute_dtype')}"))
+  rows += [("arguments / device", gib("per_device_argument_size_in_bytes")),
+           ("outputs / device", gib("per_device_output_size_in_bytes")),
+           ("temporaries / device", gib("per_device_temp_size_in_bytes")),
+           ("total / device", f"{report.get('per_device_total_gib', '-')} GiB of {report.get('hbm_gib', '?')} GiB HBM")]
+  if "flops_per_step" in report:
+    rows += [("FLOPs / step (analytic)", f"{report['flops_per_step']:.3e} (mask {report['mask']}, "
+              f"{report['mask_tiles_fraction']:.3f} of the tiles; attention {report['attention_flops_share']:.1%})"),
+             ("FLOPs / device (XLA)", f"{report.get('xla_flops_per_device', float('nan')):.3e} (analytic "
+              f"{report['analytic_flops_per_device']:.3e})")]
+  if "est_step_s_at_peak" in report:
+    rows += [("est. step time", f"{report.get('est_step_s', float('nan')):.4f} s (roofline of XLA's FLOPs and bytes; "
+              f"analytic FLOPs at peak {report['est_step_s_at_peak']:.4f} s; {report['peak_tflops_per_chip']:.0f} "
+              "TFLOP/s per chip)"),
+             ("est. MFU", f"{report.get('est_mfu', float('nan')):.1%} (analytic FLOPs / est. step time / peak)")]
+  for name in ("forward", "sampler"):
+    if name in report:
+      rows.append((f"{name} total / device", f"{report[name].get('per_device_total_gib', '-')} GiB"))
+  if "compile_s" in report:
+    rows.append(("compile", f"{report['compile_s']} s"))
+  w = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):
+    raise DLMError(f"{message}; see --help")
+
+
+def main(argv=None, prog: str = "dlm-compile") -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  p = _Parser(prog=prog, description=__doc__.split("\n\n")[0])
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--config", help="config file, e.g. configs/mdlm_owt_110m.py")
+  src.add_argument("--hf_config", help="a Hugging Face config.json (LLaDA, Dream, Fast-dLLM v2, SDAR), e.g. "
+                   "configs/hf/llada_8b_instruct.json: the model dlm-convert would make of it")
+  p.add_argument("--topology", required=True, help="TPU topology name, e.g. v5e:2x2, v5e:16x16, v5p:2x2x2, v4:2x2x2")
+  p.add_argument("--num_slices", type=int, default=1, help="slices of the topology (multi-slice: DCN between them)")
+  p.add_argument("--sampler", action="store_true", help="compile a forward and the configured sampler (inference) "
+                 "instead of the train step")
+  p.add_argument("--params_dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="with --sampler: the parameters' dtype")
+  p.add_argument("--prompt_len", type=int, default=0, help="with --sampler: prompt tokens before the generated ones")
+  p.add_argument("--find_batch", action="store_true", help="the largest per-device batch that fits, per remat policy")
+  p.add_argument("--vocab", type=int, default=0, help="vocabulary size when data.tokenizer's file is not here")
+  p.add_argument("--hlo", default="", help="also write the compiled HLO text to this file")
+  try:
+    overrides = config_lib.parse_override_args(argv)
+    a = p.parse_args(config_lib.strip_override_args(argv))
+    if a.config:
+      cfg = config_lib.load(a.config, overrides)
+    else:
+      from dlm_jax import convert
+      hf = convert._load_json(a.hf_config, "Hugging Face config")  # pylint: disable=protected-access
+      arch = convert.detect(hf)
+      cfg = convert.build_config(arch, hf, convert.model_shape(arch, hf), None, {})
+      config_lib.apply_overrides(cfg, overrides)
+      config_lib.validate(cfg)
+    if a.num_slices < 1:
+      raise DLMError(f"--num_slices must be >= 1, got {a.num_slices}")
+    chip = chip_of(a.topology)
+    devices = topology_devices(a.topology, a.num_slices)
+    report = {"topology": a.topology, "num_slices": a.num_slices, "devices": len(devices),
+              "device_kind": devices[0].device_kind, "hosts": len({d.process_index for d in devices})}
+    if a.find_batch:
+      frontier = find_batch(cfg, devices, chip, a.vocab)
+      print(f"{'remat':<20} {'per-device batch':>16} {'batch':>7} {'GiB/device':>10} {'est. MFU':>8}")
+      for r in frontier:
+        print(f"{str(r['remat']):<20} {r['per_device_batch']:>16} {r['batch']:>7} "
+              f"{str(r.get('per_device_total_gib', '-')):>10} {str(r.get('est_mfu', '-')):>8}")
+      print(json.dumps({**report, "frontier": frontier}))
+      return 0
+    if a.sampler:
+      import jax
+      run = _build(cfg, devices, a.vocab)
+      report.update({"mesh": dict(run.mesh.shape),
+                     "num_params": int(sum(x.size for x in jax.tree.leaves(run.abstract_params)))})
+      programs = inference_programs(run, a.params_dtype, a.prompt_len)
+      report.update({"params_dtype": a.params_dtype, "compute_dtype": cfg.train.compute_dtype,
+                     "sampler_name": programs.pop("sampler_name"), "sampler_batch": cfg.sampler.batch_size,
+                     "prompt_len": a.prompt_len, "length": programs.pop("length")})
+      for name, compiled in programs.items():
+        report[name] = figures(compiled)
+      compiled = programs["sampler"]
+      if chip:
+        report["hbm_gib"] = chip.hbm_gib
+        worst = max(report[name].get("per_device_total_gib", 0) for name in programs)
+        if worst > chip.hbm_gib:
+          raise DoesNotFit(worst, chip.hbm_gib)
+    else:
+      rep, compiled = compile_train(cfg, devices, chip, a.vocab)
+      report.update(rep)
+    if a.hlo:
+      with open(a.hlo, "w") as f:
+        f.write(compiled.as_text())
+      report["hlo"] = a.hlo
+  except DoesNotFit as e:
+    print(str(e))
+    return 2
+  except DLMError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  print(_table(report))
+  print(json.dumps(report))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
