@@ -140,9 +140,12 @@ class Checkpointer:
     try:
       meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
       tree = getattr(meta, "item_metadata", meta)
-      return getattr(tree, "tree", tree)
+      tree = getattr(tree, "tree", tree)
     except Exception as e:
       raise self._fail(step, "state metadata", e) from None
+    if not hasattr(tree, "keys"):  # damaged metadata can read as nothing rather than fail
+      raise self._fail(step, "state metadata", ValueError(f"no readable tree (got {type(tree).__name__})"))
+    return tree
 
   def state_keys(self, step: int) -> set[str]:
     """The top-level entries of a step's saved state ({'params', 'step'} for a checkpoint dlm-convert wrote; the
