@@ -88,6 +88,24 @@ def run_cli(cmd: str, *args: str, env: dict | None = None, timeout: int = 600) -
                          *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
 
 
+def train_and_resume(cfg, tmp_path, stop: int, last: int) -> tuple[str, str]:
+  """Trains `cfg` to step `last` in tmp_path/straight (checkpoints at `stop` and `last`), copies that run as it was when
+  stopped after step `stop` to tmp_path/resumed, resumes it, and checks the resumed steps' losses equal the
+  uninterrupted ones bit for bit. Returns (straight, resumed)."""
+  import shutil
+  from dlm_jax.train import train
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train(cfg, straight, progress=False)
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", str(last)))
+  os.remove(os.path.join(resumed, "metrics.jsonl"))
+  train(cfg, resumed, progress=False)
+  a, b = losses(straight), losses(resumed)
+  assert sorted(b) == list(range(stop + 1, last + 1))
+  assert all(a[s] == b[s] for s in b), (a, b)
+  return straight, resumed
+
+
 def losses(workdir: str) -> dict[int, float]:
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

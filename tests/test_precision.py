@@ -2,8 +2,6 @@
 train.compute_dtype; logits and the loss stay float32. bf16 state saves and resumes bit for bit, and bf16 master
 weights learn the Markov source to the same bound tolerance as float32 ones (test_statistical's bars)."""
 
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import losses
+from conftest import train_and_resume
 from dlm_jax import config as config_lib
 from dlm_jax.errors import DLMError
-from dlm_jax.train import load_for_inference, lr_schedule, make_optimizer, setup, stochastic_round, train
+from dlm_jax.train import load_for_inference, lr_schedule, make_optimizer, setup, stochastic_round
 
 
 def _dtypes(tree):
@@ -99,15 +97,7 @@ def test_bf16_run_resumes_bit_for_bit(tmp_path, tiny_config):
   state (params, EMA, moments) exactly; the checkpoint holds bf16 arrays."""
   cfg = config_lib.load(tiny_config(train__steps=8, train__checkpoint_every=4, train__param_dtype="bfloat16",
                                     train__moments_dtype="bfloat16", train__ema_decay=0.9))
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train(cfg, straight, progress=False)
-  shutil.copytree(straight, resumed)  # the run as it was when stopped after step 4
-  shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
-  os.remove(os.path.join(resumed, "metrics.jsonl"))
-  train(cfg, resumed, progress=False)
-  a, b = losses(straight), losses(resumed)
-  assert sorted(b) == [5, 6, 7, 8]
-  assert all(a[s] == b[s] for s in b), (a, b)
+  straight, resumed = train_and_resume(cfg, tmp_path, stop=4, last=8)
   states = []
   for workdir in (straight, resumed):
     t = setup(cfg, workdir, progress=False)  # restores step 8

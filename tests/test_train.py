@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, losses, run_cli
+from conftest import REPO, losses, run_cli, train_and_resume
 from dlm_jax import config as config_lib
 from dlm_jax.errors import DLMError
 from dlm_jax.train import train
@@ -257,17 +257,8 @@ def test_schedule_state_is_checkpointed_and_resume_reproduces(tmp_path, tiny_con
   from dlm_jax.train import load_for_inference
   base = dict(train__steps=8, train__checkpoint_every=4, diffusion__process=process,
               diffusion__schedule_update_every=3, diffusion__schedule_buffer=16, train__ema_decay=0.0)
-  import shutil
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   cfg = config_lib.load(tiny_config("a.py", **base))
-  train(cfg, straight, progress=False)
-  shutil.copytree(straight, resumed)  # the run as it was when stopped after step 4
-  shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
-  os.remove(os.path.join(resumed, "metrics.jsonl"))
-  train(cfg, resumed, progress=False)
-  a, b = losses(straight), losses(resumed)
-  assert sorted(b) == [5, 6, 7, 8]
-  assert all(a[s] == b[s] for s in b), (a, b)
+  straight, resumed = train_and_resume(cfg, tmp_path, stop=4, last=8)
   _, _, pa, sa = load_for_inference(straight)
   _, _, pb, sb = load_for_inference(resumed)
   assert int(sa["calls"]) == 8  # two refits happened (after loss calls 3 and 6)
