@@ -337,3 +337,8 @@ def test_jobset_pods_train_stop_and_resume(tmp_path, tiny_config):
     steps = [json.loads(line)["step"] for line in f if json.loads(line)["kind"] == "train"]
   assert steps[-1] == 400 and stop + 1 in steps[steps.index(stop) + 1:]  # continued after the saved step
   assert sorted(set(s for s in steps if s > stop)) == list(range(stop + 1, 401))
+
+
+def test_help():
+  r = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
+  assert r.returncode == 0 and "--dry-run" in r.stdout and "ct5lp-hightpu-4t" in r.stdout  # options and the slice table
