@@ -246,7 +246,8 @@ def _metadata(plan: Plan, name: str, **extra) -> dict:
 def jobset(plan: Plan) -> dict:
   s = plan.slice
   annotations, volume, mount = _storage(plan, read_only=False)
-  node_selector = {"cloud.google.com/gke-tpu-accelerator": s.gen.accelerator, "cloud.google.com/gke-tpu-topology": s.shape}
+  node_selector = {"cloud.google.com/gke-tpu-accelerator": s.gen.accelerator,
+                   "cloud.google.com/gke-tpu-topology": s.shape}
   if plan.spot:
     node_selector["cloud.google.com/gke-spot"] = "true"
   ports = [{"containerPort": plan.port, "name": "jax-coord"}]
@@ -364,7 +365,7 @@ def follow_up(plan: Plan) -> list[str]:
            f"kubectl logs{ns} -f -l {sel},jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=0"
            "   # process 0"]
   if plan.tensorboard:
-    lines.append(f"kubectl port-forward{ns} deployment/{plan.name}-tensorboard 6006:6006   # then http://localhost:6006")
+    lines.append(f"kubectl port-forward{ns} deployment/{plan.name}-tensorboard 6006:6006   # http://localhost:6006")
   lines.append(f"kubectl delete jobset {plan.name}{ns}   # then apply again to resume from {plan.workdir}")
   return lines
 
@@ -396,7 +397,8 @@ def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog=PROG, description=__doc__, formatter_class=_Formatter)
   p.add_argument("--name", required=True, help="JobSet / XPK workload name (lowercase letters, digits, '-'; <= 40)")
   p.add_argument("--image", required=True, help="container image with dlm_jax installed (launch/Dockerfile.tpu)")
-  p.add_argument("--topology", required=True, help="one slice, as for dlm-compile: v5e:4x4, v5p:4x4x8, v4:2x2x2, v6e:8x8")
+  p.add_argument("--topology", required=True,
+                 help="one slice, named as for dlm-compile: v5e:4x4, v5p:4x4x8, v4:2x2x2, v6e:8x8")
   p.add_argument("--num_slices", type=int, default=1, help="slices (multislice over DCN; adds mesh.dcn_data)")
   p.add_argument("--chips_per_host", type=int, default=None,
                  help="8 for a v5e / v6e 2x4 slice on one 8-chip VM (ct5lp-hightpu-8t / ct6e-standard-8t)")

@@ -27,7 +27,8 @@ _spec.loader.exec_module(gke)
 BASE = ["--name", "run1", "--image", "us-docker.pkg.dev/p/r/dlm-jax:1", "--config", "configs/bench_25m.py",
         "--workdir", "/data/runs/run1", "--gcs_bucket", "my-bucket", "--dry-run"]
 # what a user might put in an override: spaces, both quotes, $, backticks, ;, glob characters, a newline
-NASTY = ["--config.train.steps=20", "--config.data.path=/data/my corpus/it's \"here\"", "--config.model.name=$HOME`id`;*",
+NASTY = ["--config.train.steps=20", "--config.data.path=/data/my corpus/it's \"here\"",
+         "--config.model.name=$HOME`id`;*",
          "--config.sampler.prompt=line one\nline two"]
 
 
@@ -133,7 +134,8 @@ def test_storage_restarts_and_options(capsys):
   assert pod["serviceAccountName"] == "dlm-ksa" and pod["nodeSelector"]["cloud.google.com/gke-spot"] == "true"
   assert job["template"]["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
   vol = {v["name"]: v for v in pod["volumes"]}["workdir"]
-  assert vol["csi"]["driver"] == "gcsfuse.csi.storage.gke.io" and vol["csi"]["volumeAttributes"]["bucketName"] == "my-bucket"
+  assert vol["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
+  assert vol["csi"]["volumeAttributes"]["bucketName"] == "my-bucket"
   assert {"name": "workdir", "mountPath": "/data", "readOnly": False} in c["volumeMounts"]
   assert env_of(c)["FOO"] == "a=b c"
   # TensorBoard reads the directory dlm_jax/logs.py writes its event files to
