@@ -23,9 +23,10 @@ What the JobSet (jobset.x-k8s.io/v1alpha2; the JobSet controller must be install
     slice's Job index), MEGASCALE_PORT; and `--config.mesh.dcn_data=N` is added unless given;
   * restarts: a failed or preempted pod fails its Job, and JobSet recreates all pods (`failurePolicy.maxRestarts`);
     the same `dlm-train` command then resumes from the workdir's latest checkpoint (on SIGTERM, e.g. a node drain,
-    dlm-train saves a checkpoint first and exits 143 within `terminationGracePeriodSeconds`). Exit codes 1-127 (a
-    Python error, a bad config: exit 2) fail the JobSet at once instead of restarting it (a Job podFailurePolicy plus
-    a FailJobSet rule, as XPK does); signals (128+N) and node losses restart;
+    dlm-train saves a checkpoint first and exits 143 within `terminationGracePeriodSeconds`). Exit status 2, dlm-train's
+    user error (a bad config or override, a non-finite loss), would repeat on every restart: it fails the JobSet at
+    once (a Job podFailurePolicy plus a FailJobSet rule, the mechanism XPK uses). Everything else restarts: signals,
+    lost nodes, and status 1 (a runtime error, which is also how the surviving processes exit when a peer host dies);
   * the workdir must outlive the pods and be one directory for all hosts: --gcs_bucket mounts a bucket through the
     GKE Cloud Storage FUSE CSI driver (pod annotation `gke-gcsfuse/volumes`, an ephemeral CSI volume; the pods'
     Kubernetes service account, --service_account, needs read/write access to the bucket through Workload Identity),
@@ -268,10 +269,11 @@ def jobset(plan: Plan) -> dict:
     pod_spec["serviceAccountName"] = plan.service_account
   job_spec = {
       "parallelism": s.hosts, "completions": s.hosts, "completionMode": "Indexed", "backoffLimit": 0,
-      # exit 1..127: a bug or a bad config (dlm-train exits 2), rerunning cannot help: fail the Job and, through the
-      # FailJobSet rule, the JobSet; signals (SIGTERM -> 143 after the checkpoint, SIGKILL -> 137) restart it
+      # exit 2 (dlm-train's user error: config, override, non-finite loss) repeats on a rerun: fail the Job and, through
+      # the FailJobSet rule, the JobSet. Other failures restart it: SIGTERM -> 143 after the checkpoint, SIGKILL -> 137,
+      # and 1, a runtime error, also what the other processes exit with when a peer host dies (dlm_jax/cli.py)
       "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-          "containerName": CONTAINER, "operator": "In", "values": list(range(1, 128))}}]},
+          "containerName": CONTAINER, "operator": "In", "values": [2]}}]},
       "template": {"metadata": {"annotations": annotations} if annotations else {}, "spec": pod_spec}}
   labels = {"app.kubernetes.io/name": "dlm-jax"}
   if plan.queue:
@@ -346,7 +348,8 @@ def xpk_commands(plan: Plan, cluster: str, project: str | None, zone: str | None
   create = ["xpk", "workload", "create", "--cluster", cluster, *where, "--workload", plan.name,
             "--tpu-type", plan.slice.xpk_tpu_type, "--num-slices", str(plan.num_slices),
             "--docker-image", plan.image, "--max-restarts", str(plan.max_restarts),
-            "--termination-grace-period-seconds", str(plan.grace_seconds)]
+            # xpk restarts on 42 and 127-255 by default; as in the JobSet, only dlm-train's user error (2) is final
+            "--restart-on-exit-codes", "1,3-126", "--termination-grace-period-seconds", str(plan.grace_seconds)]
   if plan.gcs_bucket:
     create += ["--storage", plan.gcs_bucket]
   if plan.spot:

@@ -129,7 +129,9 @@ def test_storage_restarts_and_options(capsys):
   assert js["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == "cloud.google.com/gke-nodepool"
   fp = js["spec"]["failurePolicy"]
   assert fp["maxRestarts"] == 7 and fp["rules"][0]["action"] == "FailJobSet"
-  assert job["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == list(range(1, 128))  # 143 (SIGTERM) restarts
+  # only dlm-train's user error (2) stops the JobSet; 1 (also a survivor of a dead peer), 137, 143 restart it
+  assert job["podFailurePolicy"]["rules"][0]["onExitCodes"] == {"containerName": "dlm-train", "operator": "In",
+                                                                "values": [2]}
   assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] == 120
   assert pod["serviceAccountName"] == "dlm-ksa" and pod["nodeSelector"]["cloud.google.com/gke-spot"] == "true"
   assert job["template"]["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
@@ -210,7 +212,7 @@ def test_xpk_command(capsys):
   opts = {create[i]: create[i + 1] for i in range(3, len(create) - 1) if create[i].startswith("--")}
   assert opts["--tpu-type"] == "v5p-4x4x8" and opts["--num-slices"] == "2" and opts["--cluster"] == "c1"
   assert opts["--docker-image"] == "us-docker.pkg.dev/p/r/dlm-jax:1" and opts["--storage"] == "my-bucket"
-  assert opts["--env"] == "DLM_DISTRIBUTED=auto"
+  assert opts["--env"] == "DLM_DISTRIBUTED=auto" and opts["--restart-on-exit-codes"] == "1,3-126"
   assert shlex.split(opts["--command"]) == ["dlm-train", "--config", "configs/bench_25m.py", "--workdir",
                                             "/data/runs/run1", *NASTY, "--config.mesh.dcn_data=2"]
   assert gke.parse_topology("v5e:8x8").xpk_tpu_type == "v5litepod-8x8"
