@@ -36,7 +36,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _maybe_distributed():
   """Multi-host start: explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (SLURM, local rehearsal),
-  or DLM_DISTRIBUTED=auto to let JAX detect the cluster (Cloud TPU pods, GKE)."""
+  or DLM_DISTRIBUTED=auto to let JAX detect the cluster (Cloud TPU pods, GKE). jax.distributed.initialize also starts
+  the coordination service's preemption sync manager (jax_enable_preemption_service, on by default), which takes over
+  SIGTERM: the trainer's save-on-SIGTERM relies on it when there are several processes (train._Preemption)."""
   import jax
   if os.environ.get("DLM_DISTRIBUTED") == "auto":
     jax.distributed.initialize(initialization_timeout=int(os.environ.get("JAX_INIT_TIMEOUT", "1800")))
@@ -76,7 +78,31 @@ def _train(rest, overrides):
     cfg = config_lib.load(a.config, overrides)
   _maybe_distributed()
   from dlm_jax.train import train
-  train(cfg, a.workdir, progress=not a.no_progress)
+  try:
+    train(cfg, a.workdir, progress=not a.no_progress)
+  except (DLMError, KeyboardInterrupt, SystemExit):
+    raise
+  except Exception:
+    _exit_failed_process()
+    raise
+
+
+def _exit_failed_process():
+  """In a multi-process run, a process whose training failed with a runtime error (typically a collective whose peer
+  died: a crashed host) prints the traceback and exits at once with status 1. Exiting normally would run
+  jax.distributed.shutdown, which waits at a barrier for every process (up to its 5-minute shutdown timeout) that a
+  dead peer never reaches. Nothing is lost: train() has already closed the checkpointer (pending saves finished) and
+  the metric writer. One process: returns (the error propagates as usual)."""
+  import traceback
+
+  import jax
+  if jax.process_count() == 1:
+    return
+  traceback.print_exc()
+  print(f"dlm-train: error: process {jax.process_index()} failed; exiting without waiting for the other processes",
+        file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
 
 
 def _eval(rest, overrides):

@@ -34,6 +34,12 @@ Non-finite steps: the step itself leaves the state untouched, and the loop keeps
 device. `fetch()` and `fetch.check()` raise DLMError naming it, so a hook that writes anything derived from the state
 (a checkpoint, an evaluation) must call one of them first; the built-in hooks do, and the loop checks after the last
 step. A post-training objective plugs in as `train(cfg, workdir, objective=..., hooks=[...], batch_fn=...)`.
+
+Preemption: SIGTERM makes PreemptionHook save a step and exit 143. With one process, a Python SIGTERM handler sets a
+flag read after every step. With several (jax.distributed), every host must save the same step, and SIGTERM may reach
+only one: JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`, as in Orbax's
+CheckpointManager) handles this. The notice goes through the coordination service, and all hosts return True at the
+same agreed step. No collective runs per step.
 """
 
 from __future__ import annotations
@@ -326,13 +332,28 @@ def check_workdir_compatible(ckpt: Checkpointer, cfg) -> None:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag that the loop checks after every step."""
+  """Whether to save and stop after this step because of SIGTERM (the notice a scheduler gives before preempting).
+
+  One process: our own SIGTERM handler sets a flag that the loop reads after every step.
+
+  Several processes (jax.distributed): every host must save the same step, since a save is a collective. JAX's
+  preemption sync point does this without a per-step collective (`multihost_utils.reached_preemption_sync_point`,
+  the mechanism Orbax's CheckpointManager.should_save uses): jax.distributed.initialize starts the coordination
+  service's preemption sync manager (config jax_enable_preemption_service, on by default), which installs its own
+  C-level SIGTERM handler. A SIGTERM on any host is posted to the coordination service; in the background all hosts
+  then agree on the step after the largest step any of them has reached, and the call returns True on every host at
+  that step. Until a notice arrives the call is a local check, with no communication. So in this mode we install no
+  Python handler: one would replace the service's handler and the notice would never leave this host."""
 
   def __init__(self):
     self.requested = False
     self._old = None
+    self._sync_point = False
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      self._sync_point = True
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
@@ -342,13 +363,21 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
-  def requested_anywhere(self) -> bool:
-    """True when any host got SIGTERM; all hosts agree, so they save the same step together."""
-    if jax.process_count() == 1:
+  def requested_anywhere(self, step: int) -> bool:
+    """True when this process got SIGTERM (one process), or (several) when all hosts reached the step they agreed to
+    save after a SIGTERM on any of them; must then be called after every step, with the same steps on every host."""
+    if not self._sync_point:
       return self.requested
     from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-    return bool(np.asarray(flags).any())
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError as e:
+      if "not been initialized" not in str(e):  # e.g. the agreement failed because a host died: a runtime error
+        raise
+      # the service is off: the same on every host, so all stop here
+      raise DLMError("multi-process training needs JAX's preemption service, which is off (config "
+                     "jax_enable_preemption_service / JAX_ENABLE_PREEMPTION_SERVICE); leave it on (the default) so "
+                     "that SIGTERM on any host saves the same step on all") from e
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -681,7 +710,9 @@ class CheckpointHook(Hook):
 
 class PreemptionHook(Hook):
   """SIGTERM (on any host): after the step's other hooks, saves it through `checkpoint`, waits for the save and exits
-  with status 143; rerunning the same command resumes. Runs last, so the other hooks have seen the saved step."""
+  with status 143; rerunning the same command resumes. Runs last, so the other hooks have seen the saved step. With
+  several processes the step is the one all hosts agreed on (a step or more after the signal; see `_Preemption`), and
+  a run whose last step comes first simply finishes."""
 
   def __init__(self, checkpoint: CheckpointHook):
     self.checkpoint = checkpoint
@@ -692,9 +723,13 @@ class PreemptionHook(Hook):
     self._preempt.__enter__()
 
   def on_step(self, step, state, fetch):
-    if self._preempt.requested_anywhere():
+    if self._preempt.requested_anywhere(step):
       self.checkpoint.save(step, state, fetch, wait=True)
-      self.trainer.note(f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
+      message = f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume"
+      if self.trainer.pbar is not None:
+        self.trainer.note(message)
+      else:
+        print(message, file=sys.stderr, flush=True)
       raise SystemExit(143)
 
   def close(self):

@@ -5,8 +5,14 @@
 #   bash launch/local_multiprocess.sh [N] CONFIG WORKDIR [--config.KEY=VALUE ...]
 #
 # Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which dlm_jax/cli.py passes to
-# jax.distributed.initialize. Process 0 prints to this terminal; process i > 0 logs to LOG_DIR/process_i.log.
-# If any process fails, the others are stopped (they would otherwise wait forever in a collective).
+# jax.distributed.initialize. Process 0 prints to this terminal; process i > 0 logs to LOG_DIR/process_i.log; process
+# i's pid is in LOG_DIR/process_i.pid while it runs.
+#
+# Preemption: SIGTERM to this script, or to any one process, makes every process save the same step (JAX's preemption
+# sync point, see dlm_jax/train.py) and exit 143; this script then exits 143. If a process dies otherwise (an error, or
+# killed like a crashed host), a line names it and its status, the others are stopped (they would otherwise wait
+# forever in a collective) and this script exits non-zero. Either way, rerunning the same command resumes from the
+# last complete checkpoint (a save cut short is never picked up).
 #
 # Environment:
 #   PORT                 coordinator port (default: a free port chosen at start)
@@ -14,7 +20,8 @@
 #   JAX_PLATFORMS        default cpu (the rehearsal is meant for CPU; set it to use another backend)
 #   LOG_DIR              default WORKDIR/multiprocess_logs
 #   JAX_INIT_TIMEOUT     seconds to wait for all processes to join (dlm_jax default 1800)
-#   GRACE_SECONDS        after a failure or Ctrl-C: seconds between SIGTERM and SIGKILL for the others (default 60)
+#   GRACE_SECONDS        after a failure or Ctrl-C: seconds between SIGTERM and SIGKILL for the others; after one
+#                        process stopped on SIGTERM: seconds the others get to save the same step (default 60)
 set -euo pipefail
 
 prog="local_multiprocess.sh"
@@ -54,7 +61,20 @@ echo "$prog: $nproc processes x $devices device(s), coordinator $JAX_COORDINATOR
 
 grace="${GRACE_SECONDS:-60}"
 pids=()
-# Stop the processes still running: SIGTERM (dlm-train then saves a checkpoint after its current step), and SIGKILL
+# Waits up to GRACE_SECONDS for the processes still running to exit by themselves, then SIGKILLs the rest.
+await_rest() {
+  local deadline=$((SECONDS + grace))
+  while [[ -n "$(jobs -rp)" && $SECONDS -lt $deadline ]]; do sleep 1; done
+  local running
+  running="$(jobs -rp)"
+  if [[ -n "$running" ]]; then
+    echo "$prog: killing processes that did not stop within ${grace}s" >&2
+    # shellcheck disable=SC2086
+    kill -KILL $running 2>/dev/null || true
+  fi
+}
+
+# Stops the processes still running: SIGTERM (dlm-train then saves a checkpoint at the step all agree on), and SIGKILL
 # after GRACE_SECONDS for any that do not exit (a process blocked in a collective with a dead peer never will).
 stop_rest() {
   local running
@@ -62,14 +82,7 @@ stop_rest() {
   [[ -n "$running" ]] || return 0
   # shellcheck disable=SC2086  # one pid per word
   kill -TERM $running 2>/dev/null || true
-  local deadline=$((SECONDS + grace))
-  while [[ -n "$(jobs -rp)" && $SECONDS -lt $deadline ]]; do sleep 1; done
-  running="$(jobs -rp)"
-  if [[ -n "$running" ]]; then
-    echo "$prog: killing processes that did not stop within ${grace}s" >&2
-    # shellcheck disable=SC2086
-    kill -KILL $running 2>/dev/null || true
-  fi
+  await_rest
 }
 trap 'echo "$prog: interrupted; stopping all processes" >&2; stop_rest; exit 130' INT
 trap 'stop_rest; exit 143' TERM
@@ -82,25 +95,53 @@ for ((i = 0; i < nproc; i++)); do
       >"$log_dir/process_$i.log" 2>&1 &
   fi
   pids+=("$!")
+  echo "$!" >"$log_dir/process_$i.pid"
 done
 
-# Reap every process; on the first failure show where it failed and stop the rest.
+# How a process ended, from its wait status N (143 is also dlm-train's exit after its SIGTERM save).
+how_ended() {
+  if [[ $1 -eq 143 ]]; then
+    echo "exited with status 143 (stopped on SIGTERM)"
+  elif [[ $1 -gt 128 ]]; then
+    echo "was killed by signal $(kill -l $(($1 - 128)) 2>/dev/null || echo $(($1 - 128))) (status $1)"
+  else
+    echo "exited with status $1"
+  fi
+}
+
+# Reap every process. On the first failure, name the process and how it ended, then stop the rest: a process that
+# exited 143 stopped on SIGTERM at the step all processes agreed to save, so the others are saving it too and get
+# GRACE_SECONDS to finish; any other failure (an error, a signal such as SIGKILL from a crashed host) leaves them stuck
+# in a collective, so they get SIGTERM, then SIGKILL. The script exits with the first failure's status (143 only when
+# every process stopped on SIGTERM).
 status=0
 for ((k = 0; k < nproc; k++)); do
   set +e
-  wait -n -p done_pid
+  wait -n -p done_pid 2>/dev/null  # (no "Killed ..." job notice: the line below says it)
   rc=$?
   set -e
-  if [[ $rc -ne 0 && $status -eq 0 ]]; then
-    status=$rc
-    idx="?"
-    for ((i = 0; i < nproc; i++)); do [[ "${pids[$i]}" != "$done_pid" ]] || idx=$i; done
-    echo "$prog: process $idx exited with status $rc; stopping the others" >&2
-    if [[ "$idx" != 0 && -f "$log_dir/process_$idx.log" ]]; then
-      echo "$prog: last lines of $log_dir/process_$idx.log:" >&2
-      tail -n 5 "$log_dir/process_$idx.log" | sed 's/^/  | /' >&2
-    fi
-    stop_rest
+  [[ -n "${done_pid:-}" ]] || break  # nothing left to reap
+  idx="?"
+  for ((i = 0; i < nproc; i++)); do [[ "${pids[$i]}" != "$done_pid" ]] || idx=$i; done
+  rm -f "$log_dir/process_$idx.pid"
+  pid="$done_pid"; done_pid=""
+  [[ $rc -ne 0 ]] || continue
+  if [[ $status -ne 0 ]]; then  # a process stopping after the first failure
+    echo "$prog: process $idx $(how_ended "$rc")" >&2
+    if [[ $status -eq 143 && $rc -ne 143 ]]; then status=$rc; fi
+    continue
   fi
+  status=$rc
+  if [[ $rc -eq 143 ]]; then
+    echo "$prog: process $idx $(how_ended "$rc"); waiting up to ${grace}s for the others to save the same step" >&2
+    await_rest
+    continue
+  fi
+  echo "$prog: process $idx (pid $pid) $(how_ended "$rc"); stopping the others" >&2
+  if [[ "$idx" != 0 && -f "$log_dir/process_$idx.log" ]]; then
+    echo "$prog: last lines of $log_dir/process_$idx.log:" >&2
+    tail -n 5 "$log_dir/process_$idx.log" | sed 's/^/  | /' >&2
+  fi
+  stop_rest
 done
 exit "$status"
