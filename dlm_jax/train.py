@@ -495,7 +495,7 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
     state = init_train_state(run, opt, shardings)
     start = 0
   step_fn = make_train_step(run, opt, shardings, objective)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start if start else None)
   cfg_dict = config_lib.to_dict(cfg)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -424,3 +424,21 @@ def test_train_step_takes_the_pipeline_segment_ids(tiny_config):
   right = loss({"tokens": tokens, "segment_ids": segment_ids(tokens, run.tokenizer.eos_id)})
   assert loss(tokens) == right
   assert loss({"tokens": tokens, "segment_ids": np.zeros_like(tokens)}) != right
+
+
+def test_resumed_run_rewrites_metrics_after_its_checkpoint(tmp_path):
+  """Steps an interrupted run logged after its last checkpoint are run again on resume: metrics.jsonl keeps each step
+  once (the killed run's later rows and a torn last line are dropped), and TensorBoard purges events after it."""
+  import json as json_lib
+  from dlm_jax.logs import MetricWriter, read_metrics
+  rows = [json_lib.dumps({"step": s, "kind": "train", "loss": float(s)}) + "\n" for s in range(1, 11)]
+  (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 11, "kind": "tr')
+  writer = MetricWriter(str(tmp_path), resume_step=5)
+  writer.write(6, "train", {"loss": 60.0})
+  writer.close()
+  got = [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path))]
+  assert got == [(s, float(s)) for s in range(1, 6)] + [(6, 60.0)]
+  assert not (tmp_path / "metrics.jsonl.tmp").exists()
+  fresh = tmp_path / "fresh"
+  MetricWriter(str(fresh), resume_step=None).close()
+  assert read_metrics(str(fresh)) == []
