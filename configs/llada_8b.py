@@ -11,6 +11,9 @@ GSAI-ML/LLaDA-8B-Base config.json, as configs/hf/llada_8b_instruct.json):
 Sized for a v5p-256 slice (v5p:4x4x8, 128 chips, 95 GiB HBM each; batch 1280 = 10 sequences per chip, FSDP over all
 chips, layers under scan with full rematerialisation):
   dlm-compile --config configs/llada_8b.py --topology v5p:4x4x8
+Or on two v5p-128 slices (v5p:4x4x4 each), data parallel across them over DCN (mesh.dcn_data = 2, FSDP within each
+slice; --num_slices sets mesh.dcn_data):
+  dlm-compile --config configs/llada_8b.py --topology v5p:4x4x4 --num_slices 2
 
 Tokenizer: LLaDA's own (126464 ids). The preset trains on token ids (data.tokenizer='none', as a converted checkpoint
 without tokenizer files); for text set --config.data.tokenizer=/path/to/LLaDA/tokenizer.json (from

@@ -237,6 +237,16 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   return list(topo.devices)
 
 
+def slices_mesh(cfg, num_slices: int) -> None:
+  """--num_slices N: the slices are data parallel over DCN (mesh.dcn_data = N; left at its default 1 it is set to N,
+  any other value is an error). The per-slice mesh.* sizes then split each slice's chips (`sharding.make_mesh`)."""
+  if num_slices > 1 and cfg.mesh.dcn_data == 1:
+    cfg.mesh.dcn_data = num_slices
+  elif cfg.mesh.dcn_data != num_slices:
+    raise DLMError(f"mesh.dcn_data={cfg.mesh.dcn_data} but --num_slices {num_slices}: the slices are the DCN data "
+                   f"axis; pass --num_slices {cfg.mesh.dcn_data} or set mesh.dcn_data={num_slices}")
+
+
 def _build(cfg, devices, vocab: int):
   """dlm_jax.build.build over `devices`, with a stand-in tokenizer of `vocab` ids when data.tokenizer names a
   tokenizer.json that is not on this machine (only its size shapes the program)."""
@@ -464,6 +474,7 @@ def main(argv=None, prog: str = "dlm-compile") -> int:
       raise DLMError(f"--num_slices must be >= 1, got {a.num_slices}")
     chip = chip_of(a.topology)
     devices = topology_devices(a.topology, a.num_slices)
+    slices_mesh(cfg, a.num_slices)
     report = {"topology": a.topology, "num_slices": a.num_slices, "devices": len(devices),
               "device_kind": devices[0].device_kind, "hosts": len({d.process_index for d in devices})}
     if a.find_batch:

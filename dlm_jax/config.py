@@ -158,9 +158,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampler[family] = ml_collections.ConfigDict(options.fields())
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 = all remaining devices
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  # sizes within one slice (-1 = all remaining devices); see dlm_jax/sharding.py
+  c.mesh.data = -1  # data parallel (the batch is split)
+  c.mesh.fsdp = 1  # fully sharded data parallel (the batch and the parameters / optimizer state are split)
+  c.mesh.sequence = 1  # context parallel (activations split along their length; attention gathers keys / values)
+  c.mesh.tensor = 1  # tensor parallel (heads, MLP hidden units, vocabulary)
+  c.mesh.dcn_data = 1  # slices, data parallel across them over DCN (multi-slice; the data axis is dcn_data x data)
 
   c.lock()
   return c
@@ -464,8 +467,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"sampler.length ({s.length}) exceeds model.max_seq_len ({m.max_seq_len}); lower sampler.length")
   need(s.batch_size >= 1, f"sampler.batch_size must be >= 1, got {s.batch_size}")
   sampler_options(cfg)
-  for key in ("data", "fsdp", "tensor"):
+  for key in ("data", "fsdp", "sequence", "tensor"):
     need(me[key] == -1 or me[key] >= 1, f"mesh.{key} must be -1 (fill) or >= 1, got {me[key]}")
+  need(me.dcn_data >= 1, f"mesh.dcn_data must be >= 1 (the number of slices), got {me.dcn_data}")
+  need(me.sequence <= 1 or d.seq_len % me.sequence == 0,
+       f"data.seq_len ({d.seq_len}) must be divisible by mesh.sequence ({me.sequence}) to split it; change either")
   return cfg
 
 

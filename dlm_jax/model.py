@@ -217,7 +217,7 @@ class Block(nnx.Module):
     if c.qk_norm:  # per head, before RoPE (and before the K/V cache, which holds keys before RoPE)
       q, k = rms_norm(q, self.q_norm[...], c.norm_eps), rms_norm(k, self.k_norm[...], c.norm_eps)
     q = apply_rope(q, rot)
-    q = constrain(q, ("batch", "length", "heads", "kv"))
+    q = constrain(q, ("batch", "length", "heads", "kv"))  # queries split along the sequence axis (context parallel)
     new_cache = None
     if cache is not None:
       layer, start, kv_rot = cache
@@ -229,9 +229,12 @@ class Block(nnx.Module):
       v = new_cache["v"].astype(dt)
     else:
       k = apply_rope(k, rot)
+    # keys / values whole along the length (all-gathered over the sequence axis), as MaxText's activation_kv_length
+    k, v = constrain(k, ("batch", None, "heads", "kv")), constrain(v, ("batch", None, "heads", "kv"))
     o = attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask, q_positions=positions,
                   kv_positions=kv_positions, implementation=c.attention_impl, block_q=c.attention_block_q,
                   block_kv=c.attention_block_kv, interpret=c.attention_interpret)
+    o = constrain(o, ("batch", "length", "heads", "kv"))
     o = checkpoint_name(o, ATTENTION_OUT)  # what remat="save_attention" / "offload" keep
     o = dense(o, self.wo[...].astype(dt), n_in=2)
     x = x + (g1 * o if c.time_conditioning else o)
@@ -241,10 +244,36 @@ class Block(nnx.Module):
       h = h * (1 + sc2) + sh2
     g = dense(h, self.w_gate[...].astype(dt))
     u = dense(h, self.w_up[...].astype(dt))
-    y = dense(jax.nn.silu(g) * u, self.w_down[...].astype(dt))
+    hidden = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
+    y = dense(hidden, self.w_down[...].astype(dt))
     x = x + (g2 * y if c.time_conditioning else y)
     x = constrain(x, ("batch", "length", "embed"))
     return x if cache is None else (x, new_cache)
+
+
+@jax.custom_vjp
+def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+  """table[tokens] under FSDP. Forward: the table's embed dimension is gathered (as every weight's is when used), its
+  vocabulary stays split over tensor; left to the partitioner, the lookup's output would carry the table's sharding
+  into the batch-sharded activations (an involuntary full rematerialisation with fsdp x sequence x tensor). Backward:
+  the scatter-add of the batch shards' cotangents lands directly in the table's own sharding, so the partial sums are
+  reduce-scattered, not all-reduced into a whole (float32) table on every device."""
+  return jnp.take(constrain(table, ("vocab", None)), tokens, axis=0)
+
+
+def _embed_lookup_fwd(table, tokens):
+  return embed_lookup(table, tokens), (tokens, jnp.zeros((0,) + table.shape[1:], table.dtype), table.shape[0])
+
+
+def _embed_lookup_bwd(res, g):
+  tokens, like, vocab = res
+  grad = jnp.zeros((vocab,) + like.shape[1:], g.dtype).at[tokens].add(g).astype(like.dtype)
+  # summed over the batch shards as a whole row block, then cut to the table's sharding: XLA fuses the pair into a
+  # reduce-scatter (scattering the cotangents straight into the embed-sharded layout would reshard them first)
+  return constrain(constrain(grad, ("vocab", None)), ("vocab", "embed")), None
+
+
+embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
 BIT_FEATURES = 64  # per-bit features of the bitstream input adapter (value and self-conditioning each)
@@ -329,9 +358,7 @@ class Transformer(nnx.Module):
         x = x + dense(jnp.concatenate([x, sc], axis=-1), self.self_cond[...].astype(c.dtype))
     else:
       b, l = tokens.shape
-      # FSDP: gather the table before the lookup (its sharding must not leak into the batch-sharded activations)
-      table = constrain(self.embed[...], (None, None))
-      x = jnp.take(table, tokens, axis=0).astype(c.dtype)
+      x = embed_lookup(self.embed[...], tokens).astype(c.dtype)
     positions_given = positions
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))

@@ -8,7 +8,12 @@
                 valid key ranges, forward only (the samplers' forwards)
 
 `attention()` here picks the kernel and, inside a mesh, runs it under `shard_map` (batch over data / fsdp, heads over
-tensor, as the logical axis rules of `dlm_jax.sharding` say): a Pallas call is opaque to the SPMD partitioner.
+tensor, as the logical axis rules of `dlm_jax.sharding` say): a Pallas call is opaque to the SPMD partitioner. The
+length is never split inside a kernel: with mesh.sequence > 1 the queries, keys and values are all-gathered over the
+sequence axis on the way in, each device of a sequence group runs the kernel over the whole sequence of its batch /
+head shard (the attention FLOPs are repeated across that axis; the projections, MLP and head stay split) and the model
+takes its length shard of the output. Splitting the queries inside the kernel would need a mask per query shard
+(MaxText shards splash's mask info over the context axis); that is not done here.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def unpad(x: jax.Array, spec: MaskSpec | None, length: int, padded: int) -> jax.
 
 def _specs(mesh, q, k):
   """PartitionSpecs for q / k,v ([B, L, H, D]) and the per-token arrays ([B, L]): batch over data x fsdp, heads over
-  tensor when it divides both the query and the key/value heads."""
+  tensor when it divides both the query and the key/value heads, the length whole (gathered over mesh.sequence)."""
   qs = spec_for(("batch", "length", "heads", "kv"), q.shape, mesh)
   ks = spec_for(("batch", "length", "heads", "kv"), k.shape, mesh)
   batch, heads = qs[0], (qs[2] if qs[2] == ks[2] else None)
