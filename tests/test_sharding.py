@@ -415,3 +415,53 @@ def test_llada_8b_on_two_slices(tmp_path):
   problems, summary = whole_weight_gathers(hlo, _abstract_params("llada_8b.py"), "bfloat16")
   print(f"compile {report['compile_s']} s, {report['per_device_total_gib']} GiB per chip", summary)
   assert not problems, problems
+
+
+# Runs with 8 forced host devices: splash attention (Pallas interpret mode) on a (1, 2, 2, 2) mesh with the queries
+# split along the sequence axis as the model leaves them; prints the largest differences from one device.
+_KERNEL_SCRIPT = r"""
+import json, types
+import jax, jax.numpy as jnp, numpy as np
+from dlm_jax import attention as attn_lib, masks, sharding
+
+mesh = sharding.make_mesh(types.SimpleNamespace(data=1, fsdp=2, sequence=2, tensor=2, dcn_data=1))
+out = {}
+for spec in (masks.FULL, masks.bd3(16)):
+  rng = np.random.default_rng(0)
+  q, ct = (jnp.asarray(rng.standard_normal((2, 256, 4, 64)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((2, 256, 2, 64)), jnp.float32) for _ in range(2))
+  seg = jnp.asarray([[0] * 200 + [1] * 56, [0] * 256], jnp.int32)  # two documents packed in the first row
+
+  @jax.jit
+  def run(q, k, v, ct):
+    def f(q, k, v):
+      q = sharding.constrain(q, ("batch", "length", "heads", "kv"))
+      k, v = (sharding.constrain(x, ("batch", None, "heads", "kv")) for x in (k, v))
+      o = attn_lib.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, mask=spec, implementation="splash",
+                             interpret=True)
+      return sharding.constrain(o, ("batch", "length", "heads", "kv"))
+    o, vjp = jax.vjp(f, q, k, v)
+    return (o,) + vjp(ct)
+
+  one = run(q, k, v, ct)
+  with jax.set_mesh(mesh):
+    assert "shard_map" in str(jax.make_jaxpr(run)(q, k, v, ct))
+    many = run(q, k, v, ct)
+  out[str(spec)] = [float(jnp.abs(a - b).max()) for a, b in zip(one, many)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow(minutes=1)
+def test_splash_kernel_under_a_sequence_axis_matches_one_device():
+  """The Pallas kernels take the whole sequence of their batch / head shard (`dlm_jax.kernels`): with the queries
+  split over mesh.sequence (and fsdp, tensor), splash's outputs and gradients equal one device's, full and BD3 masks."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + EIGHT).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  r = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=1200)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Involuntary full rematerialization" not in r.stderr
+  for spec, diffs in json.loads(r.stdout.strip().splitlines()[-1]).items():
+    assert max(diffs) < 1e-4, (spec, diffs)
