@@ -336,7 +336,7 @@ def segment_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
 
 
 def train_iterator(corpus: Corpus, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1, *,
-                   segment_attention: bool = False,
+                   rows: tuple[int, int] | None = None, segment_attention: bool = False,
                    batch_fn: Callable[[dict], dict] | None = None) -> grain.DatasetIterator:
   """Infinite iterator of host-local training batches: dicts of arrays whose first axis is the batch
   (batch_size // process_count rows on this host).
@@ -347,12 +347,17 @@ def train_iterator(corpus: Corpus, batch_size: int, seed: int, process_index: in
   (the iterator state is in the checkpoint) sees the same batches.
 
   The global batch order depends only on the seed (reshuffled every epoch); each host takes its contiguous slice of
-  rows, so the global batch is identical for any number of hosts.
+  rows, so the global batch is identical for any number of hosts. `rows` = (lo, hi) names that slice explicitly (from
+  the batch sharding: `sharding.host_batch_rows`, which differs from the process's 1/process_count share when a
+  model-parallel mesh axis spans hosts); otherwise process_index's share.
   """
-  if batch_size % process_count:
-    raise DLMError(f"train.batch_size ({batch_size}) must be divisible by the number of hosts ({process_count})")
-  per_host = batch_size // process_count
-  lo = process_index * per_host
+  if rows is not None:
+    lo, per_host = rows[0], rows[1] - rows[0]
+  else:
+    if batch_size % process_count:
+      raise DLMError(f"train.batch_size ({batch_size}) must be divisible by the number of hosts ({process_count})")
+    per_host = batch_size // process_count
+    lo = process_index * per_host
   eos_id = corpus.eos_id
 
   def host_batch(rows: np.ndarray) -> dict:

@@ -156,6 +156,23 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def host_batch_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+  """The rows [lo, hi) of the global batch that this process's devices hold under `batch_sharding`.
+
+  Usually process p of P holds the p-th contiguous 1/P of the batch; when a mesh axis that does not split the batch
+  (sequence, tensor) spans hosts, several processes hold the same rows and must each load them. Non-contiguous rows
+  (a device order that interleaves hosts along the batch axes) are an error."""
+  index = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
+  rows = sorted({(sl[0].start or 0, batch_size if sl[0].stop is None else sl[0].stop) for sl in index.values()})
+  lo, hi = rows[0][0], rows[0][1]
+  for a, b in rows[1:]:
+    if a != hi:
+      raise DLMError(f"process {jax.process_index()} holds rows {rows} of the global batch, which are not contiguous; "
+                     "order the mesh so that each host's devices are adjacent along mesh.data x mesh.fsdp")
+    hi = b
+  return lo, hi
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical axis names; a no-op outside a mesh context."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -58,6 +58,7 @@ import numpy as np
 import optax
 
 from dlm_jax import config as config_lib
+from dlm_jax import sharding as sharding_lib
 from dlm_jax.build import Run, build, init_params, param_dtype
 from dlm_jax.checkpoint import Checkpointer
 from dlm_jax.data import Corpus, load_corpus, segment_ids, train_iterator
@@ -433,8 +434,11 @@ class Trainer:
   _rows: dict = dataclasses.field(default_factory=dict)
 
   def device_batch(self, host: dict) -> dict:
-    """A host-local batch dict -> global arrays, every field split along the batch over data x fsdp."""
-    return {k: jax.make_array_from_process_local_data(self.run.batch_sharding(np.ndim(v)), v) for k, v in host.items()}
+    """A host-local batch dict (this process's rows, `sharding.host_batch_rows`) -> global arrays, every field split
+    along the batch over data x fsdp."""
+    n = self.cfg.train.batch_size
+    return {k: jax.make_array_from_process_local_data(self.run.batch_sharding(np.ndim(v)), v, (n,) + np.shape(v)[1:])
+            for k, v in host.items()}
 
   def eval_params(self, state: dict):
     """The parameters evaluation and sampling use: the EMA when eval.use_ema and train.ema_decay > 0."""
@@ -478,7 +482,8 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
   abstract = abstract_train_state(run, opt)
   shardings = state_shardings(run, opt, abstract)
   check_batch(run)
-  it = train_iterator(corpus, cfg.train.batch_size, cfg.data.shuffle_seed, jax.process_index(), jax.process_count(),
+  it = train_iterator(corpus, cfg.train.batch_size, cfg.data.shuffle_seed,
+                      rows=sharding_lib.host_batch_rows(run.mesh, cfg.train.batch_size),
                       segment_attention=cfg.data.segment_attention, batch_fn=batch_fn)
   # Everything the user can get wrong has been checked: only now is anything written to the workdir.
   os.makedirs(workdir, exist_ok=True)

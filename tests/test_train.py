@@ -156,17 +156,21 @@ def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, tiny_confi
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, tiny_config):
-  """Two local processes (loopback coordinator, as on a multi-host slice) reproduce the single-process losses."""
+@pytest.mark.parametrize("layout", [(), ("--config.mesh.data=1", "--config.mesh.sequence=2", "--config.mesh.tensor=2")],
+                         ids=["data", "sequence-across-hosts"])
+def test_two_processes_match_one(tmp_path, tiny_config, layout):
+  """Two local processes (loopback coordinator, as on a multi-host slice) reproduce the single-process losses: with
+  the batch split over the hosts, and with 2 devices per process and a sequence axis spanning the hosts (both hosts
+  then load the same rows of the global batch: sharding.host_batch_rows)."""
   cfg_path = tiny_config(train__steps=4, train__eval_every=2, train__eval_samples=1)
   one = str(tmp_path / "one")
   r1 = run_cli("train", "--config", cfg_path, "--workdir", one, "--no_progress")
   assert r1.returncode == 0, r1.stderr
   two = str(tmp_path / "two")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore", PATH=os.path.dirname(sys.executable) + ":" +
-             os.environ.get("PATH", ""))
+             os.environ.get("PATH", ""), DEVICES_PER_PROCESS="2" if layout else "1")
   r2 = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", cfg_path, two,
-                       "--no_progress"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+                       "--no_progress", *layout], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
   assert r2.returncode == 0, r2.stdout + r2.stderr
   a, b = losses(one), losses(two)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
