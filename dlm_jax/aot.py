@@ -1,7 +1,7 @@
 """`dlm-compile`: will this config fit on that TPU slice, and how fast will it be? (ahead-of-time, on any host)
 
   dlm-compile --config configs/mdlm_owt_110m.py --topology v5e:4x4 [--config.KEY=VALUE ...]
-              [--sampler] [--find_batch] [--num_slices N] [--vocab N] [--hlo FILE]
+              [--sampler] [--find_batch] [--no_extrapolate] [--num_slices N] [--vocab N] [--hlo FILE]
 
 `jax.experimental.topologies.get_topology_desc(TOPOLOGY, platform="tpu", num_slices=N)` describes the chips of a slice
 (compile-only devices; libtpu is the compiler, no TPU is needed). The run's mesh is built over them exactly as
@@ -15,10 +15,18 @@ bandwidth, analytic FLOPs / peak) per device (XLA's counts times train.grad_accu
 once), est_mfu = analytic FLOPs / (est_step_s x peak): an upper bound (no communication, perfect overlap), so a
 config below ~50% here will not reach it on the chip.
 
+Layers under model.scan_layers: XLA's cost analysis counts the layer scan's body once, so the scanned program's own
+FLOPs and bytes hold one layer (reported as xla_*_scan_body_once_per_device). The step's are derived from the same
+config compiled unscanned with 1 and 2 layers (cheap next to the full depth): per layer = f(2) - f(1), and at depth
+L, f(1) + (L - 1) x per layer, for FLOPs and bytes accessed alike (`xla_cost_by_depth`; exact when the layers are
+identical, as they are: tests/test_compile_cli.py checks it against a 4-layer unscanned compile). The memory figures
+are the scanned program's own. `--no_extrapolate` skips those two compiles (then no MFU is claimed).
+
 Exit status: 0 = compiles and fits; 2 = a config or topology error, or "does not fit: needs X GiB of Y GiB per
-device"; 1 = another error. `--find_batch` binary-searches the largest per-device batch (train.batch_size = per-device
-x data x fsdp, no accumulation) that fits, for each remat policy when the config has model.remat, and prints the
-frontier.
+device"; 1 = another error. `--find_batch` searches the largest per-device batch (train.batch_size = per-device x data
+x fsdp, no accumulation) that fits, for each remat policy when the config has model.remat (secant steps on the
+per-device memory line, each probe a compile: `largest_fitting`), and prints the frontier with each policy's est. step
+time and MFU at that batch ("+": the search's limit, 4096, fits).
 
 A tokenizer.json that is not on this machine (the presets name GPT-2's) does not stop a compile: only its size matters,
 taken from --vocab (default: 50257 when the path names gpt2).
@@ -286,18 +294,10 @@ def _oom(e: Exception) -> DoesNotFit | None:
   return None
 
 
-def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0) -> tuple[dict, object]:
-  """Compile the train step of `cfg` over `devices`: (report, compiled). DoesNotFit when XLA runs out of HBM or the
-  per-device total exceeds the chip's."""
+def _compile_step(cfg, devices, chip: Chip | None, vocab: int):
+  """(run, compiled train step, seconds): DoesNotFit when XLA runs out of the chip's HBM."""
   import jax
   run = _build(cfg, devices, vocab)
-  report = {"mesh": dict(run.mesh.shape), "num_params": int(sum(x.size for x in jax.tree.leaves(run.abstract_params))),
-            "batch": cfg.train.batch_size, "per_device_batch": cfg.train.batch_size // run.batch_shards,
-            "grad_accum_steps": cfg.train.grad_accum_steps, "seq_len": cfg.data.seq_len,
-            "compute_dtype": cfg.train.compute_dtype}
-  for key in ("remat", "scan_layers"):
-    if key in cfg.model:
-      report[key] = cfg.model[key]
   t0 = time.perf_counter()
   try:
     lowered = lower_train_step(run)
@@ -310,90 +310,189 @@ def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0) -> tuple[dict
     if chip and math.isnan(oom.hbm_gib):
       oom = DoesNotFit(oom.needs_gib, chip.hbm_gib)
     raise oom from None
-  report["compile_s"] = round(time.perf_counter() - t0, 1)
+  return run, compiled, time.perf_counter() - t0
+
+
+def xla_cost_by_depth(cfg, devices, vocab: int = 0) -> dict:
+  """XLA's per-device FLOPs and bytes accessed of `cfg`'s train step at its full depth, for a config whose layers run
+  under model.scan_layers (XLA's cost analysis counts a while loop's body once, so the scanned program's own counts
+  hold one layer): the same config is compiled unscanned with 1 and 2 layers, per layer = f(2) - f(1), and the full
+  depth L is f(1) + (L - 1) x per layer (`tests/test_compile_cli.py` checks this against the unscanned compile of a
+  4-layer model). Everything else (batch, remat, mesh, dtypes) is the config's, so the counts include the remat
+  policy's recomputation; like the scanned program's, they count the gradient-accumulation loop's body once."""
+  f = {}
+  for n in (1, 2):
+    c = config_lib.config_from_dict(cfg.to_dict())
+    config_lib.apply_overrides(c, [("model.num_layers", n), ("model.scan_layers", False)])
+    _, compiled, _ = _compile_step(c, devices, None, vocab)
+    f[n] = figures(compiled, flops_key="xla_flops_per_device")
+  depth = cfg.model.num_layers
+  out = {"xla_cost_method": "unscanned 1- and 2-layer compiles, extrapolated linearly in depth"}
+  for key in ("xla_flops_per_device", "xla_bytes_accessed_per_device"):
+    if key in f[1] and key in f[2]:
+      per_layer = f[2][key] - f[1][key]
+      out[key] = f[1][key] + (depth - 1) * per_layer
+      out[key.replace("_per_device", "_per_layer_per_device")] = per_layer
+  return out
+
+
+def roofline(report: dict, accum: int, chip: Chip, batch: int, seq_len: int) -> dict:
+  """est_step_s = max(analytic FLOPs / peak, accum x XLA FLOPs / peak, accum x XLA bytes / HBM bandwidth) per device
+  and est_mfu = analytic FLOPs / (est_step_s x peak); without XLA's counts (None) no MFU is claimed."""
+  peak = chip.peak_tflops * 1e12
+  analytic = report["analytic_flops_per_device"]
+  xla = report.get("xla_flops_per_device")
+  out = {"hbm_gib": chip.hbm_gib, "peak_tflops_per_chip": chip.peak_tflops,
+         "est_step_s_at_peak": round(analytic / peak, 4)}
+  roof = max(analytic / peak, accum * (xla or 0.0) / peak,
+             accum * report.get("xla_bytes_accessed_per_device", 0.0) / (chip.hbm_gbps * 1e9) if xla else 0.0)
+  out["est_step_s"] = round(roof, 4)
+  out["est_mfu"] = round(min(1.0, analytic / (roof * peak)), 3) if xla else None
+  out["tokens_per_s"] = round(batch * seq_len / roof)
+  return out
+
+
+def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0, extrapolate: bool = True) -> tuple[dict, object]:
+  """Compile the train step of `cfg` over `devices`: (report, compiled). DoesNotFit when XLA runs out of HBM or the
+  per-device total exceeds the chip's. With model.scan_layers, XLA's counts of the scanned program hold one layer
+  (`xla_flops_scan_body_once_per_device`); `extrapolate` replaces them by `xla_cost_by_depth`'s (two more compiles,
+  after the fit check), else no MFU is claimed."""
+  import jax
+  run, compiled, seconds = _compile_step(cfg, devices, chip, vocab)
+  report = {"mesh": dict(run.mesh.shape), "num_params": int(sum(x.size for x in jax.tree.leaves(run.abstract_params))),
+            "batch": cfg.train.batch_size, "per_device_batch": cfg.train.batch_size // run.batch_shards,
+            "grad_accum_steps": cfg.train.grad_accum_steps, "seq_len": cfg.data.seq_len,
+            "compute_dtype": cfg.train.compute_dtype, "num_layers": cfg.model.num_layers}
+  for key in ("remat", "scan_layers"):
+    if key in cfg.model:
+      report[key] = cfg.model[key]
+  report["compile_s"] = round(seconds, 1)
   report.update(figures(compiled, flops_key="xla_flops_per_device"))
   report.update(step_flops(run))
   n = len(devices)
   report["analytic_flops_per_device"] = report["flops_per_step"] / n
+  if chip and report.get("per_device_total_gib", 0) > chip.hbm_gib:
+    raise DoesNotFit(report["per_device_total_gib"], chip.hbm_gib)
+  if cfg.model.get("scan_layers") and cfg.model.num_layers > 1:
+    # XLA counts the layer scan's body once: its totals are not the step's
+    report["xla_flops_scan_body_once_per_device"] = report.pop("xla_flops_per_device", None)
+    report["xla_bytes_scan_body_once_per_device"] = report.pop("xla_bytes_accessed_per_device", None)
+    if extrapolate:
+      t0 = time.perf_counter()
+      report.update(xla_cost_by_depth(cfg, devices, vocab))
+      report["extrapolation_compile_s"] = round(time.perf_counter() - t0, 1)
   if report.get("xla_flops_per_device"):
     report["analytic_over_xla_flops"] = round(report["analytic_flops_per_device"] / report["xla_flops_per_device"], 3)
   if chip:
-    report["hbm_gib"] = chip.hbm_gib
-    report["peak_tflops_per_chip"] = chip.peak_tflops
-    # roofline: the step takes at least XLA's FLOPs at the chip's peak and XLA's bytes at its HBM bandwidth; MFU =
-    # the analytic (model) FLOPs over that time at peak
-    est = report["flops_per_step"] / (n * chip.peak_tflops * 1e12)
-    report["est_step_s_at_peak"] = round(est, 4)
-    xla = report.get("xla_flops_per_device")
-    if xla:
-      # XLA counts a while loop's body once: the micro-batch loop of gradient accumulation runs it accum times; and
-      # it does not see inside Pallas kernels (splash), so the analytic FLOPs bound the time too
-      accum = cfg.train.grad_accum_steps
-      peak = chip.peak_tflops * 1e12
-      if cfg.model.get("scan_layers"):  # the layer scan's body is counted once too: XLA's totals are not the step's
-        xla, report["xla_counts_scan_body_once"] = 0.0, True
-      roof = max(report["analytic_flops_per_device"] / peak, accum * xla / peak,
-                 bool(xla) * accum * report.get("xla_bytes_accessed_per_device", 0.0) / (chip.hbm_gbps * 1e9))
-      report["est_step_s"] = round(roof, 4)
-      mfu = report["analytic_flops_per_device"] / (roof * peak)
-      report["est_mfu"] = round(min(1.0, mfu), 3) if xla else None
-      report["tokens_per_s"] = round(cfg.train.batch_size * cfg.data.seq_len / roof)
-    if report.get("per_device_total_gib", 0) > chip.hbm_gib:
-      raise DoesNotFit(report["per_device_total_gib"], chip.hbm_gib)
+    # roofline: the step takes at least XLA's FLOPs at the chip's peak and XLA's bytes at its HBM bandwidth; XLA counts
+    # the micro-batch loop of gradient accumulation once (x accum) and does not see inside Pallas kernels (splash), so
+    # the analytic FLOPs bound the time too
+    report.update(roofline(report, cfg.train.grad_accum_steps, chip, cfg.train.batch_size, cfg.data.seq_len))
   return report, compiled
 
 
-def find_batch(cfg, devices, chip, vocab: int = 0, limit: int = 4096) -> list[dict]:
-  """Per remat policy (model.remat's choices when the config has it; else the current setting): the largest
-  per-device batch that compiles and fits (binary search over powers of two, then between them)."""
-  policies = [None]
-  if "remat" in cfg.model:
-    from dlm_jax import model as model_lib
-    policies = list(getattr(model_lib, "REMAT_POLICIES", None) or [cfg.model.remat])
-  run_shards = None
-  frontier = []
-  errors = {}
-  for policy in policies:
-    cache = {}
+def largest_fitting(probe, limit: int) -> int:
+  """The largest b in [1, limit] with probe(b)[0] true (0 if none), assuming fitting is monotone in b. probe(b) ->
+  (fits, needs_gib, hbm_gib, fixed_gib): the per-device memory b needs (NaN when unknown) against the HBM, and the
+  part of it that does not grow with b. Secant steps on the memory line (per-device memory is close to affine in the
+  batch), clamped into the bracket [largest fitting, smallest not fitting], with bisection when two steps did not halve
+  the bracket (XLA's memory grows in steps near the edge): typically 4-8 compiles instead of a binary search's
+  ~2 log2(b)."""
+  lo, hi = 0, limit + 1
+  points = {}
+  hbm = float("nan")
+  b = 1
+  widths = []
+  while True:
+    fits, needs, cap, fixed = probe(b)
+    hbm = cap if math.isfinite(cap) else hbm
+    if math.isfinite(needs):
+      points[b] = needs
+    if fits:
+      lo = b
+      if math.isfinite(fixed) and 0 not in points:
+        points[0] = fixed
+    else:
+      hi = b
+    if hi - lo <= 1:
+      return lo
+    widths.append(hi - lo)
+    guess = None
+    below = [k for k in points if k <= lo]
+    above = [k for k in points if k >= hi]
+    line = (max(below), min(above)) if below and above else tuple(sorted(below)[-2:]) if len(below) >= 2 else None
+    if line and math.isfinite(hbm) and points[line[1]] != points[line[0]]:
+      (b0, m0), (b1, m1) = ((k, points[k]) for k in line)
+      guess = int(math.floor(b0 + (hbm - m0) * (b1 - b0) / (m1 - m0)))
+    if guess is None:
+      guess = 2 * lo if hi > limit else (lo + hi) // 2
+    if guess <= lo or guess >= hi:
+      guess = lo + 1 if guess <= lo else hi - 1
+    if hi <= limit and len(widths) >= 3 and 2 * widths[-1] > widths[-3]:
+      guess = (lo + hi) // 2  # the line walks the bracket slowly (memory grows in steps near the edge): bisect
+    b = guess
 
-    def fits(per_device, policy=policy):
-      if per_device in cache:
-        return cache[per_device]
+
+def find_batch(cfg, devices, chip, vocab: int = 0, limit: int = 4096, policies=None, extrapolate: bool = True,
+               log=None) -> list[dict]:
+  """Per remat policy (`policies`, default model.remat's choices when the config has it, else the current setting):
+  the largest per-device batch (train.batch_size = per-device x data x fsdp, grad_accum_steps 1) that compiles and fits
+  (`largest_fitting`), with its memory, est. step time and MFU (with model.scan_layers: XLA's counts extrapolated in
+  depth, `xla_cost_by_depth`, unless `extrapolate` is False). A policy this platform cannot compile (e.g. offload
+  without host memory) gets its error in the row. `log(line)` hears every probe (default: stderr)."""
+  log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+  if policies is None:
+    policies = [None]
+    if "remat" in cfg.model:
+      from dlm_jax import model as model_lib
+      policies = list(model_lib.REMAT_POLICIES)
+  run_shards = _build(cfg, devices, vocab).batch_shards
+  frontier = []
+  for policy in policies:
+    reports, errors = {}, []
+
+    def config_at(per_device, policy=policy):
       over = [("train.batch_size", per_device * run_shards), ("train.grad_accum_steps", 1)]
       if policy is not None:
         over.append(("model.remat", policy))
       c = config_lib.config_from_dict(cfg.to_dict())
       config_lib.apply_overrides(c, over)
-      try:
-        rep, _ = compile_train(c, devices, chip, vocab)
-      except DoesNotFit:
-        rep = None
-      except Exception as e:  # pylint: disable=broad-except  (a policy this platform cannot compile, e.g. offload)
-        errors[policy] = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        rep = None
-      cache[per_device] = rep
-      print(f"  remat={policy} per-device batch {per_device}: " + ("fits" if rep else "does not fit"),
-            file=sys.stderr, flush=True)
-      return rep
+      return c
 
-    if run_shards is None:
-      run_shards = _build(cfg, devices, vocab).batch_shards
-    lo, hi = 0, 1
-    while hi <= limit and fits(hi) and policy not in errors:
-      lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-      mid = (lo + hi) // 2
-      if fits(mid):
-        lo = mid
-      else:
-        hi = mid
-    row = {"remat": policy, "per_device_batch": lo, "batch": lo * run_shards}
-    if not lo and policy in errors:
-      row["error"] = errors[policy]
+    def probe(per_device, policy=policy, reports=reports, errors=errors):
+      nan = float("nan")
+      if errors:
+        return False, nan, nan, nan
+      try:
+        rep, _ = compile_train(config_at(per_device), devices, chip, vocab, extrapolate=False)
+      except DoesNotFit as e:
+        log(f"  remat={policy} per-device batch {per_device}: does not fit ({e.needs_gib:.2f} GiB of "
+            f"{e.hbm_gib:.2f})")
+        return False, e.needs_gib, e.hbm_gib, nan
+      except Exception as e:  # pylint: disable=broad-except  (a policy this platform cannot compile, e.g. offload)
+        errors.append((str(e).strip().splitlines() or [type(e).__name__])[0][:160])
+        log(f"  remat={policy} per-device batch {per_device}: error: {errors[-1]}")
+        return False, nan, nan, nan
+      reports[per_device] = rep
+      log(f"  remat={policy} per-device batch {per_device}: fits ({rep['per_device_total_gib']:.2f} GiB, compile "
+          f"{rep['compile_s']} s)")
+      total = rep["per_device_total_gib"]
+      fixed = total - rep.get("per_device_temp_size_in_bytes", 0) / 2 ** 30
+      return True, total, chip.hbm_gib if chip else nan, fixed
+
+    lo = largest_fitting(probe, limit)
+    row = {"remat": policy, "per_device_batch": lo, "batch": lo * run_shards, "limit": lo == limit}
+    if errors and not lo:
+      row["error"] = errors[0]
     if lo:
-      rep = cache[lo]
-      row.update({k: rep.get(k) for k in ("per_device_total_gib", "est_mfu", "est_step_s_at_peak")})
+      rep = reports[lo]
+      if extrapolate and cfg.model.get("scan_layers") and cfg.model.num_layers > 1:
+        c = config_at(lo)
+        rep = {**rep, **xla_cost_by_depth(c, devices, vocab)}
+        if chip:
+          rep.update(roofline(rep, 1, chip, c.train.batch_size, c.data.seq_len))
+      row.update({k: rep.get(k) for k in ("per_device_total_gib", "est_step_s", "est_mfu", "est_step_s_at_peak",
+                                          "xla_flops_per_device", "analytic_flops_per_device", "tokens_per_s")})
     frontier.append(row)
   return frontier
 
@@ -417,22 +516,36 @@ def _table(report: dict) -> str:
   if "flops_per_step" in report:
     rows += [("FLOPs / step (analytic)", f"{report['flops_per_step']:.3e} (mask {report['mask']}, "
               f"{report['mask_tiles_fraction']:.3f} of the tiles; attention {report['attention_flops_share']:.1%})"),
-             ("FLOPs / device (XLA)", f"{report.get('xla_flops_per_device', float('nan')):.3e} (analytic "
-              f"{report['analytic_flops_per_device']:.3e})")]
+             ("FLOPs / device (XLA)", f"{report.get('xla_flops_per_device') or float('nan'):.3e} (analytic "
+              f"{report['analytic_flops_per_device']:.3e}"
+              + ("; XLA's extrapolated in depth from unscanned 1- and 2-layer compiles" if "xla_cost_method" in report
+                 else "") + ")")]
   if "est_step_s_at_peak" in report:
     rows += [("est. step time", f"{report.get('est_step_s', float('nan')):.4f} s (roofline of XLA's FLOPs and bytes; "
               f"analytic FLOPs at peak {report['est_step_s_at_peak']:.4f} s; {report['peak_tflops_per_chip']:.0f} "
               "TFLOP/s per chip)"),
-             ("est. MFU", "- (model.scan_layers: XLA counts the layer scan's body once; no roofline)"
+             ("est. MFU", "- (model.scan_layers: XLA counts the layer scan's body once; --no_extrapolate)"
               if report.get("est_mfu") is None else
               f"{report['est_mfu']:.1%} (analytic FLOPs / est. step time / peak)")]
   for name in ("forward", "sampler"):
     if name in report:
       rows.append((f"{name} total / device", f"{report[name].get('per_device_total_gib', '-')} GiB"))
   if "compile_s" in report:
-    rows.append(("compile", f"{report['compile_s']} s"))
+    rows.append(("compile", f"{report['compile_s']} s" + (f" (+ {report['extrapolation_compile_s']} s for the 1- and "
+                 "2-layer compiles)" if "extrapolation_compile_s" in report else "")))
   w = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def frontier_table(frontier: list[dict]) -> str:
+  lines = [f"{'remat':<14} {'per-device batch':>16} {'batch':>7} {'GiB/device':>10} {'est. step s':>11} {'est. MFU':>8}"]
+  for r in frontier:
+    mfu = "-" if r.get("est_mfu") is None else f"{r['est_mfu']:.1%}"
+    step = "-" if r.get("est_step_s") is None else f"{r['est_step_s']:.4f}"
+    lines.append(f"{str(r['remat']):<14} {r['per_device_batch']:>16}{'+' if r.get('limit') else ' '}"
+                 f"{r['batch']:>7} {str(r.get('per_device_total_gib', '-')):>10} {step:>11} {mfu:>8}"
+                 + (f"  ({r['error']})" if "error" in r else ""))
+  return "\n".join(lines)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -456,6 +569,8 @@ def main(argv=None, prog: str = "dlm-compile") -> int:
                  help="with --sampler: the parameters' dtype")
   p.add_argument("--prompt_len", type=int, default=0, help="with --sampler: prompt tokens before the generated ones")
   p.add_argument("--find_batch", action="store_true", help="the largest per-device batch that fits, per remat policy")
+  p.add_argument("--no_extrapolate", action="store_true", help="with model.scan_layers: skip the unscanned 1- and "
+                 "2-layer compiles that extrapolate XLA's FLOPs and bytes to the full depth (then no MFU is claimed)")
   p.add_argument("--vocab", type=int, default=0, help="vocabulary size when data.tokenizer's file is not here")
   p.add_argument("--hlo", default="", help="also write the compiled HLO text to this file")
   try:
@@ -478,11 +593,8 @@ def main(argv=None, prog: str = "dlm-compile") -> int:
     report = {"topology": a.topology, "num_slices": a.num_slices, "devices": len(devices),
               "device_kind": devices[0].device_kind, "hosts": len({d.process_index for d in devices})}
     if a.find_batch:
-      frontier = find_batch(cfg, devices, chip, a.vocab)
-      print(f"{'remat':<20} {'per-device batch':>16} {'batch':>7} {'GiB/device':>10} {'est. MFU':>8}")
-      for r in frontier:
-        print(f"{str(r['remat']):<20} {r['per_device_batch']:>16} {r['batch']:>7} "
-              f"{str(r.get('per_device_total_gib', '-')):>10} {str(r.get('est_mfu', '-')):>8}")
+      frontier = find_batch(cfg, devices, chip, a.vocab, extrapolate=not a.no_extrapolate)
+      print(frontier_table(frontier))
       print(json.dumps({**report, "frontier": frontier}))
       return 0
     if a.sampler:
@@ -503,7 +615,7 @@ def main(argv=None, prog: str = "dlm-compile") -> int:
         if worst > chip.hbm_gib:
           raise DoesNotFit(worst, chip.hbm_gib)
     else:
-      rep, compiled = compile_train(cfg, devices, chip, a.vocab)
+      rep, compiled = compile_train(cfg, devices, chip, a.vocab, extrapolate=not a.no_extrapolate)
       report.update(rep)
     if a.hlo:
       with open(a.hlo, "w") as f:

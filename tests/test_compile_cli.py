@@ -42,7 +42,7 @@ def _run(capsys, *argv):
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_load_validate_and_build(name):
   """Each preset loads (schema), validates, names its source and slice, and builds abstractly (a stand-in for a
-  tokenizer.json that is not here); the 110M ones are ~110M parameters, LLaDA-8B is 8.02B."""
+  tokenizer.json that is not here); the 110M ones are ~110M parameters, LLaDA-1B is 1.49B, LLaDA-8B is 8.02B."""
   import jax
   path = os.path.join(ROOT, "configs", f"{name}.py")
   cfg = config_lib.load(path, [])
@@ -54,6 +54,8 @@ def test_presets_load_validate_and_build(name):
   n = sum(x.size for x in jax.tree.leaves(run.abstract_params))
   if name == "llada_8b":
     assert n == 8_015_581_184
+  elif name == "llada_1b":
+    assert n == 1_487_243_264  # LLaDA Table 5: 1.49B (0.97B without the embeddings), 4 key/value heads
   elif name.endswith("110m"):
     assert 80e6 < n < 250e6, (name, n)  # the one-hot flow adds a V x d input projection
   if "scan_layers" in cfg.model and name.startswith("llada"):
@@ -122,3 +124,110 @@ def test_llada_8b_train_step_fits_on_its_v5p_slice(capsys):
   report = json.loads(out.strip().splitlines()[-1])
   assert report["num_params"] == 8_015_581_184 and report["devices"] == 128
   assert report["per_device_total_gib"] < report["hbm_gib"] == 95.0
+
+
+def test_largest_fitting_finds_the_frontier_in_few_compiles():
+  """The secant search on the memory line returns the largest fitting batch (its neighbour above does not fit) for
+  affine, step-wise and never-fitting memory curves, in far fewer probes than a binary search."""
+  nan = float("nan")
+
+  def make(fixed, per, hbm=16.0, xla_hbm=15.75, steps=0):
+    calls = []
+
+    def probe(b):
+      calls.append(b)
+      need = fixed + per * (b + (-b) % steps if steps else b)
+      if need <= hbm:
+        return True, need, hbm, fixed
+      return False, need - fixed, xla_hbm, nan  # XLA's message names the temporaries only
+    return probe, calls
+
+  for fixed, per, steps in ((1.0, 0.37, 0), (0.2, 0.011, 0), (3.0, 0.9, 4), (15.5, 0.3, 0), (17.0, 0.1, 0)):
+    probe, calls = make(fixed, per, steps=steps)
+    best = aot.largest_fitting(probe, 4096)
+    fits = lambda b: fixed + per * (b + (-b) % steps if steps else b) <= 16.0  # noqa: E731
+    assert best == max([b for b in range(0, 4097) if b == 0 or fits(b)]), (fixed, per, best)
+    assert len(calls) <= 8, (fixed, per, calls)
+  probe, calls = make(0.0, 1e-6)
+  assert aot.largest_fitting(probe, 4096) == 4096  # the limit fits
+
+
+def _small_cfg(layers, scan):
+  return config_lib.load(os.path.join(ROOT, "configs", "bench_25m.py"), [
+      ("model.num_layers", layers), ("model.scan_layers", scan), ("model.d_model", 256), ("model.num_heads", 4),
+      ("model.mlp_dim", 1024), ("train.batch_size", 16)])
+
+
+@pytest.mark.slow(minutes=3)
+def test_scanned_cost_extrapolated_in_depth_matches_the_unscanned_compile():
+  """With model.scan_layers XLA counts the layer scan's body once; `xla_cost_by_depth` (1- and 2-layer unscanned
+  compiles, linear in depth) gives a 4-layer model's FLOPs and bytes within 2% of XLA's count for the unscanned
+  4-layer compile, and the scanned report then carries them and an MFU."""
+  _libtpu()
+  devices = aot.topology_devices("v5e:2x2")
+  chip = aot.chip_of("v5e:2x2")
+  unscanned, _ = aot.compile_train(_small_cfg(4, False), devices, chip)
+  scanned, _ = aot.compile_train(_small_cfg(4, True), devices, chip)
+  assert scanned["xla_flops_scan_body_once_per_device"] < 0.8 * unscanned["xla_flops_per_device"]
+  for key in ("xla_flops_per_device", "xla_bytes_accessed_per_device"):
+    assert scanned[key] == pytest.approx(unscanned[key], rel=0.02), key
+  assert scanned["xla_cost_method"].startswith("unscanned 1- and 2-layer")
+  assert 0 < scanned["est_mfu"] <= 1.0 and scanned["est_step_s"] > 0
+
+
+@pytest.mark.slow(minutes=4)
+def test_find_batch_frontier_fits_and_one_more_does_not(capsys):
+  """`--find_batch` on bench_25m (v5e:2x2) with remat full: the per-device batch it reports fits, one more does not
+  (checked by compiling it); the table and the JSON frontier are printed."""
+  _libtpu()
+  cfg_path = os.path.join(ROOT, "configs", "bench_25m.py")
+  devices = aot.topology_devices("v5e:2x2")
+  chip = aot.chip_of("v5e:2x2")
+  cfg = config_lib.load(cfg_path, [("model.attention", "xla"), ("model.remat", "full")])
+  lines = []
+  frontier = aot.find_batch(cfg, devices, chip, policies=["full"], log=lines.append)
+  (row,) = frontier
+  best = row["per_device_batch"]
+  assert best > 0 and row["batch"] == 4 * best and 0 < row["per_device_total_gib"] <= 16.0
+  assert 0 < row["est_mfu"] <= 1.0, row
+  assert len(lines) <= 8, lines
+  over = config_lib.load(cfg_path, [("model.attention", "xla"), ("model.remat", "full"),
+                                    ("train.batch_size", 4 * (best + 1))])
+  with pytest.raises(aot.DoesNotFit):
+    aot.compile_train(over, devices, chip, extrapolate=False)
+  print(aot.frontier_table(frontier))
+
+
+# each preset on the slice its docstring names; compiled with the layer scan (--no_extrapolate: the depth extrapolation
+# is tested above; it adds two compiles)
+SLICES = {"mdlm_owt_110m": "v5e:4x4", "bd3_owt_110m": "v5e:4x8", "flow_owt_110m": "v5e:4x4",
+          "langflow_owt_110m": "v5e:4x4", "cobit_owt_110m": "v5e:4x4", "llada_1b": "v5e:8x8"}
+
+
+@pytest.mark.slow(minutes=2)
+@pytest.mark.parametrize("name", sorted(SLICES))
+def test_preset_train_step_fits_on_its_slice(capsys, name):
+  _libtpu()
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  with open(path) as f:
+    assert f"--topology {SLICES[name]}" in f.read(), name
+  code, out, err = _run(capsys, "--config", path, "--topology", SLICES[name], "--no_extrapolate")
+  assert code == 0, (name, out, err)
+  report = json.loads(out.strip().splitlines()[-1])
+  assert report["scan_layers"] is True
+  assert 0 < report["per_device_total_gib"] <= report["hbm_gib"], report
+  print(name, report["per_device_total_gib"], report["compile_s"])
+
+
+@pytest.mark.slow(minutes=2)
+def test_llada_8b_bf16_sampler_fits_on_v5e_8(capsys):
+  """LLaDA-8B inference in bfloat16 (16 GiB of weights over 8 chips) with the preset's sampler on a v5e-8 slice
+  (v5e:2x4): the forward and the sampler fit the 16 GiB per chip."""
+  _libtpu()
+  code, out, err = _run(capsys, "--config", os.path.join(ROOT, "configs", "llada_8b.py"), "--topology", "v5e:2x4",
+                        "--sampler", "--params_dtype", "bfloat16", "--config.sampler.batch_size=8")
+  assert code == 0, (out, err)
+  report = json.loads(out.strip().splitlines()[-1])
+  assert report["devices"] == 8 and report["params_dtype"] == "bfloat16"
+  assert 0 < report["sampler"]["per_device_total_gib"] <= 16.0, report
+  print(out)
