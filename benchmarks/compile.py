@@ -1,4 +1,4 @@
-"""Will each preset fit its TPU slice, how fast, and at which batch (issue 16's figures): `dlm-compile` over the presets.
+"""Will each preset fit its TPU slice, how fast, at which batch (issue 16's figures): `dlm-compile` over the presets.
 
   python benchmarks/compile.py [--presets mdlm_owt_110m,llada_8b] [--policies full,dots_saveable]
                                [--frontier_presets ...] [--no_find_batch] [--no_depth] [--unscanned_depth] [--json FILE]
@@ -14,9 +14,9 @@ step compiled through libtpu on this CPU host (`dlm_jax/aot.py`, no TPU needed):
                 fits without accumulation (`aot.find_batch`) and its est. step time and MFU.
   depth         compile wall time of llada_8b's train step on its slice with 8 vs 32 layers under scan (should be
                 ~flat), and unscanned for comparison with --unscanned_depth (minutes at 32 layers).
-The est. MFU is an upper bound (no communication, perfect overlap of compute and memory traffic): a preset below 50% here
-will not reach 50% on the chip. Each compile takes tens of seconds on a laptop core: the whole run takes an hour or more
-(run it in the background: nohup python benchmarks/compile.py > compile.txt &). Needs libtpu (the test extra).
+The est. MFU is an upper bound (no communication, perfect overlap of compute and memory traffic): a preset below 50%
+here will not reach 50% on the chip. Each compile takes tens of seconds to minutes on a laptop core: the whole run takes
+hours (run it in the background: nohup python benchmarks/compile.py > compile.txt &). Needs libtpu (the test extra).
 """
 
 from __future__ import annotations

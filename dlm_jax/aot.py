@@ -546,7 +546,8 @@ def _table(report: dict) -> str:
 
 
 def frontier_table(frontier: list[dict]) -> str:
-  lines = [f"{'remat':<14} {'per-device batch':>16} {'batch':>7} {'GiB/device':>10} {'est. step s':>11} {'est. MFU':>8}"]
+  lines = [f"{'remat':<14} {'per-device batch':>16} {'batch':>7} {'GiB/device':>10} {'est. step s':>11} "
+           f"{'est. MFU':>8}"]
   for r in frontier:
     mfu = "-" if r.get("est_mfu") is None else f"{r['est_mfu']:.1%}"
     step = "-" if r.get("est_step_s") is None else f"{r['est_step_s']:.4f}"
