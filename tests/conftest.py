@@ -29,6 +29,15 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+def require_libtpu() -> None:
+  """Skips the calling test when libtpu (the TPU compiler the compile tests run on this CPU host) is not installed."""
+  try:
+    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+  except ImportError:
+    pytest.skip("libtpu is not installed: it is the TPU compiler these tests run (no TPU needed); "
+                "pip install -e '.[test]' brings it")
+
+
 def pytest_collection_modifyitems(items):
   """Tests marked `slow` run first, longest (`slow(minutes=...)`) first, so the parallel workers share them and the
   short tests fill in around them."""

@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from conftest import require_libtpu
+
 from dlm_jax import aot
 from dlm_jax import config as config_lib
 from dlm_jax.build import build
@@ -21,16 +23,6 @@ PRESETS = ("mdlm_owt_110m", "bd3_owt_110m", "flow_owt_110m", "langflow_owt_110m"
 FIELDS = ("mesh", "num_params", "per_device_argument_size_in_bytes", "per_device_output_size_in_bytes",
           "per_device_temp_size_in_bytes", "per_device_total_gib", "hbm_gib", "flops_per_step",
           "xla_flops_per_device", "est_step_s", "est_mfu")
-
-
-def _libtpu():
-  try:
-    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-  except ImportError:
-    pytest.skip("libtpu is not installed: it is the TPU compiler these tests run (no TPU needed); "
-                "pip install -e '.[test]' brings it")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _run(capsys, *argv):
@@ -80,7 +72,7 @@ def test_analytic_flops_are_mask_aware():
 
 
 def test_bad_topology_is_a_one_line_error(capsys):
-  _libtpu()
+  require_libtpu()
   code, out, err = _run(capsys, "--config", os.path.join(ROOT, "configs", "bench_25m.py"), "--topology", "v99:9x9")
   assert code == 2 and out == ""
   assert err.count("\n") == 1 and "cannot describe TPU topology 'v99:9x9'" in err, err
@@ -88,7 +80,7 @@ def test_bad_topology_is_a_one_line_error(capsys):
 
 @pytest.mark.slow(minutes=2)
 def test_bench_25m_fits_on_v5e_2x2(capsys):
-  _libtpu()
+  require_libtpu()
   code, out, err = _run(capsys, "--config", os.path.join(ROOT, "configs", "bench_25m.py"), "--topology", "v5e:2x2")
   assert code == 0, err
   report = json.loads(out.strip().splitlines()[-1])
@@ -103,7 +95,7 @@ def test_bench_25m_fits_on_v5e_2x2(capsys):
 
 @pytest.mark.slow(minutes=2)
 def test_an_oversized_batch_does_not_fit(capsys):
-  _libtpu()
+  require_libtpu()
   code, out, err = _run(capsys, "--config", os.path.join(ROOT, "configs", "bench_25m.py"), "--topology", "v5e:2x2",
                         "--config.train.batch_size=2048", "--config.model.attention=xla")
   assert code == 2, (out, err)
@@ -115,7 +107,7 @@ def test_an_oversized_batch_does_not_fit(capsys):
 def test_llada_8b_train_step_fits_on_its_v5p_slice(capsys):
   """configs/llada_8b.py on the slice it names (v5p:4x4x8, 128 chips, batch 1280 x 4096, layers under scan with full
   remat): ~54 GiB of 95 per chip; with scan the compile takes well under a minute."""
-  _libtpu()
+  require_libtpu()
   cfg = config_lib.load(os.path.join(ROOT, "configs", "llada_8b.py"), [])
   if not cfg.model.get("scan_layers"):
     pytest.skip("model.scan_layers is not in this tree: the unrolled 32 layers compile too slowly for a test")
@@ -165,7 +157,7 @@ def test_scanned_cost_extrapolated_in_depth_matches_the_unscanned_compile():
   (they are linear in depth) and its bytes accessed within 10% (XLA's bytes for an unrolled program grow faster than
   linearly: 0.58, 0.69, 0.87 GB for the 2nd, 3rd, 4th layer of this model, as fusion changes across layer
   boundaries; the scanned program runs one body L times), and the scanned report then carries them and an MFU."""
-  _libtpu()
+  require_libtpu()
   devices = aot.topology_devices("v5e:2x2")
   chip = aot.chip_of("v5e:2x2")
   unscanned, _ = aot.compile_train(_small_cfg(4, False), devices, chip)
@@ -181,7 +173,7 @@ def test_scanned_cost_extrapolated_in_depth_matches_the_unscanned_compile():
 def test_find_batch_frontier_fits_and_one_more_does_not(capsys):
   """`--find_batch` on bench_25m (v5e:2x2) with remat full: the per-device batch it reports fits, one more does not
   (checked by compiling it); the table and the JSON frontier are printed."""
-  _libtpu()
+  require_libtpu()
   cfg_path = os.path.join(ROOT, "configs", "bench_25m.py")
   devices = aot.topology_devices("v5e:2x2")
   chip = aot.chip_of("v5e:2x2")
@@ -209,7 +201,7 @@ SLICES = {"mdlm_owt_110m": "v5e:4x4", "bd3_owt_110m": "v5e:4x8", "llada_1b": "v5
 @pytest.mark.slow(minutes=2)
 @pytest.mark.parametrize("name", sorted(SLICES))
 def test_preset_train_step_fits_on_its_slice(capsys, name):
-  _libtpu()
+  require_libtpu()
   path = os.path.join(ROOT, "configs", f"{name}.py")
   with open(path) as f:
     assert f"--topology {SLICES[name]}" in f.read(), name
@@ -225,7 +217,7 @@ def test_preset_train_step_fits_on_its_slice(capsys, name):
 def test_llada_8b_bf16_sampler_fits_on_v5e_8(capsys):
   """LLaDA-8B inference in bfloat16 (16 GiB of weights over 8 chips) with the preset's sampler on a v5e-8 slice
   (v5e:2x4): the forward and the sampler fit the 16 GiB per chip."""
-  _libtpu()
+  require_libtpu()
   code, out, err = _run(capsys, "--config", os.path.join(ROOT, "configs", "llada_8b.py"), "--topology", "v5e:2x4",
                         "--sampler", "--params_dtype", "bfloat16", "--config.sampler.batch_size=8")
   assert code == 0, (out, err)

@@ -23,6 +23,8 @@ import re
 import jax
 import pytest
 
+from conftest import require_libtpu
+
 from dlm_jax import config as config_lib
 from dlm_jax import model as model_lib
 from dlm_jax.build import build
@@ -55,13 +57,7 @@ def _dense_scores(cfg, text: str) -> list[str]:
 
 
 def _tpu_devices():
-  try:
-    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-  except ImportError:
-    pytest.skip("libtpu is not installed: it is the TPU compiler these tests run (no TPU needed); "
-                "pip install -e '.[test]' brings it")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host discovery on a host without TPUs
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the other test worker may hold libtpu's lock file
+  require_libtpu()
   from jax.experimental import topologies
   return list(topologies.get_topology_desc(topology_name=TOPOLOGY, platform="tpu").devices)
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, require_libtpu
 
 SCRIPT = os.path.join(REPO, "launch", "gke_jobset.py")
 _spec = importlib.util.spec_from_file_location("gke_jobset", SCRIPT)
@@ -101,10 +101,7 @@ def test_slice_shape(capsys, topology, chips, hosts, per_host, accelerator):
 
 def test_host_counts_match_libtpu():
   """libtpu's topology descriptions (what dlm-compile compiles for) put the same number of hosts in each slice."""
-  try:
-    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-  except ImportError:
-    pytest.skip("libtpu is not installed (pip install -e '.[test]')")
+  require_libtpu()
   from jax.experimental import topologies
   for topology, _, hosts, _, _ in SHAPES:
     if topology in ("v5e:1x1",) or topology.startswith("v5litepod"):

@@ -22,6 +22,8 @@ import types
 import numpy as np
 import pytest
 
+from conftest import require_libtpu
+
 from dlm_jax import config as config_lib
 from dlm_jax import sharding
 from dlm_jax.errors import DLMError
@@ -59,21 +61,11 @@ def test_mesh_axes_and_fill():
     sharding.make_mesh(_mesh_cfg(data=3, fsdp=2, sequence=2), devs)
 
 
-def _libtpu():
-  try:
-    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-  except ImportError:
-    pytest.skip("libtpu is not installed: it is the TPU compiler these tests run (no TPU needed); "
-                "pip install -e '.[test]' brings it")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
 def test_dcn_data_is_the_outer_factor_of_the_data_axis():
   """Two v5e:2x2 slices (libtpu's compile-only devices): the data axis is slice-major (its first half is slice 0), so
   only the data axis's gradient reduction crosses slices; the per-slice sizes split each slice. A mesh.dcn_data that
   is not the number of slices is a one-line error, on TPU and in dlm-compile."""
-  _libtpu()
+  require_libtpu()
   from dlm_jax import aot
   devs = aot.topology_devices("v5e:2x2", 2)
   m = sharding.make_mesh(_mesh_cfg(dcn_data=2, data=1, fsdp=2, sequence=2), devs)
@@ -358,7 +350,7 @@ def whole_all_reduces(hlo: str, dims) -> list[str]:
 
 def _compile(tmp_path, *argv) -> tuple[dict, str, str]:
   """dlm-compile in a subprocess (the SPMD partitioner's warnings go to its stderr): (report, HLO text, stderr)."""
-  _libtpu()
+  require_libtpu()
   hlo = str(tmp_path / "step.hlo")
   env = dict(os.environ, TPU_WORKER_HOSTNAMES="localhost", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   from dlm_jax import aot
