@@ -86,7 +86,7 @@ def test_bench_25m_fits_on_v5e_2x2(capsys):
   report = json.loads(out.strip().splitlines()[-1])
   for key in FIELDS:
     assert key in report, key
-  assert report["devices"] == 4 and report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert report["devices"] == 4 and report["mesh"] == {"data": 4, "fsdp": 1, "sequence": 1, "tensor": 1}
   assert report["num_params"] == 25_436_160 and report["hbm_gib"] == 16.0
   assert 0 < report["per_device_total_gib"] < 16.0 and 0 < report["est_mfu"] <= 1.0
   assert "total / device" in out and "est. MFU" in out
