@@ -115,6 +115,12 @@ def train_and_resume(cfg, tmp_path, stop: int, last: int) -> tuple[str, str]:
   return straight, resumed
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints in a workdir, ascending ([] when it has none)."""
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
 def losses(workdir: str) -> dict[int, float]:
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

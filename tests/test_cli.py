@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import run_cli
+from conftest import checkpoint_steps, run_cli
 
 
 def _error_line(r, prog):
@@ -121,7 +121,7 @@ def test_different_model_shape_and_corrupt_checkpoint(trained, tmp_path, tiny_co
   import shutil
   broken = str(tmp_path / "broken")
   shutil.copytree(wd, broken)
-  latest = max(int(s) for s in os.listdir(os.path.join(broken, "checkpoints")) if s.isdigit())
+  latest = checkpoint_steps(broken)[-1]
   state_dir = os.path.join(broken, "checkpoints", str(latest), "state")
   for root, _, files in os.walk(state_dir):
     for f in files:

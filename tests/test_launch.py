@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, require_libtpu
+from conftest import REPO, checkpoint_steps, require_libtpu
 
 SCRIPT = os.path.join(REPO, "launch", "gke_jobset.py")
 _spec = importlib.util.spec_from_file_location("gke_jobset", SCRIPT)
@@ -327,7 +327,7 @@ def test_jobset_pods_train_stop_and_resume(tmp_path, tiny_config):
     time.sleep(0.05)
   procs[1].terminate()  # SIGTERM to process 1 only
   codes = [p.wait(timeout=300) for p in procs]
-  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  saved = checkpoint_steps(workdir)
   assert codes == [143, 143], (codes, open(os.path.join(workdir, "pod0.log")).read()[-3000:])
   assert saved and saved[-1] < 400, saved
   stop = saved[-1]

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY, losses, write_config
+from conftest import REPO, TINY, checkpoint_steps, losses, write_config
 import markov
 
 STEPS = 120
@@ -55,16 +55,11 @@ def _stderr(path) -> str:
   return open(path).read()
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-
-
 def _wait_for_checkpoint(proc: subprocess.Popen, workdir: str, err_path) -> None:
   """Blocks until the running job has finalized a checkpoint (Orbax renames a step directory into place once every
   process wrote its part)."""
   deadline = time.time() + LAUNCH_TIMEOUT
-  while not _checkpoint_steps(workdir):
+  while not checkpoint_steps(workdir):
     assert proc.poll() is None, f"the job ended before its first checkpoint:\n{_stderr(err_path)}"
     assert time.time() < deadline, "no checkpoint within the timeout"
     time.sleep(0.05)
@@ -91,7 +86,7 @@ def _rerun_matches(job, workdir: str, err_path, resumed_from: int) -> None:
   assert [s for s, _ in rows] == list(range(1, STEPS + 1))  # each step once: the killed run's later rows were dropped
   got = dict(r for r in rows if r[0] > resumed_from)
   assert all(got[s] == want[s] for s in got), [(s, got[s], want[s]) for s in got if got[s] != want[s]]  # bit-exact
-  assert _checkpoint_steps(workdir)[-1] == STEPS
+  assert checkpoint_steps(workdir)[-1] == STEPS
 
 
 @pytest.mark.slow(minutes=2)
@@ -111,7 +106,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path, job):
   assert len(saved[0]) == len(saved[1]) == 1 and saved[0] == saved[1], saved  # both saved, the same step
   step = int(saved[0][0])
   assert step < STEPS, "SIGTERM arrived too late to test resumption"
-  assert _checkpoint_steps(wd)[-1] == step
+  assert checkpoint_steps(wd)[-1] == step
   stopped = losses(wd)
   assert max(stopped) == step and all(stopped[s] == want[s] for s in stopped)
   _rerun_matches(job, wd, tmp_path / "rerun.err", resumed_from=step)
@@ -139,7 +134,7 @@ def test_sigkill_of_one_process_stops_the_job_and_a_rerun_resumes(tmp_path, job,
 
   # Only complete checkpoints are step directories; what the job logged before the kill matches the straight run.
   from dlm_jax.checkpoint import Checkpointer
-  complete = _checkpoint_steps(wd)
+  complete = checkpoint_steps(wd)
   assert complete and Checkpointer(wd, read_only=True).latest_step() == complete[-1]
   last = complete[-1]
   logged = dict(_train_rows(wd))

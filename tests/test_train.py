@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, losses, run_cli, train_and_resume
+from conftest import REPO, checkpoint_steps, losses, run_cli, train_and_resume
 from dlm_jax import config as config_lib
 from dlm_jax.errors import DLMError
 from dlm_jax.train import train
@@ -250,7 +250,7 @@ def test_sigterm_right_after_a_periodic_save(tmp_path, tiny_config):
   assert e.value.code == 143
   last = max(losses(wd))
   assert last < 200
-  steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+  steps = checkpoint_steps(wd)
   assert steps[-1] == last and len(steps) <= 2
 
 
