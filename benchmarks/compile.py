@@ -6,10 +6,10 @@
 Per preset (configs/NAME.py, on the slice its docstring's `dlm-compile ... --topology T` line names), the real train
 step compiled through libtpu on this CPU host (`dlm_jax/aot.py`, no TPU needed):
   preset table  per-device memory (arguments + outputs + temporaries, less donated buffers) against the chip's HBM;
-                FLOPs per device and step from XLA's cost analysis (layers under scan: extrapolated in depth from the
-                unscanned 2- and 3-layer compiles, `aot.xla_cost_by_depth`) next to the analytic mask-aware count;
-                est. step time (roofline: max of XLA FLOPs / peak, XLA bytes / HBM bandwidth, analytic FLOPs / peak)
-                and est. MFU = analytic FLOPs / (est. step time x peak); the compile wall time.
+                FLOPs per device and step read from the compiled program (`dlm_jax.hlo_cost`: matmuls with every
+                loop body times its trip count, plus the analytic attention FLOPs of a Pallas kernel) next to the
+                analytic mask-aware count; its HBM bytes; est. step time (roofline: max of FLOPs / peak, HBM bytes /
+                HBM bandwidth) and est. MFU = analytic FLOPs / (est. step time x peak); the compile wall time.
   frontier      per remat policy (--policies; default all of model.REMAT_POLICIES) the largest per-device batch that
                 fits without accumulation (`aot.find_batch`) and its est. step time and MFU.
   depth         compile wall time of llada_8b's train step on its slice with 8 vs 32 layers under scan (should be
@@ -70,9 +70,9 @@ def main(argv=None) -> int:
       with open(a.json, "w") as f:
         json.dump(out, f, indent=1)
 
-  say("| preset | slice | params | batch (per device x accum) | remat | GiB / device (of HBM) | XLA TFLOP / device "
-      "| analytic TFLOP / device | est. step s | est. MFU | compile s |")
-  say("|---|---|---|---|---|---|---|---|---|---|---|")
+  say("| preset | slice | params | batch (per device x accum) | remat | GiB / device (of HBM) | TFLOP / device "
+      "(compiled) | analytic TFLOP / device | HBM GB / device | est. step s | est. MFU | compile s |")
+  say("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name in [x for x in a.presets.split(",") if x]:
     topology = preset_slice(name)
     devices = aot.topology_devices(topology)
@@ -81,22 +81,19 @@ def main(argv=None) -> int:
     try:
       rep, _ = aot.compile_train(cfg, devices, chip)
     except aot.DoesNotFit as e:
-      say(f"| {name} | {topology} | | {cfg.train.batch_size} | {cfg.model.remat} | {e} | | | | | |")
+      say(f"| {name} | {topology} | | {cfg.train.batch_size} | {cfg.model.remat} | {e} | | | | | | |")
       out["presets"][name] = {"topology": topology, "does_not_fit": str(e)}
       dump()
       continue
     rep["topology"] = topology
     out["presets"][name] = rep
-    xla = rep.get("xla_flops_per_device")
-    mfu = rep.get("est_mfu")
+    compiled = rep.get("hlo_flops_per_device", 0.0) + rep.get("kernel_flops_per_device", 0.0)
     accum = rep["grad_accum_steps"]
     micro = rep["per_device_batch"] // accum
-    mfu_s = "-" if mfu is None else f"{mfu:.1%}"
-    xla_s = f"{xla / 1e12:.2f}" if xla else "-"
     say(f"| {name} | {topology} | {rep['num_params'] / 1e6:.0f}M | {rep['batch']} ({micro} x {accum}) | "
-        f"{rep.get('remat')} | {rep['per_device_total_gib']:.2f} ({rep['hbm_gib']:.0f}) | {xla_s} | "
-        f"{rep['analytic_flops_per_device'] / 1e12:.2f} | {rep['est_step_s']:.3f} | {mfu_s} | {rep['compile_s']} "
-        f"(+{rep.get('extrapolation_compile_s', 0)}) |")
+        f"{rep.get('remat')} | {rep['per_device_total_gib']:.2f} ({rep['hbm_gib']:.0f}) | {compiled / 1e12:.2f} | "
+        f"{rep['analytic_flops_per_device'] / 1e12:.2f} | {(rep['hlo_hbm_bytes_per_device'] + rep.get('kernel_hbm_bytes_per_device', 0)) / 1e9:.1f} | "
+        f"{rep['est_step_s']:.3f} | {rep['est_mfu']:.1%} | {rep['compile_s']} |")
     dump()
   if not a.no_depth:
     topology = preset_slice("llada_8b")
@@ -109,7 +106,7 @@ def main(argv=None) -> int:
         cfg = config_lib.load(os.path.join(ROOT, "configs", "llada_8b.py"),
                               [("model.num_layers", layers), ("model.scan_layers", scan)])
         try:
-          rep, _ = aot.compile_train(cfg, devices, aot.chip_of(topology), extrapolate=False)
+          rep, _ = aot.compile_train(cfg, devices, aot.chip_of(topology))
           row = {"layers": layers, "scan": scan, "compile_s": rep["compile_s"], "gib": rep["per_device_total_gib"]}
         except aot.DoesNotFit as e:
           row = {"layers": layers, "scan": scan, "compile_s": None, "gib": str(e)}

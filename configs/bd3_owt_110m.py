@@ -18,7 +18,7 @@ sets it (commit 1c3e8f43; checked against these files):
 The trunk runs over [x_t | x_0] (2L = 2048 tokens) under the BD3 mask (splash visits ~31% of the 128-tiles).
 
 Sized for a v5e-32 slice (v5e:4x8, 32 chips; batch 512 = 16 sequences of 2L per chip in 2 micro-batches
-(grad_accum_steps 2, from configs/mdlm_owt_110m.py), FSDP over all chips):
+(grad_accum_steps 2, from configs/mdlm_owt_110m.py), data parallel over all chips):
   dlm-compile --config configs/bd3_owt_110m.py --topology v5e:4x8
 
 Tokenizer: as configs/mdlm_owt_110m.py (data.tokenizer = the path of GPT-2's tokenizer.json, which you provide).

@@ -3,7 +3,8 @@ dlm_jax/processes/embedding_flow.py; initial Gumbel mu 4.723 / beta 0.852 = Lang
 (kuleshov-group/mdlm): 12 layers, d 768, 12 heads, L 1024, batch 512, AdamW lr 3e-4 with 2500 warmup steps then
 constant, grad clip 1, EMA 0.9999, GPT-2 tokenizer.
 
-Sized for a v5e-16 slice (v5e:4x4, 16 chips; batch 512 = 32 sequences per chip in 2 micro-batches, FSDP over all chips):
+Sized for a v5e-16 slice (v5e:4x4, 16 chips; batch 512 = 32 sequences per chip in 2 micro-batches, data parallel
+over all chips, as configs/mdlm_owt_110m.py):
   dlm-compile --config configs/langflow_owt_110m.py --topology v5e:4x4
 
 Tokenizer: as configs/mdlm_owt_110m.py (data.tokenizer = the path of GPT-2's tokenizer.json, which you provide).

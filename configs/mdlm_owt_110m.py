@@ -7,10 +7,12 @@ and Effective Masked Diffusion Language Models" (kuleshov-group/mdlm, configs/co
 Differences: our trunk is LLaMA-style (RMSNorm, RoPE, SwiGLU 2048 ~ the DiT's 4x GELU MLP in parameters), no dropout
 (MDLM: 0.1), no time conditioning (MDLM's default for masked diffusion).
 
-Sized for a v5e-16 slice (v5e:4x4, 16 chips; batch 512 = 32 sequences per chip in 2 micro-batches, FSDP over all
-chips; the 12 layers under scan (model.scan_layers: a ~35 s compile instead of ~6.5 min unrolled, the same losses) with
-remat "dots_saveable" (under scan, keeping every activation needs 19.6 GiB of v5e's 16 per chip; saving the matmul
-outputs 10.9 GiB; `dlm-compile --find_batch` prints the frontier per policy)):
+Sized for a v5e-16 slice (v5e:4x4, 16 chips; batch 512 = 32 sequences per chip in 2 micro-batches). Data parallel
+over all chips: the float32 weights, EMA and Adam moments (1.7 GiB) fit each chip, whereas FSDP makes XLA:TPU re-read
+each micro-batch's activations once per weight shard in its windowed all-gather matmuls (twice the HBM traffic, half
+the est. MFU). The 12 layers run under scan (model.scan_layers: a ~35 s compile instead of ~6.5 min unrolled, the same
+losses) with remat "dots_saveable" (14.4 GiB of v5e's 16 per chip; `dlm-compile --find_batch` prints the frontier per
+policy):
   dlm-compile --config configs/mdlm_owt_110m.py --topology v5e:4x4
 
 Tokenizer: data.tokenizer is the path of GPT-2's tokenizer.json, which you provide (e.g. from the Hugging Face hub
@@ -56,6 +58,6 @@ def get_config():
   c.eval.batch_size = 64
   c.eval.max_batches = 100
   c.sampler.steps = 1000
-  c.mesh.data = 1
-  c.mesh.fsdp = -1  # fully sharded over all chips
+  c.mesh.data = -1  # data parallel over all chips (a 110M model's state fits each chip)
+  c.mesh.fsdp = 1
   return c

@@ -1,7 +1,7 @@
 """`dlm-compile`: will this config fit on that TPU slice, and how fast will it be? (ahead-of-time, on any host)
 
   dlm-compile --config configs/mdlm_owt_110m.py --topology v5e:4x4 [--config.KEY=VALUE ...]
-              [--sampler] [--find_batch] [--no_extrapolate] [--num_slices N] [--vocab N] [--hlo FILE]
+              [--sampler] [--find_batch] [--num_slices N] [--vocab N] [--hlo FILE]
 
 `jax.experimental.topologies.get_topology_desc(TOPOLOGY, platform="tpu", num_slices=N)` describes the chips of a slice
 (compile-only devices; libtpu is the compiler, no TPU is needed). The run's mesh is built over them exactly as
@@ -10,18 +10,16 @@ the model and the configured sampler) is lowered with abstract, sharded inputs (
 XLA:TPU. Printed: a table and one JSON line with the mesh, the parameter count, XLA's per-device memory (arguments,
 outputs, temporaries, total) against the chip's HBM, the FLOPs per step from the analytic mask-aware count
 (`step_flops`) next to XLA's cost analysis (which does not see inside Pallas kernels), and an estimated step time and
-MFU at the chip's figures (`CHIPS`): est_step_s = the roofline max(XLA FLOPs / bf16 peak, XLA bytes accessed / HBM
-bandwidth, analytic FLOPs / peak) per device (XLA's counts times train.grad_accum_steps: it counts a loop body
-once), est_mfu = analytic FLOPs / (est_step_s x peak): an upper bound (no communication, perfect overlap), so a
-config below ~50% here will not reach it on the chip.
-
-Layers under model.scan_layers: XLA's cost analysis counts the layer scan's body once, so the scanned program's own
-FLOPs and bytes hold one layer (reported as xla_*_scan_body_once_per_device). The step's are derived from the same
-config compiled unscanned with 2 and 3 layers (cheap next to the full depth): per layer = f(3) - f(2), and at depth
-L, f(2) + (L - 2) x per layer, for FLOPs and bytes accessed alike (`xla_cost_by_depth`: FLOPs exact, bytes within
-~6% of an unrolled compile's count, which grows faster than linearly in depth; tests/test_compile_cli.py checks both
-against a 4-layer unscanned compile). The memory figures are the scanned program's own.
-`--no_extrapolate` skips those two compiles (then no MFU is claimed).
+MFU at the chip's figures (`CHIPS`). XLA's own cost analysis (reported as xla_flops_per_device /
+xla_bytes_accessed_per_device) cannot be the roofline on TPU: it counts a while loop's body once (a layer scan, the
+gradient-accumulation loop, and the "windowed einsum" loops XLA:TPU makes of FSDP matmuls) and counts on-chip (VMEM)
+traffic as memory traffic. The estimate reads the compiled program instead (`dlm_jax.hlo_cost`): its matmul FLOPs with
+every loop body times its trip count (hlo_flops_per_device), its HBM bytes (hlo_hbm_bytes_per_device), and the
+analytic FLOPs of the attention when a Pallas kernel runs it (kernel_flops_per_device: XLA sees a custom call, whose
+operands the HLO count reads once; kernel_hbm_bytes_per_device adds a flash kernel's re-reads of keys and values).
+est_step_s = the roofline max((HLO + kernel FLOPs) / bf16 peak, HBM bytes / HBM bandwidth) per device, est_mfu =
+analytic FLOPs / (est_step_s x peak): an upper bound (no communication, perfect overlap), so a config below ~50% here
+will not reach it on the chip. The layer scan needs no special treatment: its trip count multiplies its body.
 
 Exit status: 0 = compiles and fits; 2 = a config or topology error, or "does not fit: needs X GiB of Y GiB per
 device"; 1 = another error. `--find_batch` searches the largest per-device batch (train.batch_size = per-device x data
@@ -45,6 +43,7 @@ import sys
 import time
 
 from dlm_jax import config as config_lib
+from dlm_jax import hlo_cost
 from dlm_jax.errors import DLMError
 
 
@@ -183,6 +182,11 @@ def figures(compiled, flops_key: str = "per_device_flops") -> dict:
     out[flops_key] = float(cost["flops"])
   if cost and "bytes accessed" in cost:
     out["xla_bytes_accessed_per_device"] = float(cost["bytes accessed"])
+  walked = hlo_cost.program_cost(compiled.as_text())
+  out.update({"hlo_flops_per_device": walked.flops, "hlo_hbm_bytes_per_device": walked.hbm_bytes,
+              "hlo_custom_calls": walked.custom_calls})
+  if walked.unknown_trip_counts:
+    out["hlo_unknown_trip_counts"] = walked.unknown_trip_counts  # such loops were counted once
   return out
 
 
@@ -314,58 +318,26 @@ def _compile_step(cfg, devices, chip: Chip | None, vocab: int):
   return run, compiled, time.perf_counter() - t0
 
 
-def xla_cost_by_depth(cfg, devices, vocab: int = 0) -> dict:
-  """XLA's per-device FLOPs and bytes accessed of `cfg`'s train step at its full depth L, for a config whose layers run
-  under model.scan_layers (XLA's cost analysis counts a while loop's body once, so the scanned program's own counts
-  hold one layer): the same config is compiled unscanned with 2 and 3 layers, per layer = f(3) - f(2), and depth L is
-  f(2) + (L - 2) x per layer (L <= 3: the unscanned compile at depth L itself). The FLOPs are exactly linear in depth
-  (tests/test_compile_cli.py: within 2% of the unscanned 4-layer compile's). XLA's bytes accessed for an unrolled
-  program are not: for a small model the 2nd, 3rd and 4th layer add 0.58, 0.69 and 0.87 GB as fusion and scheduling
-  change across layer boundaries, so the line from 2 and 3 layers (the 1st layer is the least typical) is 6% under the
-  unscanned 4-layer count (the test allows 10%); the scanned program runs one body L times, which the line models.
-  Everything else (batch, remat, mesh, dtypes) is the config's, so the counts include the remat policy's
-  recomputation; like the scanned program's, they count the gradient-accumulation loop's body once."""
-  depth = cfg.model.num_layers
-  f = {}
-  for n in (2, 3) if depth > 3 else (depth,):
-    c = config_lib.config_from_dict(cfg.to_dict())
-    config_lib.apply_overrides(c, [("model.num_layers", n), ("model.scan_layers", False)])
-    _, compiled, _ = _compile_step(c, devices, None, vocab)
-    f[n] = figures(compiled, flops_key="xla_flops_per_device")
-  if depth <= 3:
-    return {"xla_cost_method": f"the unscanned {depth}-layer compile", **{
-        k: f[depth][k] for k in ("xla_flops_per_device", "xla_bytes_accessed_per_device") if k in f[depth]}}
-  out = {"xla_cost_method": "unscanned 2- and 3-layer compiles, extrapolated linearly in depth"}
-  for key in ("xla_flops_per_device", "xla_bytes_accessed_per_device"):
-    if key in f[2] and key in f[3]:
-      per_layer = f[3][key] - f[2][key]
-      out[key] = f[2][key] + (depth - 2) * per_layer
-      out[key.replace("_per_device", "_per_layer_per_device")] = per_layer
-  return out
-
-
-def roofline(report: dict, accum: int, chip: Chip, batch: int, seq_len: int) -> dict:
-  """est_step_s = max(analytic FLOPs / peak, accum x XLA FLOPs / peak, accum x XLA bytes / HBM bandwidth) per device
-  and est_mfu = analytic FLOPs / (est_step_s x peak); without XLA's counts (None) no MFU is claimed."""
+def roofline(report: dict, chip: Chip, batch: int, seq_len: int) -> dict:
+  """est_step_s = max((HLO FLOPs + Pallas kernel FLOPs) / peak, HLO HBM bytes / HBM bandwidth, analytic FLOPs / peak)
+  per device and est_mfu = analytic FLOPs / (est_step_s x peak) (see the module docstring)."""
   peak = chip.peak_tflops * 1e12
   analytic = report["analytic_flops_per_device"]
-  xla = report.get("xla_flops_per_device")
-  out = {"hbm_gib": chip.hbm_gib, "peak_tflops_per_chip": chip.peak_tflops,
-         "est_step_s_at_peak": round(analytic / peak, 4)}
-  roof = max(analytic / peak, accum * (xla or 0.0) / peak,
-             accum * report.get("xla_bytes_accessed_per_device", 0.0) / (chip.hbm_gbps * 1e9) if xla else 0.0)
-  out["est_step_s"] = round(roof, 4)
-  out["est_mfu"] = round(min(1.0, analytic / (roof * peak)), 3) if xla else None
-  out["tokens_per_s"] = round(batch * seq_len / roof)
-  return out
+  compute = report.get("hlo_flops_per_device", 0.0) + report.get("kernel_flops_per_device", 0.0)
+  memory = (report.get("hlo_hbm_bytes_per_device", 0.0) + report.get("kernel_hbm_bytes_per_device", 0.0)) / (
+      chip.hbm_gbps * 1e9)
+  roof = max(analytic / peak, compute / peak, memory)
+  return {"hbm_gib": chip.hbm_gib, "peak_tflops_per_chip": chip.peak_tflops, "hbm_gbps_per_chip": chip.hbm_gbps,
+          "est_step_s_at_peak": round(analytic / peak, 4), "est_compute_s": round(compute / peak, 4),
+          "est_hbm_s": round(memory, 4), "est_step_s": round(roof, 4),
+          "est_mfu": round(min(1.0, analytic / (roof * peak)), 3), "tokens_per_s": round(batch * seq_len / roof)}
 
 
-def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0, extrapolate: bool = True) -> tuple[dict, object]:
+def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0) -> tuple[dict, object]:
   """Compile the train step of `cfg` over `devices`: (report, compiled). DoesNotFit when XLA runs out of HBM or the
-  per-device total exceeds the chip's. With model.scan_layers, XLA's counts of the scanned program hold one layer
-  (`xla_flops_scan_body_once_per_device`); `extrapolate` replaces them by `xla_cost_by_depth`'s (two more compiles,
-  after the fit check), else no MFU is claimed."""
+  per-device total exceeds the chip's."""
   import jax
+  from dlm_jax import attention
   run, compiled, seconds = _compile_step(cfg, devices, chip, vocab)
   report = {"mesh": dict(run.mesh.shape), "num_params": int(sum(x.size for x in jax.tree.leaves(run.abstract_params))),
             "batch": cfg.train.batch_size, "per_device_batch": cfg.train.batch_size // run.batch_shards,
@@ -379,23 +351,27 @@ def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0, extrapolate: 
   report.update(step_flops(run))
   n = len(devices)
   report["analytic_flops_per_device"] = report["flops_per_step"] / n
+  impl = attention.resolve(cfg.model.attention, devices[0].platform, cfg.model.attention_interpret)
+  report["attention"] = impl
+  if impl in ("splash", "pallas_gpu") and report.get("hlo_custom_calls"):
+    # XLA sees the kernel as a custom call: its FLOPs are the analytic attention FLOPs (forward + backward), and the
+    # compiled program counts its operands once, where a flash kernel re-reads keys and values for each query tile
+    # it visits (forward and dq pass) and queries / output gradients for each key tile (dkv pass): ~3 x (tiles per
+    # row - 1) more reads of a [n, kv_heads, head_dim] pair per layer and sequence
+    report["kernel_flops_per_device"] = report["flops_per_step"] * report["attention_flops_share"] / n
+    mc, trunk = run.model_config, report["trunk_len"]
+    tiles = max(0.0, report["mask_tiles_fraction"] * trunk / min(128, trunk) - 1)
+    itemsize = 2 if cfg.train.compute_dtype == "bfloat16" else 4
+    pair = 2 * trunk * mc.num_kv_heads * mc.head_dim * itemsize
+    report["kernel_hbm_bytes_per_device"] = 3 * tiles * pair * mc.num_layers * cfg.train.batch_size / n
   if chip and report.get("per_device_total_gib", 0) > chip.hbm_gib:
     raise DoesNotFit(report["per_device_total_gib"], chip.hbm_gib)
-  if cfg.model.get("scan_layers") and cfg.model.num_layers > 1:
-    # XLA counts the layer scan's body once: its totals are not the step's
-    report["xla_flops_scan_body_once_per_device"] = report.pop("xla_flops_per_device", None)
-    report["xla_bytes_scan_body_once_per_device"] = report.pop("xla_bytes_accessed_per_device", None)
-    if extrapolate:
-      t0 = time.perf_counter()
-      report.update(xla_cost_by_depth(cfg, devices, vocab))
-      report["extrapolation_compile_s"] = round(time.perf_counter() - t0, 1)
-  if report.get("xla_flops_per_device"):
-    report["analytic_over_xla_flops"] = round(report["analytic_flops_per_device"] / report["xla_flops_per_device"], 3)
+  if report.get("hlo_flops_per_device"):
+    report["analytic_over_hlo_flops"] = round(
+        report["analytic_flops_per_device"] / (report["hlo_flops_per_device"] +
+                                               report.get("kernel_flops_per_device", 0.0)), 3)
   if chip:
-    # roofline: the step takes at least XLA's FLOPs at the chip's peak and XLA's bytes at its HBM bandwidth; XLA counts
-    # the micro-batch loop of gradient accumulation once (x accum) and does not see inside Pallas kernels (splash), so
-    # the analytic FLOPs bound the time too
-    report.update(roofline(report, cfg.train.grad_accum_steps, chip, cfg.train.batch_size, cfg.data.seq_len))
+    report.update(roofline(report, chip, cfg.train.batch_size, cfg.data.seq_len))
   return report, compiled
 
 
@@ -441,12 +417,10 @@ def largest_fitting(probe, limit: int) -> int:
     b = guess
 
 
-def find_batch(cfg, devices, chip, vocab: int = 0, limit: int = 4096, policies=None, extrapolate: bool = True,
-               log=None) -> list[dict]:
+def find_batch(cfg, devices, chip, vocab: int = 0, limit: int = 4096, policies=None, log=None) -> list[dict]:
   """Per remat policy (`policies`, default model.remat's choices when the config has it, else the current setting):
   the largest per-device batch (train.batch_size = per-device x data x fsdp, grad_accum_steps 1) that compiles and fits
-  (`largest_fitting`), with its memory, est. step time and MFU (with model.scan_layers: XLA's counts extrapolated in
-  depth, `xla_cost_by_depth`, unless `extrapolate` is False). A policy this platform cannot compile (e.g. offload
+  (`largest_fitting`), with its memory, est. step time and MFU. A policy this platform cannot compile (e.g. offload
   without host memory) gets its error in the row. `log(line)` hears every probe (default: stderr)."""
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
   if policies is None:
@@ -472,7 +446,7 @@ def find_batch(cfg, devices, chip, vocab: int = 0, limit: int = 4096, policies=N
       if errors:
         return False, nan, nan, nan
       try:
-        rep, _ = compile_train(config_at(per_device), devices, chip, vocab, extrapolate=False)
+        rep, _ = compile_train(config_at(per_device), devices, chip, vocab)
       except DoesNotFit as e:
         log(f"  remat={policy} per-device batch {per_device}: does not fit ({e.needs_gib:.2f} GiB of "
             f"{e.hbm_gib:.2f})")
@@ -494,13 +468,8 @@ def find_batch(cfg, devices, chip, vocab: int = 0, limit: int = 4096, policies=N
       row["error"] = errors[0]
     if lo:
       rep = reports[lo]
-      if extrapolate and cfg.model.get("scan_layers") and cfg.model.num_layers > 1:
-        c = config_at(lo)
-        rep = {**rep, **xla_cost_by_depth(c, devices, vocab)}
-        if chip:
-          rep.update(roofline(rep, 1, chip, c.train.batch_size, c.data.seq_len))
       row.update({k: rep.get(k) for k in ("per_device_total_gib", "est_step_s", "est_mfu", "est_step_s_at_peak",
-                                          "xla_flops_per_device", "analytic_flops_per_device", "tokens_per_s")})
+                                          "hlo_flops_per_device", "analytic_flops_per_device", "tokens_per_s")})
     frontier.append(row)
   return frontier
 
@@ -524,23 +493,24 @@ def _table(report: dict) -> str:
   if "flops_per_step" in report:
     rows += [("FLOPs / step (analytic)", f"{report['flops_per_step']:.3e} (mask {report['mask']}, "
               f"{report['mask_tiles_fraction']:.3f} of the tiles; attention {report['attention_flops_share']:.1%})"),
-             ("FLOPs / device (XLA)", f"{report.get('xla_flops_per_device') or float('nan'):.3e} (analytic "
-              f"{report['analytic_flops_per_device']:.3e}"
-              + ("; XLA's extrapolated in depth from unscanned 2- and 3-layer compiles" if "xla_cost_method" in report
-                 else "") + ")")]
+             ("FLOPs / device", f"{report.get('hlo_flops_per_device', float('nan')):.3e} matmuls in the compiled "
+              f"program + {report.get('kernel_flops_per_device', 0.0):.3e} in Pallas kernels (analytic "
+              f"{report['analytic_flops_per_device']:.3e}; XLA's cost analysis, loop bodies once: "
+              f"{report.get('xla_flops_per_device') or float('nan'):.3e})"),
+             ("HBM bytes / device", f"{report.get('hlo_hbm_bytes_per_device', float('nan')) / 1e9:.2f} GB + "
+              f"{report.get('kernel_hbm_bytes_per_device', 0.0) / 1e9:.2f} GB of Pallas kernel re-reads (XLA's "
+              f"bytes accessed, on-chip included, loop bodies once: "
+              f"{report.get('xla_bytes_accessed_per_device', float('nan')) / 1e9:.2f} GB)")]
   if "est_step_s_at_peak" in report:
-    rows += [("est. step time", f"{report.get('est_step_s', float('nan')):.4f} s (roofline of XLA's FLOPs and bytes; "
-              f"analytic FLOPs at peak {report['est_step_s_at_peak']:.4f} s; {report['peak_tflops_per_chip']:.0f} "
-              "TFLOP/s per chip)"),
-             ("est. MFU", "- (model.scan_layers: XLA counts the layer scan's body once; --no_extrapolate)"
-              if report.get("est_mfu") is None else
-              f"{report['est_mfu']:.1%} (analytic FLOPs / est. step time / peak)")]
+    rows += [("est. step time", f"{report['est_step_s']:.4f} s (roofline: compute {report['est_compute_s']:.4f} s at "
+              f"{report['peak_tflops_per_chip']:.0f} TFLOP/s, HBM {report['est_hbm_s']:.4f} s at "
+              f"{report['hbm_gbps_per_chip']:.0f} GB/s; analytic FLOPs at peak {report['est_step_s_at_peak']:.4f} s)"),
+             ("est. MFU", f"{report['est_mfu']:.1%} (analytic FLOPs / est. step time / peak)")]
   for name in ("forward", "sampler"):
     if name in report:
       rows.append((f"{name} total / device", f"{report[name].get('per_device_total_gib', '-')} GiB"))
   if "compile_s" in report:
-    rows.append(("compile", f"{report['compile_s']} s" + (f" (+ {report['extrapolation_compile_s']} s for the 2- and "
-                 "3-layer compiles)" if "extrapolation_compile_s" in report else "")))
+    rows.append(("compile", f"{report['compile_s']} s"))
   w = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
@@ -578,8 +548,6 @@ def main(argv=None, prog: str = "dlm-compile") -> int:
                  help="with --sampler: the parameters' dtype")
   p.add_argument("--prompt_len", type=int, default=0, help="with --sampler: prompt tokens before the generated ones")
   p.add_argument("--find_batch", action="store_true", help="the largest per-device batch that fits, per remat policy")
-  p.add_argument("--no_extrapolate", action="store_true", help="with model.scan_layers: skip the unscanned 2- and "
-                 "3-layer compiles that extrapolate XLA's FLOPs and bytes to the full depth (then no MFU is claimed)")
   p.add_argument("--vocab", type=int, default=0, help="vocabulary size when data.tokenizer's file is not here")
   p.add_argument("--hlo", default="", help="also write the compiled HLO text to this file")
   try:
@@ -602,7 +570,7 @@ def main(argv=None, prog: str = "dlm-compile") -> int:
     report = {"topology": a.topology, "num_slices": a.num_slices, "devices": len(devices),
               "device_kind": devices[0].device_kind, "hosts": len({d.process_index for d in devices})}
     if a.find_batch:
-      frontier = find_batch(cfg, devices, chip, a.vocab, extrapolate=not a.no_extrapolate)
+      frontier = find_batch(cfg, devices, chip, a.vocab)
       print(frontier_table(frontier))
       print(json.dumps({**report, "frontier": frontier}))
       return 0
@@ -624,7 +592,7 @@ def main(argv=None, prog: str = "dlm-compile") -> int:
         if worst > chip.hbm_gib:
           raise DoesNotFit(worst, chip.hbm_gib)
     else:
-      rep, compiled = compile_train(cfg, devices, chip, a.vocab, extrapolate=not a.no_extrapolate)
+      rep, compiled = compile_train(cfg, devices, chip, a.vocab)
       report.update(rep)
     if a.hlo:
       with open(a.hlo, "w") as f:

@@ -26,7 +26,7 @@ LAYERS = {
     "samplers": ("dlm_jax.samplers",),
     "processes": ("dlm_jax.processes",),
     "driver": ("dlm_jax.build", "dlm_jax.train", "dlm_jax.evaluate", "dlm_jax.checkpoint", "dlm_jax.logs",
-               "dlm_jax.cli", "dlm_jax.convert", "dlm_jax.aot"),
+               "dlm_jax.cli", "dlm_jax.convert", "dlm_jax.aot", "dlm_jax.hlo_cost"),
 }
 MAY_IMPORT = {
     "foundation": {"foundation"},
