@@ -118,7 +118,8 @@ def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
   """Analytic FLOPs of one train step (forward + backward) of `run`, mask-aware: the attention share is the key tiles a
   block-sparse kernel visits at `tile` x `tile` (splash's 128; `MaskSpec.tiles_visited`), the matmuls run over the
   trunk's tokens (2L for block diffusion) and the output head over L. The continuous flow's one-hot input projection
-  counts as a matmul."""
+  counts as a matmul; self-conditioning's first forward counts (LangFlow's embedding-space terms around the head, z E^T
+  and softmax E, do not: its count is below the program's)."""
   cfg, mc = run.cfg, run.model_config
   b = cfg.train.batch_size if batch_size is None else batch_size
   length = cfg.data.seq_len
@@ -130,10 +131,14 @@ def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
   layer_params = mc.num_layers * (d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f)
   head = d * mc.vocab_out
   inp = d * mc.vocab_in if cfg.diffusion.process == "flow" and not cfg.diffusion.flow_embed_state else 0
-  matmul = 6 * b * (n * layer_params + length * head + n * inp)
-  attention = 3 * b * mc.num_layers * 4 * n * n * h * hd * frac
+  # self-conditioning (embedding_flow, bitstream) runs a first, gradient-free forward over the whole batch (static
+  # shapes): one more forward pass, 2 of the 6 FLOPs per parameter and token
+  passes = 3 + (1 if cfg.diffusion.process in ("embedding_flow", "bitstream") and cfg.diffusion.self_cond_prob > 0
+                else 0)
+  matmul = 2 * passes * b * (n * layer_params + length * head + n * inp)
+  attention = passes * b * mc.num_layers * 4 * n * n * h * hd * frac
   total = matmul + attention
-  return {"flops_per_step": float(total), "attention_flops_share": round(attention / total, 4),
+  return {"flops_per_step": float(total), "attention_flops_share": round(attention / total, 4), "passes": passes,
           "mask": str(spec), "mask_tiles_fraction": round(frac, 4), "trunk_len": n}
 
 
@@ -357,13 +362,13 @@ def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0) -> tuple[dict
     # XLA sees the kernel as a custom call: its FLOPs are the analytic attention FLOPs (forward + backward), and the
     # compiled program counts its operands once, where a flash kernel re-reads keys and values for each query tile
     # it visits (forward and dq pass) and queries / output gradients for each key tile (dkv pass): ~3 x (tiles per
-    # row - 1) more reads of a [n, kv_heads, head_dim] pair per layer and sequence
+    # row - 1) more reads of a [n, kv_heads, head_dim] pair per layer and sequence (4 x with self-conditioning)
     report["kernel_flops_per_device"] = report["flops_per_step"] * report["attention_flops_share"] / n
     mc, trunk = run.model_config, report["trunk_len"]
     tiles = max(0.0, report["mask_tiles_fraction"] * trunk / min(128, trunk) - 1)
     itemsize = 2 if cfg.train.compute_dtype == "bfloat16" else 4
     pair = 2 * trunk * mc.num_kv_heads * mc.head_dim * itemsize
-    report["kernel_hbm_bytes_per_device"] = 3 * tiles * pair * mc.num_layers * cfg.train.batch_size / n
+    report["kernel_hbm_bytes_per_device"] = report["passes"] * tiles * pair * mc.num_layers * cfg.train.batch_size / n
   if chip and report.get("per_device_total_gib", 0) > chip.hbm_gib:
     raise DoesNotFit(report["per_device_total_gib"], chip.hbm_gib)
   if report.get("hlo_flops_per_device"):

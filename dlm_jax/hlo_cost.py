@@ -369,8 +369,15 @@ class _Walker:
         if callee:
           cost.add(self.walk(callee))
           continue
+      if op == "slice-start":  # an async slice (HBM -> VMEM, a quarter of an activation at a time): at its done
+        continue
       if op.endswith("-done") or op == "async-done":
         hbm, chip = _split_bytes(ins.type)  # the async operation's result, counted once
+        start = sym.get(ins.operands[0]) if ins.operands else None
+        if op == "slice-done" and start is not None and start.operands and start.operands[0] in sym:
+          # the slice is read from its source's memory and written to the result's
+          src_hbm = _split_bytes(sym[start.operands[0]].type)[0] > 0
+          hbm, chip = hbm + (hbm + chip) * src_hbm, chip + (hbm + chip) * (not src_hbm)
         cost.hbm_bytes += hbm
         cost.onchip_bytes += chip
         continue

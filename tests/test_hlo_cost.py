@@ -1,7 +1,7 @@
 """dlm_jax.hlo_cost on small hand-written HLO modules in XLA:TPU's printed form (no compiler needed): loop trip counts
 (XLA's known_trip_count, a counter stepping by 2 from a constant start), matmul FLOPs of dots and of convolutions whose
 padded window has one real tap, HBM vs on-chip (S(1)) bytes, a fused parameter read only through a dynamic slice, an
-in-place dynamic-update-slice, async copies counted once, and an instruction spread over several lines."""
+in-place dynamic-update-slice, async copies counted once, an async slice counted as its slice, and an instruction spread over several lines."""
 
 from __future__ import annotations
 
@@ -71,6 +71,8 @@ ENTRY %main (a: bf16[64,32], s: f32[12,256], k: s32[]) -> bf16[64,16] {
   %up = f32[12,256]{1,0} fusion(%s, %sl, %k), kind=kLoop, calls=%fused_update
   %cs = (f32[12,256]{1,0:S(1)}, f32[12,256]{1,0}, u32[]{:S(2)}) copy-start(%up)
   %cd = f32[12,256]{1,0:S(1)} copy-done(%cs)
+  %ss = ((f32[12,256]{1,0}), f32[3,256]{1,0:S(1)}, s32[]{:S(2)}) slice-start(%s), slice={[0:3], [0:256]}
+  %sd = f32[3,256]{1,0:S(1)} slice-done(%ss)
   %lhs = bf16[16,1,48]{2,1,0} parameter(3)
   %rhs = bf16[12,64,48]{2,1,0} parameter(4)
   %conv = bf16[16,12,64]{2,1,0} convolution(%lhs, %rhs), window={size=12 pad=11_11}, dim_labels=b0f_0oi->b0f
@@ -99,11 +101,12 @@ def test_hlo_cost_of_a_hand_written_module():
   hbm += 256 * 4 + 4 + 256 * 4  # the in-place update: the update read, the index, one row written
   hbm += 0  # copy-start: its operand `up` is in HBM...
   hbm += 12 * 256 * 4  # ...read once (the start counts operands); the done's result is on chip (S(1))
+  hbm += 3 * 256 * 4  # the async slice reads 3 rows of `s` (into on-chip memory)
   hbm += 16 * 48 * 2 + 12 * 64 * 48 * 2 + 16 * 12 * 64 * 2  # the convolution
   hbm += x + y  # the custom call
   hbm += x + w + y  # the root fusion
   assert c.hbm_bytes == pytest.approx(hbm)
-  assert c.onchip_bytes == pytest.approx(4 * (w + y) + 12 * 256 * 4)
+  assert c.onchip_bytes == pytest.approx(4 * (w + y) + 12 * 256 * 4 + 3 * 256 * 4)
 
 
 def test_unknown_trip_count_is_counted_once_and_reported():
