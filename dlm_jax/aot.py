@@ -118,7 +118,7 @@ def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
   """Analytic FLOPs of one train step (forward + backward) of `run`, mask-aware: the attention share is the key tiles a
   block-sparse kernel visits at `tile` x `tile` (splash's 128; `MaskSpec.tiles_visited`), the matmuls run over the
   trunk's tokens (2L for block diffusion) and the output head over L. The continuous flow's one-hot input projection
-  counts as a matmul; self-conditioning's first forward counts (LangFlow's embedding-space terms around the head, z E^T
+  counts as a matmul (forward and weight gradient: no gradient flows into the data); self-conditioning's first forward counts (LangFlow's embedding-space terms around the head, z E^T
   and softmax E, do not: its count is below the program's)."""
   cfg, mc = run.cfg, run.model_config
   b = cfg.train.batch_size if batch_size is None else batch_size
@@ -135,7 +135,8 @@ def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
   # shapes): one more forward pass, 2 of the 6 FLOPs per parameter and token
   passes = 3 + (1 if cfg.diffusion.process in ("embedding_flow", "bitstream") and cfg.diffusion.self_cond_prob > 0
                 else 0)
-  matmul = 2 * passes * b * (n * layer_params + length * head + n * inp)
+  # the one-hot input projection has no gradient with respect to its input (the data): forward + weight gradient
+  matmul = 2 * passes * b * (n * layer_params + length * head) + 2 * (passes - 1) * b * n * inp
   attention = passes * b * mc.num_layers * 4 * n * n * h * hd * frac
   total = matmul + attention
   return {"flops_per_step": float(total), "attention_flops_share": round(attention / total, 4), "passes": passes,
@@ -189,7 +190,8 @@ def figures(compiled, flops_key: str = "per_device_flops") -> dict:
     out["xla_bytes_accessed_per_device"] = float(cost["bytes accessed"])
   walked = hlo_cost.program_cost(compiled.as_text())
   out.update({"hlo_flops_per_device": walked.flops, "hlo_hbm_bytes_per_device": walked.hbm_bytes,
-              "hlo_custom_calls": walked.custom_calls})
+              "hlo_custom_calls": walked.custom_calls, "kernel_forward_calls": walked.kernel_forward_calls,
+              "kernel_backward_calls": walked.kernel_backward_calls})
   if walked.unknown_trip_counts:
     out["hlo_unknown_trip_counts"] = walked.unknown_trip_counts  # such loops were counted once
   return out
@@ -359,16 +361,22 @@ def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0) -> tuple[dict
   impl = attention.resolve(cfg.model.attention, devices[0].platform, cfg.model.attention_interpret)
   report["attention"] = impl
   if impl in ("splash", "pallas_gpu") and report.get("hlo_custom_calls"):
-    # XLA sees the kernel as a custom call: its FLOPs are the analytic attention FLOPs (forward + backward), and the
-    # compiled program counts its operands once, where a flash kernel re-reads keys and values for each query tile
-    # it visits (forward and dq pass) and queries / output gradients for each key tile (dkv pass): ~3 x (tiles per
-    # row - 1) more reads of a [n, kv_heads, head_dim] pair per layer and sequence (4 x with self-conditioning)
-    report["kernel_flops_per_device"] = report["flops_per_step"] * report["attention_flops_share"] / n
+    # XLA sees the kernel as a custom call: its FLOPs are the analytic attention FLOPs, one unit per forward and two
+    # per backward, counting the forwards the compiled program runs per backward (self-conditioning's first pass and a
+    # rematerialised layer's second forward included)
+    units = report["passes"]
+    if report.get("kernel_backward_calls"):
+      units = report["kernel_forward_calls"] / report["kernel_backward_calls"] + 2
+    attention_flops = report["flops_per_step"] * report["attention_flops_share"] / n
+    report["kernel_flops_per_device"] = attention_flops * units / report["passes"]
+    # the compiled program counts a kernel's operands once, where a flash kernel re-reads keys and values for each
+    # query tile it visits (forward, dq) and queries / output gradients for each key tile (dkv): (tiles per row - 1)
+    # more reads of a [n, kv_heads, head_dim] pair per kernel unit, layer and sequence
     mc, trunk = run.model_config, report["trunk_len"]
     tiles = max(0.0, report["mask_tiles_fraction"] * trunk / min(128, trunk) - 1)
     itemsize = 2 if cfg.train.compute_dtype == "bfloat16" else 4
     pair = 2 * trunk * mc.num_kv_heads * mc.head_dim * itemsize
-    report["kernel_hbm_bytes_per_device"] = report["passes"] * tiles * pair * mc.num_layers * cfg.train.batch_size / n
+    report["kernel_hbm_bytes_per_device"] = units * tiles * pair * mc.num_layers * cfg.train.batch_size / n
   if chip and report.get("per_device_total_gib", 0) > chip.hbm_gib:
     raise DoesNotFit(report["per_device_total_gib"], chip.hbm_gib)
   if report.get("hlo_flops_per_device"):

@@ -34,6 +34,8 @@ _MEMSPACE = re.compile(r"S\((\d+)\)")
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "partition-id", "replica-id", "after-all",
          "opt-barrier", "add-dependency", "iota"}
 _SLICING = {"dynamic-slice", "slice", "gather"}
+# XLA:TPU's own custom calls that move no data: an allocation, a concatenation by bitcast, index annotations
+_NO_TRAFFIC = {"AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked"}
 
 
 @dataclasses.dataclass
@@ -52,7 +54,9 @@ class Cost:
   flops: float = 0.0  # dot / convolution FLOPs
   hbm_bytes: float = 0.0  # bytes read and written in HBM (memory space 0)
   onchip_bytes: float = 0.0  # bytes of operands / results held in on-chip memories (not in the roofline)
-  custom_calls: int = 0  # Pallas kernels and other custom calls met (their FLOPs are not counted)
+  custom_calls: int = 0  # Pallas kernels (tpu_custom_call) and other custom calls that touch data (FLOPs not counted)
+  kernel_forward_calls: float = 0.0  # executions (loops times trip counts) of attention kernels' forward (op name
+  kernel_backward_calls: float = 0.0  # "..._fwd...") and backward ("..._dkv..."; a separate dq kernel is not counted)
   loops: int = 0  # while loops met
   unknown_trip_counts: int = 0  # while loops whose trip count could not be read (counted once)
 
@@ -61,6 +65,8 @@ class Cost:
     self.hbm_bytes += factor * other.hbm_bytes
     self.onchip_bytes += factor * other.onchip_bytes
     self.custom_calls += other.custom_calls
+    self.kernel_forward_calls += factor * other.kernel_forward_calls
+    self.kernel_backward_calls += factor * other.kernel_backward_calls
     self.loops += other.loops
     self.unknown_trip_counts += other.unknown_trip_counts
 
@@ -390,7 +396,16 @@ class _Walker:
       if op in ("dot", "convolution"):
         cost.flops += _matmul_flops(ins, sym)
       if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
+        if target and target.group(1) in _NO_TRAFFIC:
+          continue
         cost.custom_calls += 1
+        name = re.search(r'op_name="([^"]*)"', ins.attrs)
+        last = name.group(1).rsplit("/", 2)[-2:] if name else []
+        if any("dkv" in part for part in last):
+          cost.kernel_backward_calls += 1
+        elif any("fwd" in part for part in last):
+          cost.kernel_forward_calls += 1
       operands = [sym[o].type for o in ins.operands if o in sym]
       if op == "dynamic-update-slice" and len(operands) > 1:
         hbm, chip = _split_bytes(operands[1])

@@ -76,7 +76,8 @@ ENTRY %main (a: bf16[64,32], s: f32[12,256], k: s32[]) -> bf16[64,16] {
   %lhs = bf16[16,1,48]{2,1,0} parameter(3)
   %rhs = bf16[12,64,48]{2,1,0} parameter(4)
   %conv = bf16[16,12,64]{2,1,0} convolution(%lhs, %rhs), window={size=12 pad=11_11}, dim_labels=b0f_0oi->b0f
-  %cc = bf16[64,16]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"custom_call_config":
+  %buf = bf16[64,16]{1,0} custom-call(), custom_call_target="AllocateBuffer"
+  %cc = bf16[64,16]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", metadata={op_name="jit(step)/splash_mha_fwd_residuals/pallas_call"}, backend_config={"custom_call_config":
 "a kernel's config
 spans lines"}
   ROOT %r = bf16[64,16]{1,0} fusion(%a, %dw2), kind=kOutput, calls=%fused_dot
@@ -92,7 +93,8 @@ def test_hlo_cost_of_a_hand_written_module():
   # the convolution: 16 x 12 x 64 outputs, 48 input features, one real tap of the 12-wide padded window
   conv = 2 * 16 * 12 * 64 * 48
   assert c.flops == pytest.approx(4 * dot + 3 * dot + dot + conv)
-  assert c.loops == 2 and c.unknown_trip_counts == 0 and c.custom_calls == 1
+  assert c.loops == 2 and c.unknown_trip_counts == 0 and c.custom_calls == 1  # (an allocation moves no data)
+  assert c.kernel_forward_calls == 1 and c.kernel_backward_calls == 0
   x, w, y = 64 * 32 * 2, 32 * 16 * 2, 64 * 16 * 2
   hbm = 4 * x  # loop 1: x in HBM read, the weight and the result on chip
   hbm += 4 * (4 + 4 + 3 * 4)  # loop 1's counter: a copy and an add of s32 scalars
