@@ -34,6 +34,10 @@ def get_config():
   c.model.max_seq_len = 1024
   c.model.scan_layers = True
   c.model.remat = "dots_saveable"
+  # splash tiles of 512 (MaxText's sa_block_q / sa_block_kv): a flash kernel re-reads keys and values once per query
+  # tile, 8 times per pass at L 1024 with the default 128; est. MFU 72% instead of 59% on v5e:4x4
+  c.model.attention_block_q = 512
+  c.model.attention_block_kv = 512
   c.data.tokenizer = GPT2_TOKENIZER
   c.data.seq_len = 1024
   c.data.val_fraction = 0.005

@@ -116,7 +116,8 @@ def attention_mask(cfg):
 
 def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
   """Analytic FLOPs of one train step (forward + backward) of `run`, mask-aware: the attention share is the key tiles a
-  block-sparse kernel visits at `tile` x `tile` (splash's 128; `MaskSpec.tiles_visited`), the matmuls run over the
+  block-sparse kernel visits at its model.attention_block_q x model.attention_block_kv tiles (0: `tile`, splash's
+  default 128; `MaskSpec.tiles_visited`), the matmuls run over the
   trunk's tokens (2L for block diffusion) and the output head over L. The continuous flow's one-hot input projection
   counts as a matmul (forward and weight gradient: no gradient flows into the data); self-conditioning's first forward counts (LangFlow's embedding-space terms around the head, z E^T
   and softmax E, do not: its count is below the program's)."""
@@ -124,8 +125,8 @@ def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
   b = cfg.train.batch_size if batch_size is None else batch_size
   length = cfg.data.seq_len
   spec, n = attention_mask(cfg)
-  t = min(tile, n)
-  visited, dense = spec.tiles_visited(n, n, t, t) if n % t == 0 else (1, 1)
+  tq, tk = (min(b or tile, n) for b in (cfg.model.attention_block_q, cfg.model.attention_block_kv))
+  visited, dense = spec.tiles_visited(n, n, tq, tk) if n % tq == 0 and n % tk == 0 else (1, 1)
   frac = visited / dense
   d, h, k, hd, f = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.mlp_dim
   layer_params = mc.num_layers * (d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f)
@@ -140,7 +141,7 @@ def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
   attention = passes * b * mc.num_layers * 4 * n * n * h * hd * frac
   total = matmul + attention
   return {"flops_per_step": float(total), "attention_flops_share": round(attention / total, 4), "passes": passes,
-          "mask": str(spec), "mask_tiles_fraction": round(frac, 4), "trunk_len": n}
+          "mask": str(spec), "mask_tiles_fraction": round(frac, 4), "attention_tiles": [tq, tk], "trunk_len": n}
 
 
 # --- compiling --------------------------------------------------------------------------------------------------------
@@ -370,10 +371,11 @@ def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0) -> tuple[dict
     attention_flops = report["flops_per_step"] * report["attention_flops_share"] / n
     report["kernel_flops_per_device"] = attention_flops * units / report["passes"]
     # the compiled program counts a kernel's operands once, where a flash kernel re-reads keys and values for each
-    # query tile it visits (forward, dq) and queries / output gradients for each key tile (dkv): (tiles per row - 1)
+    # query tile it visits (forward, dq) and queries / output gradients for each key tile (dkv): (tiles per row - 1,
+    # at model.attention_block_q)
     # more reads of a [n, kv_heads, head_dim] pair per kernel unit, layer and sequence
     mc, trunk = run.model_config, report["trunk_len"]
-    tiles = max(0.0, report["mask_tiles_fraction"] * trunk / min(128, trunk) - 1)
+    tiles = max(0.0, report["mask_tiles_fraction"] * trunk / report["attention_tiles"][0] - 1)
     itemsize = 2 if cfg.train.compute_dtype == "bfloat16" else 4
     pair = 2 * trunk * mc.num_kv_heads * mc.head_dim * itemsize
     report["kernel_hbm_bytes_per_device"] = units * tiles * pair * mc.num_layers * cfg.train.batch_size / n

@@ -49,7 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
   # dlm_jax.attention implementation: "auto" (splash on TPU, pallas_gpu on GPU, xla on CPU), "xla", "reference"
   # (jax.nn.dot_product_attention), "splash" (TPU Pallas), "pallas_gpu" (GPU Pallas-Triton block-sparse flash)
   c.model.attention = "auto"
-  c.model.attention_block_q = 0  # Pallas kernels' query tile (0 = the kernel's default: 128 splash, 64 pallas_gpu)
+  # Pallas kernels' query tile (0 = the kernel's default: 128 splash, 64 pallas_gpu; splash takes the largest multiple
+  # of 128 up to this that divides the length)
+  c.model.attention_block_q = 0
   c.model.attention_block_kv = 0  # Pallas kernels' key tile (0 = the kernel's default)
   c.model.attention_interpret = False  # run the Pallas kernels in interpret mode (any platform; slow: for testing)
   # Options of converted checkpoints (dlm-convert sets them; each adds parameters only when on):

@@ -145,8 +145,10 @@ def test_block_sizes():
   assert splash.block_sizes(256) == (128, 128)
   assert splash.block_sizes(256, 512, 256) == (256, 256)  # clamped to the length
   assert splash.block_sizes(1024, 512, 256) == (512, 256)
+  assert splash.block_sizes(384, 0, 256) == (128, 128)  # a tile that does not divide the length: the largest that does
+  assert splash.block_sizes(1536, 1024, 1024) == (768, 768)
   for length, bq, bkv, what in ((192, 0, 0, "multiple of 128"), (64, 0, 0, "multiple of 128"),
-                                (256, 96, 0, "block_q=96"), (384, 0, 256, "block_kv=256"), (256, -1, 0, ">= 0")):
+                                (256, 96, 0, "block_q=96"), (256, -1, 0, ">= 0")):
     with pytest.raises(ValueError, match=what):
       splash.block_sizes(length, bq, bkv)
   q = jnp.zeros((1, 200, 2, 64))

@@ -57,7 +57,8 @@ def padded_length(spec: MaskSpec, length: int) -> int:
 
 
 def block_sizes(length: int, block_q: int = 0, block_kv: int = 0) -> tuple[int, int]:
-  """(block_q, block_kv) for the kernel's (padded) `length`: 0 = the default 128, clamped to the length; ValueError
+  """(block_q, block_kv) for the kernel's (padded) `length`: 0 = the default 128; a setting is clamped to the length and
+  lowered to the largest multiple of 128 that divides it (a 512 tile runs a 640-token canvas in 128 tiles); ValueError
   for a tile the kernel cannot use."""
   if length % LANES:
     raise ValueError(f"splash attention runs at a length that is a multiple of {LANES} (the TPU lane width: key/value "
@@ -67,10 +68,11 @@ def block_sizes(length: int, block_q: int = 0, block_kv: int = 0) -> tuple[int, 
     if b < 0:
       raise ValueError(f"splash attention {name} must be >= 0 (0 = default), got {b}")
     b = min(b or DEFAULT_BLOCK, length)
-    if b % LANES or length % b:
-      raise ValueError(f"splash attention {name}={b} must be a multiple of {LANES} that divides the sequence length "
-                       f"{length} (padded to a multiple of {LANES} if it was not one); set model.attention_block_q / "
+    if b % LANES:
+      raise ValueError(f"splash attention {name}={b} must be a multiple of {LANES}; set model.attention_block_q / "
                        "model.attention_block_kv accordingly, or to 0")
+    while length % b:  # the setting is an upper bound: the largest multiple of 128 below it that divides the length
+      b -= LANES
     out.append(b)
   return out[0], out[1]
 
