@@ -217,9 +217,9 @@ def test_preset_train_step_fits_on_its_slice(capsys, name):
   report = json.loads(out.strip().splitlines()[-1])
   assert report["scan_layers"] is True
   assert 0 < report["per_device_total_gib"] <= report["hbm_gib"], report
-  if report["remat"] == "dots_saveable":  # nothing recomputed: the program's matmuls are the model's
-    compiled = report["hlo_flops_per_device"] + report.get("kernel_flops_per_device", 0.0)
-    assert compiled == pytest.approx(report["analytic_flops_per_device"], rel=0.01), report
+  if report["remat"] == "dots_saveable":  # no matmul recomputed: the program's matmuls are the model's (attention aside)
+    matmuls = report["analytic_flops_per_device"] * (1 - report["attention_flops_share"])
+    assert report["hlo_flops_per_device"] == pytest.approx(matmuls, rel=0.01), report
   if name == "mdlm_owt_110m":
     assert report["est_mfu"] >= 0.5, report  # issue 16's goal (59% measured)
   print(name, report["per_device_total_gib"], report["compile_s"])
