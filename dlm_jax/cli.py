@@ -28,6 +28,32 @@ from dlm_jax import config as config_lib
 from dlm_jax.errors import DLMError
 
 
+def _finite(obj):
+  """`obj` with every non-finite float (NaN, +-inf) replaced by None: JSON has no NaN."""
+  if isinstance(obj, float):
+    return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  return obj
+
+
+def json_line(obj) -> str:
+  """One valid JSON line (strict: no bare NaN / Infinity) for what the commands print and write."""
+  return json.dumps(_finite(obj), allow_nan=False)
+
+
+def check_bound(res: dict, workdir: str) -> dict:
+  """dlm-eval's result, or a DLMError when the likelihood bound is not a finite number."""
+  bad = [k for k in ("nelbo_bits_per_token", "nelbo_nats_per_token") if k in res and not
+         (isinstance(res[k], float) and abs(res[k]) < float("inf"))]
+  if bad:
+    raise DLMError(f"the likelihood bound of {workdir} is {res[bad[0]]} ({bad[0]}): the checkpoint's parameters or the "
+                   "validation data give non-finite losses; evaluate an earlier checkpoint or check the data")
+  return res
+
+
 class _Parser(argparse.ArgumentParser):
 
   def error(self, message):
@@ -132,20 +158,20 @@ def _eval(rest, overrides):
   if records is not None:
     res = evaluate.score_samples(run, params, records, batch_size=cfg.eval.batch_size, source=a.score_samples)
     res["scorer"] = a.workdir
-    print(json.dumps(res))
+    print(json_line(res))
     return
   corpus = load_corpus(cfg, run.tokenizer)
   if a.clip_search:
     res = evaluate.clip_search(run, params, corpus.val, batch_size=cfg.eval.batch_size,
                                max_batches=cfg.eval.max_batches, seed=cfg.eval.seed, widths=widths)
-    print(json.dumps(res))
+    print(json_line(res))
     return
   res = evaluate.evaluate_bound(run, params, corpus.val, pstate, batch_size=cfg.eval.batch_size,
                                 max_batches=cfg.eval.max_batches, seed=cfg.eval.seed)
   res.update(process=cfg.diffusion.process, seed=cfg.eval.seed,
              num_sequences=int(min(len(corpus.val), (cfg.eval.max_batches or 10**12) * cfg.eval.batch_size)),
              **run.process.describe())
-  print(json.dumps(res))
+  print(json_line(check_bound(res, a.workdir)))
 
 
 def _read_samples(path: str) -> list[dict]:
@@ -241,12 +267,12 @@ def _sample(rest, overrides):
         rec["prompt_tokens"] = int(len(prompts[i // a.num_samples]))
       if a.chat:
         rec["stop_id"] = stop
-      f.write(json.dumps(rec) + "\n")
+      f.write(json_line(rec) + "\n")
   os.replace(tmp, a.output)
   if a.show:
     for i, text in enumerate(decoded):
       print(f"--- sample {i} ---\n{text}")
-  print(json.dumps({"output": a.output, "num_samples": int(len(tokens)), "length": length, **stats}), file=sys.stderr)
+  print(json_line({"output": a.output, "num_samples": int(len(tokens)), "length": length, **stats}), file=sys.stderr)
 
 
 def _read_prompts(path: str, chat: bool = False) -> list:
@@ -298,7 +324,7 @@ def _convert(rest, overrides):
     raise DLMError("--dtype and --mask_id apply to --from_hf; --to_hf writes each tensor in its source dtype")
   from dlm_jax import convert
   res = convert.from_hf(a.from_hf, a.workdir, a.dtype, a.mask_id) if a.from_hf else convert.to_hf(a.workdir, a.to_hf)
-  print(json.dumps(res))
+  print(json_line(res))
 
 
 def train_main(argv=None) -> int:

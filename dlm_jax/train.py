@@ -806,8 +806,12 @@ def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "") 
   if need_tokenizer and cfg.data.tokenizer == "none":
     raise DLMError(NO_TOKENIZER.format(workdir, need_tokenizer))
   overrides = list(overrides)
-  for key, _ in overrides:
+  for key, value in overrides:
     if (key in config_lib.SHAPE_KEYS or key.startswith("model.")) and key not in HOW_TO_RUN_KEYS:
+      probe = config_lib.config_from_dict(cfg.to_dict())
+      config_lib.apply_overrides(probe, [(key, value)])
+      if probe.to_dict() == cfg.to_dict():
+        continue  # the trained value itself: nothing changes
       raise DLMError(f"--config.{key} changes the model of a trained checkpoint; only data/eval/sampler/mesh keys "
                      f"and how the model runs ({', '.join(HOW_TO_RUN_KEYS)}) can be overridden here")
   config_lib.apply_overrides(cfg, overrides)

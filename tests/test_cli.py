@@ -2,11 +2,13 @@
 
 import hashlib
 import json
+import math
 import os
 
 import pytest
 
 from conftest import checkpoint_steps, run_cli
+from dlm_jax.errors import DLMError
 
 
 def _error_line(r, prog):
@@ -160,6 +162,19 @@ def test_sample_rejects_bad_requests(trained, tmp_path):
   assert "sampler.steps" in _error_line(run_cli("sample", "--workdir", wd, "--num_samples", "1", "--output", out,
                                                 "--config.sampler.steps=0"), "dlm-sample")
   assert not os.path.exists(out)
+  from conftest import TINY  # the trained values themselves are accepted (nothing changes)
+  r = run_cli("eval", "--workdir", wd, "--config.diffusion.process=masked",
+              f"--config.model.d_model={TINY['model.d_model']}", "--config.eval.max_batches=1")
+  assert r.returncode == 0, r.stderr
+  assert math.isfinite(json.loads(r.stdout.strip().splitlines()[-1])["nelbo_bits_per_token"])
+
+
+def test_printed_json_is_strict_and_a_non_finite_bound_is_an_error():
+  from dlm_jax import cli
+  assert cli.json_line({"a": float("nan"), "b": [1.5, float("inf")], "c": "x"}) == '{"a": null, "b": [1.5, null], "c": "x"}'
+  with pytest.raises(DLMError, match="likelihood bound of wd is nan"):
+    cli.check_bound({"nelbo_bits_per_token": float("nan")}, "wd")
+  assert cli.check_bound({"nelbo_bits_per_token": 3.5}, "wd")["nelbo_bits_per_token"] == 3.5
 
 
 def test_sample_with_llada_sampler_from_the_cli(trained, tmp_path):
