@@ -117,15 +117,15 @@ def attention_mask(cfg):
 def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
   """Analytic FLOPs of one train step (forward + backward) of `run`, mask-aware: the attention share is the key tiles a
   block-sparse kernel visits at its model.attention_block_q x model.attention_block_kv tiles (0: `tile`, splash's
-  default 128; `MaskSpec.tiles_visited`), the matmuls run over the
-  trunk's tokens (2L for block diffusion) and the output head over L. The continuous flow's one-hot input projection
-  counts as a matmul (forward and weight gradient: no gradient flows into the data); self-conditioning's first forward counts (LangFlow's embedding-space terms around the head, z E^T
-  and softmax E, do not: its count is below the program's)."""
+  default 128; `MaskSpec.tiles_visited`), the matmuls run over the trunk's tokens (2L for block diffusion) and the
+  output head over L. The continuous flow's one-hot input projection counts as a matmul (forward and weight gradient:
+  no gradient flows into the data); self-conditioning's first forward counts (LangFlow's embedding-space terms around
+  the head, z E^T and softmax E, do not: its count is below the program's)."""
   cfg, mc = run.cfg, run.model_config
   b = cfg.train.batch_size if batch_size is None else batch_size
   length = cfg.data.seq_len
   spec, n = attention_mask(cfg)
-  tq, tk = (min(b or tile, n) for b in (cfg.model.attention_block_q, cfg.model.attention_block_kv))
+  tq, tk = (min(size or tile, n) for size in (cfg.model.attention_block_q, cfg.model.attention_block_kv))
   visited, dense = spec.tiles_visited(n, n, tq, tk) if n % tq == 0 and n % tk == 0 else (1, 1)
   frac = visited / dense
   d, h, k, hd, f = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.mlp_dim

@@ -320,7 +320,7 @@ class _Walker:
       if r is not None and r.op == "dynamic-update-slice" and r.operands and r.operands[0] in index:
         in_place.add(r.operands[0])
         upd = bsym.get(r.operands[1]) if len(r.operands) > 1 else None
-        update_bytes = (update_bytes or 0.0) + (_split_bytes(upd.type)[0] + _split_bytes(upd.type)[1] if upd else 0.0)
+        update_bytes = (update_bytes or 0.0) + (sum(_split_bytes(upd.type)) if upd else 0.0)
     hbm = onchip = 0.0
     for k, operand in enumerate(ins.operands):
       if operand not in sym:
@@ -370,7 +370,7 @@ class _Walker:
         worst = max((self.walk(n) for n in names), key=lambda c: (c.flops, c.hbm_bytes), default=Cost())
         cost.add(worst)
         continue
-      if op in ("call", "async-start") and not ins.op.endswith("done"):
+      if op in ("call", "async-start"):
         callee = _called(ins.attrs, "to_apply") or _called(ins.attrs, "calls")
         if callee:
           cost.add(self.walk(callee))
