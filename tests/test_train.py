@@ -148,9 +148,14 @@ def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path, tiny_confi
   assert r.returncode == 2
   lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
   assert lines[-1].startswith("dlm-train: error: non-finite loss"), r.stderr
+  # The steps before the first non-finite one were finite but saved exploded parameters (learning rate 1e12): their
+  # bound is non-finite, which dlm-eval reports as one error line (exit 2) rather than a JSON line holding NaN.
   e = run_cli("eval", "--workdir", wd)
-  assert e.returncode == 0, e.stderr
-  assert "nelbo_bits_per_token" in e.stdout
+  assert e.returncode == 2, e.stdout + e.stderr
+  err = [l for l in e.stderr.strip().splitlines() if l.strip()]
+  assert err[-1].startswith("dlm-eval: error: the likelihood bound of") and "is nan" in err[-1], e.stderr
+  assert sum("error" in l for l in err) == 1, e.stderr
+  assert "NaN" not in e.stdout
   for c in ckpts:
     assert os.path.isdir(os.path.join(wd, "checkpoints", c))
 
