@@ -25,6 +25,7 @@ import os
 import sys
 
 from dlm_jax import config as config_lib
+from dlm_jax import storage
 from dlm_jax.errors import DLMError
 
 
@@ -175,10 +176,10 @@ def _eval(rest, overrides):
 
 
 def _read_samples(path: str) -> list[dict]:
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise DLMError(f"--score_samples {path} does not exist")
   out = []
-  with open(path, encoding="utf-8") as f:
+  with storage.open_file(path) as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -213,8 +214,8 @@ def _sample(rest, overrides):
   a = p.parse_args(rest)
   if a.num_samples < 1:
     raise DLMError(f"--num_samples must be >= 1, got {a.num_samples}")
-  out_dir = os.path.dirname(os.path.abspath(a.output))
-  if not os.path.isdir(out_dir):
+  out_dir = storage.parent(a.output)
+  if not storage.isdir(out_dir) and not storage.is_remote(out_dir):  # (an object store has no directories)
     raise DLMError(f"the directory of --output ({out_dir}) does not exist; create it or choose another path")
   _maybe_distributed()
   import numpy as np
@@ -246,29 +247,27 @@ def _sample(rest, overrides):
   from dlm_jax.evaluate import sampler_record
   details = {**sampler_record(cfg), "process": cfg.diffusion.process, **run.process.describe(),
              "tokenizer": run.tokenizer.fingerprint}
-  tmp = a.output + ".tmp"
-  decoded = []
-  with open(tmp, "w") as f:
-    for i, row in enumerate(tokens):
-      row = [int(x) for x in row if x != PAD]
-      rec = {"tokens": row}
-      if a.chat:  # the reply: the generated tokens up to the end of turn (or EOS)
-        reply = row[int(len(prompts[i // a.num_samples])):]
-        ends = [j for j, x in enumerate(reply) if x in (stop, run.tokenizer.eos_id)]
-        rec["raw_text"] = run.tokenizer.decode(np.asarray(reply, np.int32))
-        rec["reply_tokens"] = reply[:ends[0]] if ends else reply
-        rec["stopped"] = bool(ends)
-        decoded.append(run.tokenizer.decode(np.asarray(rec["reply_tokens"], np.int32)))
-      else:
-        decoded.append(run.tokenizer.decode(np.asarray(row, np.int32)))
-      rec.update({"text": decoded[-1], **details})
-      if texts is not None:
-        rec["prompt"] = texts[i // a.num_samples]
-        rec["prompt_tokens"] = int(len(prompts[i // a.num_samples]))
-      if a.chat:
-        rec["stop_id"] = stop
-      f.write(json_line(rec) + "\n")
-  os.replace(tmp, a.output)
+  decoded, lines = [], []
+  for i, row in enumerate(tokens):
+    row = [int(x) for x in row if x != PAD]
+    rec = {"tokens": row}
+    if a.chat:  # the reply: the generated tokens up to the end of turn (or EOS)
+      reply = row[int(len(prompts[i // a.num_samples])):]
+      ends = [j for j, x in enumerate(reply) if x in (stop, run.tokenizer.eos_id)]
+      rec["raw_text"] = run.tokenizer.decode(np.asarray(reply, np.int32))
+      rec["reply_tokens"] = reply[:ends[0]] if ends else reply
+      rec["stopped"] = bool(ends)
+      decoded.append(run.tokenizer.decode(np.asarray(rec["reply_tokens"], np.int32)))
+    else:
+      decoded.append(run.tokenizer.decode(np.asarray(row, np.int32)))
+    rec.update({"text": decoded[-1], **details})
+    if texts is not None:
+      rec["prompt"] = texts[i // a.num_samples]
+      rec["prompt_tokens"] = int(len(prompts[i // a.num_samples]))
+    if a.chat:
+      rec["stop_id"] = stop
+    lines.append(json_line(rec) + "\n")
+  storage.write_text(a.output, "".join(lines))
   if a.show:
     for i, text in enumerate(decoded):
       print(f"--- sample {i} ---\n{text}")
@@ -276,10 +275,9 @@ def _sample(rest, overrides):
 
 
 def _read_prompts(path: str, chat: bool = False) -> list:
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise DLMError(f"--prompt_file {path} does not exist")
-  with open(path, encoding="utf-8") as f:
-    lines = [line.rstrip("\n") for line in f if line.strip()]
+  lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
   if not path.endswith(".jsonl"):
     prompts = lines
   else:

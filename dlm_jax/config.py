@@ -134,8 +134,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.moments_dtype = "float32"
   c.train.seed = 0
   c.train.log_every = 10
-  c.train.checkpoint_every = 500
-  c.train.keep_checkpoints = 3
+  c.train.checkpoint_every = 500  # steps between saves (saves are asynchronous; the last step is always saved)
+  c.train.checkpoint_minutes = 0.0  # also save when this many minutes passed since the last save (0 = off)
+  c.train.keep_checkpoints = 3  # complete checkpoints kept; an older one is deleted only once a newer one is complete
   c.train.eval_every = 500  # 0 = no periodic validation
   c.train.eval_samples = 2  # samples written to the log at each validation
 
@@ -457,6 +458,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
   need(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
   need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+  need(t.checkpoint_minutes >= 0, f"train.checkpoint_minutes must be >= 0 (0 = no time-based saves), got "
+       f"{t.checkpoint_minutes}")
   need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {t.eval_every}")
   need(t.eval_samples >= 0, f"train.eval_samples must be >= 0, got {t.eval_samples}")
   need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")

@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dlm_jax import storage
 from dlm_jax.errors import DLMError
 
 ARCHITECTURES = ("llada", "dream", "fast_dllm_v2", "sdar")
@@ -355,8 +356,7 @@ def build_config(arch: str, hf_cfg: dict, s: Shape, tokenizer_json: str | None, 
 
 def _load_json(path: str, what: str) -> dict:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except FileNotFoundError:
     raise DLMError(f"{what} {path} does not exist") from None
   except ValueError as e:
@@ -383,17 +383,25 @@ def source_files(hf_dir: str) -> dict[str, str]:
 
 
 def _check_out(out: str, flag: str) -> None:
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+  if storage.exists(out) and (not storage.isdir(out) or storage.listdir(out)):
     raise DLMError(f"{flag} {out} already exists and is not empty; choose a new directory")
 
 
 def _staging(out: str) -> str:
+  """A temporary directory the output is built in: beside a local output (published by a rename), in the system's
+  temporary directory for a remote one (published by an upload)."""
+  if storage.is_remote(out):
+    return tempfile.mkdtemp(prefix="dlm-convert-")
   parent = os.path.dirname(os.path.abspath(out)) or "."
   _need(os.path.isdir(parent), f"the parent directory of {out} does not exist")
   return tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(out)) + ".converting-", dir=parent)
 
 
 def _publish(tmp: str, out: str) -> None:
+  if storage.is_remote(out):  # uploaded, then the local copy goes; checkpoint records were made before the upload
+    storage.copy_tree(tmp, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return
   if os.path.isdir(out):
     os.rmdir(out)  # empty (checked before)
   os.replace(tmp, out)
@@ -436,8 +444,8 @@ def from_hf(hf_dir: str, workdir: str, dtype: str | None = None, mask_id: int | 
       src = os.path.join(hf_dir, name)
       if os.path.isfile(src) and not name.endswith(".safetensors") and name != INDEX:
         shutil.copy2(src, os.path.join(hf_out, name))
-    final_dir = os.path.abspath(workdir)
-    tok_path = os.path.join(final_dir, HF_DIR, "tokenizer.json") if os.path.isfile(tok) else None
+    final_dir = storage.resolve(workdir)
+    tok_path = storage.join(final_dir, HF_DIR, "tokenizer.json") if os.path.isfile(tok) else None
     generation = {}
     if os.path.isfile(os.path.join(hf_dir, "generation_config.json")):
       generation = _load_json(os.path.join(hf_dir, "generation_config.json"), "generation config")
@@ -499,8 +507,7 @@ def _save(workdir: str, cfg, params: dict) -> None:
   from dlm_jax.checkpoint import save_host_params
   cfg_dict = config_lib.to_dict(cfg)
   save_host_params(workdir, CONVERTED_STEP, params, cfg_dict)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(cfg_dict, f, indent=2)
+  storage.write_text(storage.join(workdir, "config.json"), json.dumps(cfg_dict, indent=2))
 
 
 def _param_reader(workdir: str):
@@ -548,21 +555,22 @@ def _param_reader(workdir: str):
 
 def to_hf(workdir: str, out: str) -> dict:
   """Writes the workdir's parameters in the architecture it was converted from (`hf/layout.json`)."""
-  layout_path = os.path.join(workdir, HF_DIR, LAYOUT)
-  _need(os.path.isdir(workdir), f"--workdir {workdir} does not exist")
-  _need(os.path.isfile(layout_path), f"workdir {workdir} was not made by dlm-convert --from_hf (no {HF_DIR}/{LAYOUT}); "
+  layout_path = storage.join(workdir, HF_DIR, LAYOUT)
+  _need(storage.isdir(workdir), f"--workdir {workdir} does not exist")
+  _need(storage.isfile(layout_path), f"workdir {workdir} was not made by dlm-convert --from_hf (no {HF_DIR}/{LAYOUT}); "
         "--to_hf writes the Hugging Face architecture a workdir was converted from")
   _check_out(out, "--to_hf")
   layout = _load_json(layout_path, "the layout")
-  hf_cfg = _load_json(os.path.join(workdir, HF_DIR, "config.json"), "config file")
+  hf_cfg = _load_json(storage.join(workdir, HF_DIR, "config.json"), "config file")
   arch = layout["architecture"]
   spec_by_name = {t.hf: t for t in tensors(arch, model_shape(arch, hf_cfg))}
   read = _param_reader(workdir)
   tmp = _staging(out)
   try:
-    for name in sorted(os.listdir(os.path.join(workdir, HF_DIR))):
+    for name in storage.listdir(storage.join(workdir, HF_DIR)):
       if name != LAYOUT:
-        shutil.copy2(os.path.join(workdir, HF_DIR, name), os.path.join(tmp, name))
+        with open(os.path.join(tmp, name), "wb") as f:
+          f.write(storage.read_bytes(storage.join(workdir, HF_DIR, name)))
     shards: dict[str, list] = {}
     for entry in layout["tensors"]:
       shards.setdefault(entry["shard"], []).append(entry)

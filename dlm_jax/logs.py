@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
+
+from dlm_jax import storage
 
 
 class MetricWriter:
@@ -18,19 +19,29 @@ class MetricWriter:
   purge its events after that step, so each step appears once in both.
   """
 
+  UPLOAD_SECONDS = 30.0  # a remote metrics.jsonl is rewritten at most this often (and at close)
+
   def __init__(self, workdir: str, resume_step: int | None = None):
     self.active = jax.process_index() == 0
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
+    storage.makedirs(workdir)
+    self._path = storage.join(workdir, "metrics.jsonl")
     if resume_step is not None:
-      _drop_rows_after(path, resume_step)
-    self._jsonl = open(path, "a", buffering=1)
+      _drop_rows_after(self._path, resume_step)
+    # A local file is appended line by line; an object (gs://) cannot be appended to, so its lines are kept here and
+    # the whole object rewritten every UPLOAD_SECONDS and at close.
+    self._remote = storage.is_remote(self._path)
+    self._lines: list[str] = []
+    if self._remote:
+      self._lines = storage.read_text(self._path).splitlines(keepends=True) if storage.exists(self._path) else []
+      self._uploaded = time.monotonic()
+    else:
+      self._jsonl = storage.open_file(self._path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+      self._tb = SummaryWriter(storage.join(workdir, "tensorboard"),
                                purge_step=None if resume_step is None else resume_step + 1)
     except ImportError:  # TensorBoard files are optional; JSON lines are always written
       self._tb = None
@@ -47,29 +58,38 @@ class MetricWriter:
         row[k] = f if math.isfinite(f) else str(f)
         if self._tb is not None:
           self._tb.add_scalar(f"{kind}/{k}", f, step)
-    self._jsonl.write(json.dumps(row) + "\n")
+    line = json.dumps(row, allow_nan=False) + "\n"
+    if not self._remote:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+      return
+    self._lines.append(line)
+    if time.monotonic() - self._uploaded >= self.UPLOAD_SECONDS:
+      self._upload()
+
+  def _upload(self) -> None:
+    storage.write_text(self._path, "".join(self._lines))
+    self._uploaded = time.monotonic()
 
   def close(self) -> None:
     if not self.active:
       return
-    self._jsonl.close()
+    if self._remote:
+      self._upload()
+    else:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 
 
 def _drop_rows_after(path: str, step: int) -> None:
   """Rewrites metrics.jsonl without the rows of steps after `step` (atomically: a crash leaves the old file)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = storage.read_text(path).splitlines(keepends=True)
   keep = [line for line in lines if not line.strip() or _row_step(line) <= step]
-  if len(keep) == len(lines):
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  if len(keep) != len(lines):
+    storage.write_text(path, "".join(keep))
 
 
 def _row_step(line: str) -> int:
@@ -80,8 +100,7 @@ def _row_step(line: str) -> int:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

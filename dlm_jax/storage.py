@@ -95,14 +95,14 @@ def listdir(path: str) -> list[str]:
   return sorted(p.name for p in _epath(path).iterdir())
 
 
-def walk_files(path: str) -> Iterator[str]:
-  """Every file under a directory, sorted, skipping names that start with a dot (files and directories)."""
+def walk_files(path: str, hidden: bool = False) -> Iterator[str]:
+  """Every file under a directory, sorted; names that start with a dot (files and directories) only when `hidden`."""
   for name in listdir(path):
-    if name.startswith("."):
+    if name.startswith(".") and not hidden:
       continue
     full = join(path, name)
     if isdir(full):
-      yield from walk_files(full)
+      yield from walk_files(full, hidden)
     else:
       yield full
 
@@ -190,3 +190,36 @@ def rename(src: str, dst: str) -> None:
     _epath(src).rename(dst)
   else:
     os.replace(src, dst)
+
+
+def checksum(path: str, algorithm: str | None = None) -> str:
+  """A checksum of a file's bytes, "<algorithm>:<value>". Local files: CRC-32 of the bytes read. Cloud Storage objects:
+  the CRC-32C the server keeps for every object (no bytes read), else CRC-32 of the bytes read. `algorithm`
+  ("crc32" / "crc32c"): the one a recorded checksum used (a file recorded locally, then uploaded, is read again)."""
+  if is_remote(path) and algorithm in (None, "crc32c"):
+    try:
+      import fsspec
+      fs, key = fsspec.core.url_to_fs(path)
+      info = fs.info(key)
+    except Exception:  # an unknown scheme or no checksum support: read the bytes
+      info = None
+    if info and info.get("crc32c"):
+      return f"crc32c:{info['crc32c']}"
+  import zlib
+  crc = 0
+  with open_file(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      crc = zlib.crc32(chunk, crc)
+  return f"crc32:{crc:08x}"
+
+
+def copy_tree(src: str, dst: str) -> None:
+  """Copies a local directory tree to `dst` (local or remote), file by file."""
+  for root, _, files in os.walk(src):
+    rel = os.path.relpath(root, src)
+    target = dst if rel == "." else join(dst, *rel.split(os.sep))
+    makedirs(target)
+    for name in sorted(files):
+      with open(os.path.join(root, name), "rb") as f_in, open_file(join(target, name), "wb") as f_out:
+        while chunk := f_in.read(1 << 24):
+          f_out.write(chunk)

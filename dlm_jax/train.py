@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -59,8 +58,9 @@ import optax
 
 from dlm_jax import config as config_lib
 from dlm_jax import sharding as sharding_lib
+from dlm_jax import storage
 from dlm_jax.build import Run, build, init_params, param_dtype
-from dlm_jax.checkpoint import Checkpointer
+from dlm_jax.checkpoint import Checkpointer, DamagedCheckpoint
 from dlm_jax.data import Corpus, load_corpus, segment_ids, train_iterator
 from dlm_jax.errors import DLMError
 from dlm_jax.evaluate import evaluate_bound, generate
@@ -319,16 +319,16 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
                  out_shardings=(shardings, run.replicated), donate_argnums=0)
 
 
-def check_workdir_compatible(ckpt: Checkpointer, cfg) -> None:
-  """A workdir that holds a checkpoint may only be resumed with the same model shape."""
-  step = ckpt.latest_step()
+def check_workdir_compatible(ckpt: Checkpointer, cfg, step: int | None) -> None:
+  """A workdir that holds a checkpoint (`step`: the one the run resumes from) may only be resumed with the same model
+  shape."""
   if step is None:
     return
   saved = config_lib.flat_items(config_lib.config_from_dict(ckpt.restore_config(step)))
   now = config_lib.flat_items(cfg)
   for key in config_lib.SHAPE_KEYS:
     if saved[key] != now[key]:
-      raise DLMError(f"workdir {os.path.dirname(ckpt.directory)} holds a checkpoint (step {step}) with {key}={saved[key]!r} "
+      raise DLMError(f"workdir {storage.parent(ckpt.directory)} holds a checkpoint (step {step}) with {key}={saved[key]!r} "
                      f"but the config says {now[key]!r}; use a new --workdir or the checkpoint's config")
 
 
@@ -467,14 +467,49 @@ class Trainer:
     self.writer.close()
 
 
+def resume_step(ckpt: Checkpointer, below: int | None = None) -> tuple[int | None, list[tuple[int, str]]]:
+  """(the newest intact complete step, older than `below` when given, or None; the steps to set aside with their
+  reasons: damaged complete steps newer than it, and incomplete step directories, i.e. interrupted saves)."""
+  aside = [(s, f"checkpoint step {s} in {ckpt.directory} is incomplete (its save was interrupted before its "
+               f"integrity record was written)") for s in ckpt.incomplete_steps()]
+  for step in reversed(ckpt.steps()):
+    if below is not None and step >= below:
+      continue
+    try:
+      ckpt.verify(step)
+      return step, aside
+    except DamagedCheckpoint as e:
+      aside.append((step, e.summary))
+  return None, aside
+
+
+def _set_aside(workdir: str, steps: list[tuple[int, str]], start: int | None) -> None:
+  """Moves damaged and incomplete steps out of the way (to checkpoints/damaged/, never deleted) with a warning each,
+  on process 0; every process waits until it is done."""
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    mover = Checkpointer(workdir, read_only=True)
+    for step, reason in steps:
+      dest = mover.quarantine(step)
+      then = f"resuming from step {start}" if start is not None else "no intact checkpoint is left: starting anew"
+      print(f"dlm-train: warning: {reason}; moved it to {dest}; {then}",
+            file=sys.stderr, flush=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("dlm_jax: damaged checkpoints set aside")
+
+
 def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Callable[[dict], dict] | None = None,
           progress: bool = True) -> Trainer:
   """Checks the config and the workdir, builds the run, corpus, optimizer, data iterator and compiled step, and restores
   the latest checkpoint in `workdir` (or initialises a new state). Nothing is written to `workdir` before every check
   passed. `objective` and `batch_fn` as in `train`."""
   config_lib.validate(cfg)
+  workdir = storage.resolve(workdir)
   existing = Checkpointer(workdir, read_only=True)  # creates nothing
-  check_workdir_compatible(existing, cfg)
+  start, set_aside = resume_step(existing)
+  check_workdir_compatible(existing, cfg, start)
   existing.close()
   run = build(cfg)
   corpus = load_corpus(cfg, run.tokenizer)
@@ -486,25 +521,32 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
                       rows=sharding_lib.host_batch_rows(run.mesh, cfg.train.batch_size),
                       segment_attention=cfg.data.segment_attention, batch_fn=batch_fn)
   # Everything the user can get wrong has been checked: only now is anything written to the workdir.
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None and "opt_state" not in ckpt.state_keys(start):  # a converted checkpoint: parameters only
-    reader = Checkpointer(workdir, read_only=True)  # (a manager that saved with StandardSave cannot also restore a subset)
-    state = init_from_params(run, opt, shardings, reader, start)
-    reader.close()
-  elif start is not None:
-    state, data_state = ckpt.restore(start, with_shardings(abstract, shardings))
-    it.set_state(data_state)
-  else:
-    state = init_train_state(run, opt, shardings)
-    start = 0
+  storage.makedirs(workdir)
+  while True:
+    _set_aside(workdir, set_aside, start)
+    ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    try:
+      if start is not None and "opt_state" not in ckpt.state_keys(start):  # a converted checkpoint: parameters only
+        reader = Checkpointer(workdir, read_only=True)  # (a manager that saved with StandardSave cannot also restore a subset)
+        state = init_from_params(run, opt, shardings, reader, start)
+        reader.close()
+      elif start is not None:
+        state, data_state = ckpt.restore(start, with_shardings(abstract, shardings))
+        it.set_state(data_state)
+      else:
+        state = init_train_state(run, opt, shardings)
+        start = 0
+      break
+    except DamagedCheckpoint as e:  # arrays read back differently from their digests: try the next older step
+      ckpt.close()
+      set_aside = [(start, e.summary)]
+      start, more = resume_step(Checkpointer(workdir, read_only=True), below=start)
+      set_aside += more
   step_fn = make_train_step(run, opt, shardings, objective)
   writer = MetricWriter(workdir, resume_step=start if start else None)
   cfg_dict = config_lib.to_dict(cfg)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(cfg_dict, f, indent=2)
+    storage.write_text(storage.join(workdir, "config.json"), json.dumps(cfg_dict, indent=2))
   pbar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
@@ -692,24 +734,41 @@ class SampleHook(Hook):
 
 
 class CheckpointHook(Hook):
-  """Saves the state and the data iterator's position every train.checkpoint_every steps and at the last step
-  (asynchronously; the trainer's close waits). A step is saved once, and never after a non-finite step."""
+  """Saves the state and the data iterator's position every train.checkpoint_every steps, when train.checkpoint_minutes
+  have passed since the last save, and at the last step (asynchronously: training goes on while it is written; the
+  trainer's close waits). A step is saved once, and never after a non-finite step.
+
+  The time rule must pick the same step on every host (a save is collective): with several processes, process 0's
+  clock decides at train.log_every steps (one broadcast of a flag there); with one process, at every step."""
 
   def on_start(self, trainer):
     super().on_start(trainer)
     self.saved = trainer.start
+    self.last_save = time.monotonic()
+
+  def _time_is_up(self, step: int) -> bool:
+    cfg = self.trainer.cfg.train
+    if cfg.checkpoint_minutes <= 0:
+      return False
+    up = time.monotonic() - self.last_save >= 60.0 * cfg.checkpoint_minutes
+    if jax.process_count() == 1:
+      return up
+    if not _every(step, cfg.log_every, cfg.steps):
+      return False
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(up)))
 
   def save(self, step: int, state: dict, fetch: Fetch, wait: bool = False) -> None:
     fetch.check()
     t = self.trainer
     if self.saved != step:  # a step is saved once (SIGTERM right after a periodic save only waits for it)
       t.checkpointer.save(step, state, t.iterator.get_state(), t.config_dict)
-      self.saved = step
+      self.saved, self.last_save = step, time.monotonic()
     if wait:
       t.checkpointer.wait()
 
   def on_step(self, step, state, fetch):
-    if _every(step, self.trainer.cfg.train.checkpoint_every, self.trainer.cfg.train.steps):
+    if _every(step, self.trainer.cfg.train.checkpoint_every, self.trainer.cfg.train.steps) or self._time_is_up(step):
       self.save(step, state, fetch)
 
 
@@ -778,7 +837,7 @@ def workdir_config(workdir: str, overrides=()):
 def _latest_config(workdir: str, if_missing: str, if_empty: str):
   """(read-only Checkpointer, latest step, its saved config) of `workdir`; a missing workdir or checkpoint is a
   DLMError ending with the given advice."""
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise DLMError(f"workdir '{workdir}' does not exist; {if_missing}")
   ckpt = Checkpointer(workdir, read_only=True)
   step = ckpt.latest_step()
