@@ -2,8 +2,8 @@
 topology (hosts, chips per host, node selectors; the host counts also checked against libtpu's own topology
 descriptions), the multi-host / multislice environment, the storage mount and the restart policy; its worker script,
 run by bash with a stand-in dlm-train, hands the overrides over verbatim and computes the process id; the xpk command
-carries the same dlm-train command; a gs:// workdir needs no mount (JobSet, TensorBoard, xpk), a local one still
-does; bad input is one line and exit status 2."""
+carries the same dlm-train command; a gs:// workdir needs no mount (JobSet, TensorBoard, xpk, and tpu_pod.sh, whose
+worker script runs here with a stand-in dlm-train), a local one still does; bad input is one line and exit status 2."""
 
 from __future__ import annotations
 
@@ -424,3 +424,74 @@ def test_help():
   r = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
   assert r.returncode == 0 and "--dry-run" in r.stdout and "ct5lp-hightpu-4t" in r.stdout  # options and the slice table
 
+
+TPU_POD = os.path.join(REPO, "launch", "tpu_pod.sh")
+
+
+def _tpu_pod(*argv, env=None):
+  return subprocess.run(["bash", TPU_POD, "--name", "my-v4-32", "--zone", "us-central2-b", *argv], capture_output=True,
+                        text=True, env=env)
+
+
+def _tpu_worker_script(dry_run_stdout: str) -> str:
+  """The script tpu_pod.sh sends to every worker, decoded from the ssh command its --dry-run prints."""
+  ssh = shlex.split(dry_run_stdout.strip().splitlines()[-1])
+  assert ssh[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in ssh
+  import base64
+  import re
+  b64 = re.search(r"echo (\S+) \| base64 -d", ssh[ssh.index("--command") + 1]).group(1)
+  return base64.b64decode(b64).decode()
+
+
+def test_tpu_pod_gs_workdir(tmp_path):
+  """tpu_pod.sh takes a gs:// workdir: the install line brings the gcs extra, and the worker script, run here by bash
+  with a stand-in venv, starts dlm-train with the URL verbatim and the worker's JAX variables."""
+  r = _tpu_pod("--config", "configs/quickstart.py", "--workdir", GS_WORKDIR, "--repo", "https://example.com/dlm_jax.git",
+               "--dry-run", "--", "--config.train.steps=20")
+  assert r.returncode == 0, r.stderr
+  assert '-m pip install --quiet -e ".[tpu,gcs]" "jax[tpu]"' in _tpu_worker_script(r.stdout)
+  assert f"WORKDIR={GS_WORKDIR}" in r.stdout and "gcsfuse" not in r.stdout
+  # --no-install: run the worker script against a checkout and a venv under tmp_path
+  repo, venv = tmp_path / "repo", tmp_path / "venv"
+  (repo / "configs").mkdir(parents=True)
+  (repo / "configs" / "quickstart.py").write_text("")
+  (venv / "bin").mkdir(parents=True)
+  fake = venv / "bin" / "dlm-train"
+  fake.write_text(f"#!{sys.executable}\nimport json, os, sys\nprint(json.dumps({{'argv': sys.argv[1:], 'env': "
+                  "{k: v for k, v in os.environ.items() if k.startswith('JAX_')}}))\n")
+  python = venv / "bin" / "python"  # the venv's interpreter: this one, which has gcsfs (the gcs extra)
+  python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+  for f in (fake, python):
+    f.chmod(0o755)
+  r = _tpu_pod("--config", "configs/quickstart.py", "--workdir", GS_WORKDIR, "--no-install", "--remote-dir", str(repo),
+               "--venv", str(venv), "--dry-run", "--", "--config.train.steps=20")
+  assert r.returncode == 0, r.stderr
+  script = _tpu_worker_script(r.stdout)
+  env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TPU_WORKER_ID": "1"}
+  w = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+  assert w.returncode == 0, w.stderr
+  got = json.loads(w.stdout.strip().splitlines()[-1])
+  assert got["argv"] == ["--config", "configs/quickstart.py", "--workdir", GS_WORKDIR, "--config.train.steps=20"]
+  assert got["env"] == {"JAX_COORDINATOR_ADDRESS": "WORKER0_IP:8476", "JAX_NUM_PROCESSES": "NUM_WORKERS",
+                        "JAX_PROCESS_ID": "1"}  # (--dry-run does not ask gcloud for the workers)
+  # a venv installed without the gcs extra: one clear line instead of a failing dlm-train on every worker
+  python.write_text("#!/bin/sh\nexit 1\n")
+  w = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+  assert w.returncode == 1 and w.stdout == ""
+  assert w.stderr.strip() == (f"[worker 1] a gs:// workdir needs the gcs extra in {venv}; run without --no-install "
+                              "(it installs .[tpu,gcs])")
+
+
+@pytest.mark.parametrize("workdir,needle", [
+    ("runs/x", "must be a gs://BUCKET/PATH URL or an absolute path"),
+    ("gs://My_Bucket/x", "is not gs://BUCKET/PATH"),
+    ("s3://bucket/x", "the workers get the gcs extra only"),
+])
+def test_tpu_pod_bad_workdir(workdir, needle):
+  r = _tpu_pod("--config", "configs/quickstart.py", "--workdir", workdir, "--no-install", "--dry-run")
+  assert r.returncode == 2 and r.stdout == ""
+  assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("tpu_pod.sh: error: ")
+  assert needle in r.stderr, r.stderr
+  # a shared filesystem path is still fine
+  r = _tpu_pod("--config", "configs/quickstart.py", "--workdir", "/mnt/filestore/runs/x", "--no-install", "--dry-run")
+  assert r.returncode == 0, r.stderr
