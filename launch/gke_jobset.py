@@ -2,7 +2,8 @@
 """Train on a TPU slice (or several) in a GKE cluster: a Kubernetes JobSet for `dlm-train`, or the `xpk` command.
 
   python launch/gke_jobset.py --name NAME --image IMAGE --topology v5e:4x4 --config configs/NAME.py \
-      --workdir /data/runs/NAME (--gcs_bucket BUCKET | --pvc CLAIM) [options] [--dry-run] [-- DLM_TRAIN_ARGS ...]
+      --workdir gs://BUCKET/runs/NAME [options] [--dry-run] [-- DLM_TRAIN_ARGS ...]
+  python launch/gke_jobset.py ... --workdir /data/runs/NAME (--gcs_bucket BUCKET | --pvc CLAIM) ...   # mounted
 
 Without --dry-run the manifest is piped to `kubectl apply -f -` (with --xpk: `xpk workload create` runs instead).
 --dry-run prints the manifest (stdout; YAML, or JSON when PyYAML is missing, both of which kubectl reads) and the
@@ -27,14 +28,25 @@ What the JobSet (jobset.x-k8s.io/v1alpha2; the JobSet controller must be install
     user error (a bad config or override, a non-finite loss), would repeat on every restart: it fails the JobSet at
     once (a Job podFailurePolicy plus a FailJobSet rule, the mechanism XPK uses). Everything else restarts: signals,
     lost nodes, and status 1 (a runtime error, which is also how the surviving processes exit when a peer host dies);
-  * the workdir must outlive the pods and be one directory for all hosts: --gcs_bucket mounts a bucket through the
-    GKE Cloud Storage FUSE CSI driver (pod annotation `gke-gcsfuse/volumes`, an ephemeral CSI volume; the pods'
-    Kubernetes service account, --service_account, needs read/write access to the bucket through Workload Identity),
-    --pvc mounts a PersistentVolumeClaim (e.g. a Filestore ReadWriteMany share), at --mount_path. dlm_jax cannot
-    write to gs:// URLs directly yet. Orbax finalises a checkpoint by renaming its temporary directory: use a bucket
-    with hierarchical namespace, where gcsfuse renames folders atomically;
-  * --tensorboard adds a Deployment `NAME-tensorboard` (CPU, same image) serving `WORKDIR/tensorboard` (the event files
-    dlm_jax/logs.py writes) from the same storage, read-only: `kubectl port-forward deployment/NAME-tensorboard 6006`.
+  * the workdir must outlive the pods and be one place for all hosts. A gs://BUCKET/PATH --workdir needs no volume:
+    dlm_jax writes checkpoints (Orbax), config.json, metrics.jsonl and TensorBoard events through Cloud Storage's API
+    (dlm_jax/storage.py; the image has the `gcs` extra). The pods run on the host network, where GKE's Workload
+    Identity Federation does not apply: they reach Cloud Storage as the TPU node pool's service account, which needs
+    roles/storage.objectUser on the bucket and a storage read-write access scope. A local --workdir needs a mount
+    at --mount_path, exactly one of: --gcs_bucket, a bucket through the GKE Cloud Storage FUSE CSI driver (pod
+    annotation `gke-gcsfuse/volumes`, an ephemeral CSI volume; the pods' Kubernetes service account,
+    --service_account, needs read/write access to the bucket through Workload Identity; Orbax finalises a local
+    checkpoint by renaming its temporary directory, so use a bucket with hierarchical namespace, where gcsfuse renames
+    folders atomically), or --pvc, a PersistentVolumeClaim (e.g. a Filestore ReadWriteMany share); the workdir must lie
+    under the mount. With a gs:// workdir one of them may still be given: it is then mounted read-only (volume `data`)
+    for data and tokenizer files;
+  * --tensorboard adds a Deployment `NAME-tensorboard` (CPU, same image, not on the host network) serving
+    `WORKDIR/tensorboard` (the event files dlm_jax/logs.py writes): a gs:// logdir TensorBoard reads itself (through
+    gcsfs; as --service_account, through Workload Identity), with no volume; a local one from the same storage,
+    mounted read-only. `kubectl port-forward deployment/NAME-tensorboard 6006`.
+
+--xpk: the same dlm-train command in `xpk workload create`. A gs:// workdir needs no XPK storage: no
+`xpk storage attach` line and no `--storage` (unless --gcs_bucket is given as well, for data).
 
 Slice shapes (the --topology names dlm-compile takes). Host counts follow Google's GKE TPU tables ("Plan TPUs in
 GKE", cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus, and the per-version pages cloud.google.com/tpu/docs/
@@ -57,7 +69,7 @@ e.g. v5e:4x4 = 4 hosts of 4 chips, v5p:4x4x8 = 128 chips on 32 hosts, v4:2x2x2 =
 multi-host slices (GKE runs it on multi-host TPU node pools only). The XPK names are `v5litepod-4x4`, `v5p-4x4x8`,
 `v4-2x2x2`, `v6e-4x4` (XPK also accepts them by TensorCore / chip count).
 
-Errors (missing flags, an unknown topology, a workdir outside the mount, ...) print one line
+Errors (missing flags, an unknown topology, a local workdir without a mount or outside it, ...) print one line
 `gke_jobset.py: error: ...` and exit with status 2. See launch/README.md for the whole path: dlm-compile -> launch ->
 TensorBoard -> resume.
 """
@@ -178,6 +190,19 @@ class Plan:
   tensorboard: bool = False
 
   @property
+  def remote(self) -> bool:
+    """A gs:// workdir: dlm_jax writes it through Cloud Storage's API, no volume needed."""
+    return self.workdir.startswith("gs://")
+
+  @property
+  def mounted(self) -> bool:
+    return bool(self.gcs_bucket or self.pvc)
+
+  @property
+  def tensorboard_logdir(self) -> str:
+    return self.workdir.rstrip("/") + "/tensorboard"  # where dlm_jax/logs.py writes the event files
+
+  @property
   def processes(self) -> int:
     return self.slice.hosts * self.num_slices
 
@@ -219,21 +244,26 @@ def container_env(plan: Plan) -> list[dict]:
   return env
 
 
-def _storage(plan: Plan, read_only: bool) -> tuple[dict, dict, dict]:
-  """(pod annotations, volume, volumeMount) of the workdir's storage."""
+def _storage(plan: Plan, read_only: bool) -> tuple[dict, dict, dict] | None:
+  """(pod annotations, volume, volumeMount) of the mounted storage (--gcs_bucket / --pvc), None without one. With a
+  gs:// workdir nothing is written there (the volume `data` holds data and tokenizer files): it is mounted read-only."""
+  if not plan.mounted:
+    return None
+  read_only = read_only or plan.remote
+  name = "data" if plan.remote else "workdir"
+  mount = {"name": name, "mountPath": plan.mount_path, "readOnly": read_only}
   if plan.gcs_bucket:
     attrs = {"bucketName": plan.gcs_bucket}
     if plan.gcs_mount_options:
       attrs["mountOptions"] = plan.gcs_mount_options
-    volume = {"name": "workdir", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": read_only,
-                                         "volumeAttributes": attrs}}
+    volume = {"name": name, "csi": {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": read_only,
+                                    "volumeAttributes": attrs}}
     # the gcsfuse sidecar stages written files on local disk: no limits on it (as XPK does), checkpoints are large
     annotations = {"gke-gcsfuse/volumes": "true", "gke-gcsfuse/cpu-limit": "0", "gke-gcsfuse/memory-limit": "0",
                    "gke-gcsfuse/ephemeral-storage-limit": "0"}
-    return annotations, volume, {"name": "workdir", "mountPath": plan.mount_path,
-                                                     "readOnly": read_only}
-  volume = {"name": "workdir", "persistentVolumeClaim": {"claimName": plan.pvc, "readOnly": read_only}}
-  return {}, volume, {"name": "workdir", "mountPath": plan.mount_path, "readOnly": read_only}
+    return annotations, volume, mount
+  volume = {"name": name, "persistentVolumeClaim": {"claimName": plan.pvc, "readOnly": read_only}}
+  return {}, volume, mount
 
 
 def _metadata(plan: Plan, name: str, **extra) -> dict:
@@ -246,7 +276,11 @@ def _metadata(plan: Plan, name: str, **extra) -> dict:
 
 def jobset(plan: Plan) -> dict:
   s = plan.slice
-  annotations, volume, mount = _storage(plan, read_only=False)
+  storage = _storage(plan, read_only=False)
+  annotations, volumes, mounts = {}, [], []
+  if storage:
+    annotations, volume, mount = storage
+    volumes, mounts = [volume], [mount]
   node_selector = {"cloud.google.com/gke-tpu-accelerator": s.gen.accelerator,
                    "cloud.google.com/gke-tpu-topology": s.shape}
   if plan.spot:
@@ -258,13 +292,13 @@ def jobset(plan: Plan) -> dict:
       "name": CONTAINER, "image": plan.image, "command": ["bash", "-c", plan.worker_script()],
       "env": container_env(plan), "ports": ports, "securityContext": {"privileged": True},
       "resources": {"limits": {"google.com/tpu": s.chips_per_host}},
-      "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}]}
+      "volumeMounts": [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}]}
   pod_spec = {
       "restartPolicy": "Never", "hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet",
       "terminationGracePeriodSeconds": plan.grace_seconds, "nodeSelector": node_selector,
       "tolerations": [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"}],
       "containers": [container],
-      "volumes": [volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]}
+      "volumes": [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]}
   if plan.service_account:
     pod_spec["serviceAccountName"] = plan.service_account
   job_spec = {
@@ -291,13 +325,18 @@ def jobset(plan: Plan) -> dict:
 
 
 def tensorboard_deployment(plan: Plan) -> dict:
-  annotations, volume, mount = _storage(plan, read_only=True)
+  """TensorBoard on the event files: a gs:// logdir is read through Cloud Storage's API (TensorBoard reads gs:// itself,
+  through gcsfs, which the image's gcs extra installs), so no volume; a local workdir's storage is mounted read-only."""
   labels = {"app.kubernetes.io/name": "dlm-jax-tensorboard", "dlm-jax/run": plan.name}
-  pod_spec = {"containers": [{
-      "name": "tensorboard", "image": plan.image,
-      "command": ["tensorboard", "--logdir", plan.workdir.rstrip("/") + "/tensorboard", "--host", "0.0.0.0",
-                  "--port", "6006"],
-      "ports": [{"containerPort": 6006, "name": "http"}], "volumeMounts": [mount]}], "volumes": [volume]}
+  container = {"name": "tensorboard", "image": plan.image,
+               "command": ["tensorboard", "--logdir", plan.tensorboard_logdir, "--host", "0.0.0.0", "--port", "6006"],
+               "ports": [{"containerPort": 6006, "name": "http"}]}
+  pod_spec = {"containers": [container]}
+  annotations = {}
+  if not plan.remote:
+    annotations, volume, mount = _storage(plan, read_only=True)
+    container["volumeMounts"] = [mount]
+    pod_spec["volumes"] = [volume]
   if plan.service_account:
     pod_spec["serviceAccountName"] = plan.service_account
   template_md = {"labels": labels}
@@ -338,12 +377,14 @@ def render(docs: list[dict]) -> str:
 def xpk_commands(plan: Plan, cluster: str, project: str | None, zone: str | None) -> list[list[str]]:
   """[`xpk storage attach` (with --gcs_bucket; once per cluster, printed, not run)], `xpk workload create`. XPK builds
   its own JobSet; the processes find each other with JAX's GKE auto-detection (DLM_DISTRIBUTED=auto: the
-  TPU_WORKER_HOSTNAMES / TPU_WORKER_ID and, multislice, MEGASCALE_* variables GKE gives the pods)."""
+  TPU_WORKER_HOSTNAMES / TPU_WORKER_ID and, multislice, MEGASCALE_* variables GKE gives the pods). A gs:// workdir
+  needs no storage: without --gcs_bucket there is no attach line and no --storage."""
   where = (["--project", project] if project else []) + (["--zone", zone] if zone else [])
   cmds = []
   if plan.gcs_bucket:
     cmds.append(["xpk", "storage", "attach", plan.gcs_bucket, "--type", "gcsfuse", "--bucket", plan.gcs_bucket,
-                 "--cluster", cluster, *where, "--mount-point", plan.mount_path, "--readonly", "false",
+                 "--cluster", cluster, *where, "--mount-point", plan.mount_path,
+                 "--readonly", "true" if plan.remote else "false",
                  "--auto-mount", "false", "--size", "1", "--mount-options", plan.gcs_mount_options])
   create = ["xpk", "workload", "create", "--cluster", cluster, *where, "--workload", plan.name,
             "--tpu-type", plan.slice.xpk_tpu_type, "--num-slices", str(plan.num_slices),
@@ -372,6 +413,10 @@ def follow_up(plan: Plan) -> list[str]:
   lines.append(f"kubectl delete jobset {plan.name}{ns}   # then apply again to resume from {plan.workdir}")
   return lines
 
+
+# gs://BUCKET[/PATH]: Cloud Storage bucket names are 3..222 characters of lowercase letters, digits, '-', '_' and '.',
+# starting and ending with a letter or digit
+_GS_WORKDIR = re.compile(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?")
 
 _RESERVED_ENV = ("JOB_INDEX", "JOB_COMPLETION_INDEX", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -406,13 +451,20 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--chips_per_host", type=int, default=None,
                  help="8 for a v5e / v6e 2x4 slice on one 8-chip VM (ct5lp-hightpu-8t / ct6e-standard-8t)")
   p.add_argument("--config", required=True, help="config file, relative to the image's working directory")
-  p.add_argument("--workdir", required=True, help="absolute path under --mount_path: checkpoints, metrics, TensorBoard")
-  p.add_argument("--gcs_bucket", default=None, help="mount this bucket (name, no gs://) with the gcsfuse CSI driver")
-  p.add_argument("--pvc", default=None, help="mount this PersistentVolumeClaim instead (e.g. Filestore ReadWriteMany)")
+  p.add_argument("--workdir", required=True,
+                 help="checkpoints, metrics, TensorBoard, config.json: gs://BUCKET/PATH (written through Cloud "
+                      "Storage's API, no mount), or an absolute path under --mount_path (with --gcs_bucket or --pvc)")
+  p.add_argument("--gcs_bucket", default=None,
+                 help="mount this bucket (name, no gs://) at --mount_path with the gcsfuse CSI driver: required for a "
+                      "local --workdir unless --pvc; optional (read-only, for data) with a gs:// --workdir")
+  p.add_argument("--pvc", default=None,
+                 help="mount this PersistentVolumeClaim instead (e.g. Filestore ReadWriteMany); read-only with a gs:// "
+                      "--workdir")
   p.add_argument("--mount_path", default="/data", help="where the bucket / claim is mounted in the pods")
   p.add_argument("--gcs_mount_options", default="implicit-dirs", help="gcsfuse mount options (comma-separated)")
   p.add_argument("--service_account", default=None,
-                 help="Kubernetes service account of the pods (Workload Identity access to --gcs_bucket)")
+                 help="Kubernetes service account of the pods (Workload Identity: the --gcs_bucket mount, the "
+                      "TensorBoard Deployment's reads of a gs:// workdir)")
   p.add_argument("--namespace", default=None, help="Kubernetes namespace (default: kubectl's current one)")
   p.add_argument("--queue", default=None, help="Kueue LocalQueue (label kueue.x-k8s.io/queue-name)")
   p.add_argument("--spot", action="store_true", help="run on Spot TPU nodes (node selector cloud.google.com/gke-spot)")
@@ -422,7 +474,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--port", type=int, default=8476, help="JAX coordinator port on pod 0 (host network)")
   p.add_argument("--megascale_port", type=int, default=8080, help="multislice: MEGASCALE_PORT")
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra variable (repeatable)")
-  p.add_argument("--tensorboard", action="store_true", help="also a TensorBoard Deployment reading WORKDIR/tensorboard")
+  p.add_argument("--tensorboard", action="store_true",
+                 help="also a TensorBoard Deployment reading WORKDIR/tensorboard (gs:// directly, or the mount)")
   p.add_argument("--xpk", action="store_true", help="print / run `xpk workload create` instead of a JobSet")
   p.add_argument("--cluster", default=None, help="--xpk: the GKE cluster")
   p.add_argument("--project", default=None, help="--xpk: the Google Cloud project")
@@ -463,21 +516,29 @@ def make_plan(argv: list[str]) -> tuple[Plan, argparse.Namespace]:
   if a.num_slices > 1 and sl.hosts == 1:
     raise LaunchError(f"--num_slices {a.num_slices}: multislice on GKE needs multi-host slices, and {a.topology} is "
                       "one host; use a larger topology")
-  if bool(a.gcs_bucket) == bool(a.pvc):
-    raise LaunchError("give exactly one of --gcs_bucket BUCKET or --pvc CLAIM: the workdir must be storage that every "
-                      "host shares and that outlives the pods (or a restart could not resume)")
+  remote = a.workdir.startswith("gs://")
+  if remote and not _GS_WORKDIR.fullmatch(a.workdir):
+    raise LaunchError(f"--workdir '{a.workdir}' is not gs://BUCKET/PATH (a bucket name of 3..222 lowercase letters, "
+                      "digits, '-', '_', '.'), e.g. gs://my-bucket/runs/NAME")
+  if not remote and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", a.workdir):
+    raise LaunchError(f"--workdir '{a.workdir}': on GKE give a gs://BUCKET/PATH URL (the image has the gcs extra) or "
+                      "a path under --mount_path")
+  if remote and a.gcs_bucket and a.pvc:
+    raise LaunchError("give at most one of --gcs_bucket BUCKET or --pvc CLAIM: with a gs:// --workdir a mount is "
+                      "optional (read-only, for data and tokenizer files)")
+  if not remote and bool(a.gcs_bucket) == bool(a.pvc):
+    raise LaunchError(f"--workdir '{a.workdir}' is a local path: give exactly one of --gcs_bucket BUCKET or --pvc "
+                      "CLAIM to mount storage that every host shares and that outlives the pods (or a restart could "
+                      "not resume), or write to Cloud Storage directly with --workdir gs://BUCKET/PATH")
   if a.gcs_bucket and (a.gcs_bucket.startswith("gs://") or "/" in a.gcs_bucket):
     raise LaunchError(f"--gcs_bucket '{a.gcs_bucket}' must be a bare bucket name (no gs://, no path); put the path "
-                      "into --workdir under --mount_path")
-  if a.workdir.startswith("gs://"):
-    raise LaunchError(f"--workdir '{a.workdir}': dlm_jax does not write to gs:// URLs yet; give the bucket with "
-                      f"--gcs_bucket and a --workdir under --mount_path ({a.mount_path})")
+                      "into --workdir")
   mount = a.mount_path.rstrip("/")
   if not a.mount_path.startswith("/") or not mount:
     raise LaunchError(f"--mount_path '{a.mount_path}' must be an absolute path other than /")
-  if not os.path.normpath(a.workdir).startswith(mount + "/"):
+  if not remote and not os.path.normpath(a.workdir).startswith(mount + "/"):
     raise LaunchError(f"--workdir '{a.workdir}' must be a directory under --mount_path {mount}, where the shared "
-                      "storage is mounted")
+                      "storage is mounted (or a gs://BUCKET/PATH URL)")
   for flag, value, low in (("--max_restarts", a.max_restarts, 0), ("--grace_seconds", a.grace_seconds, 0)):
     if value < low:
       raise LaunchError(f"{flag} must be >= {low}, got {value}")

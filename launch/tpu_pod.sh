@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch dlm-train on every worker (host) of a Cloud TPU VM pod slice.
 #
-#   bash launch/tpu_pod.sh --name TPU --zone ZONE --config configs/NAME.py --workdir /SHARED/DIR \
+#   bash launch/tpu_pod.sh --name TPU --zone ZONE --config configs/NAME.py --workdir gs://BUCKET/runs/NAME \
 #       (--repo GIT_URL [--ref REF] | --src LOCAL_DIR | --no-install) [options] [-- DLM_TRAIN_ARGS ...]
 #
 # What it does, from the machine you run it on (needs `gcloud`, authenticated, and python3):
@@ -10,23 +10,26 @@
 #   2. --src only: the directory is packed (without .git) and copied to every worker with `tpu-vm scp --worker=all`.
 #   3. `gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command ...` runs, on every worker at once:
 #      install (unless --no-install): git clone/fetch --repo (or unpack --src) into --remote-dir, create the venv
-#      --venv and `pip install -e ".[tpu]" "jax[tpu]"` in it ("jax[tpu]" picks the libtpu that matches jax);
+#      --venv and `pip install -e ".[tpu,gcs]" "jax[tpu]"` in it ("jax[tpu]" picks the libtpu that matches jax; the
+#      gcs extra, gcsfs and google-cloud-storage, lets dlm_jax write gs:// workdirs);
 #      run: export JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (the worker's number, from
 #      $TPU_WORKER_ID if set, else the TPU VM metadata attribute agent-worker-number), then
 #      `dlm-train --config CONFIG --workdir WORKDIR ARGS...` inside --remote-dir. dlm_jax/cli.py passes those three
 #      variables to jax.distributed.initialize (it does not auto-detect the TPU cluster by itself).
 #
-# The workdir must be ONE directory that every worker sees (a gcsfuse mount of a bucket, Filestore/NFS): Orbax writes
-# each host's shards of a checkpoint into the same step directory, and a resumed run reads them back from there.
-# Orbax itself supports gs:// paths, but dlm_jax currently resolves the workdir with os.path and writes
-# metrics.jsonl/config.json with plain file I/O, so a gs:// workdir does not work yet: this script rejects it. Mount
-# the bucket instead, e.g. on every worker: gcsfuse --implicit-dirs BUCKET /mnt/BUCKET, then --workdir /mnt/BUCKET/run1.
+# The workdir must be ONE place that every worker sees: Orbax writes each host's shards of a checkpoint into the same
+# step directory, and a resumed run reads them back from there. On Cloud TPU VMs use a Cloud Storage URL,
+# gs://BUCKET/runs/NAME: dlm_jax writes checkpoints, config.json, metrics.jsonl and TensorBoard events there through
+# Cloud Storage's API (dlm_jax/storage.py), nothing to mount. The TPU VM's service account needs
+# roles/storage.objectUser on the bucket, and the VM access scopes that let it write to Cloud Storage (e.g.
+# `tpu-vm create --scopes=https://www.googleapis.com/auth/cloud-platform`). An absolute path on a filesystem that
+# every worker mounts (Filestore, NFS) works too.
 #
 # Required:
 #   --name NAME            TPU VM name (the pod slice)
 #   --zone ZONE            its zone
 #   --config PATH          config file, relative to the repo on the workers (e.g. configs/quickstart.py)
-#   --workdir DIR          absolute path of a directory shared by all workers (see above)
+#   --workdir DIR          gs://BUCKET/PATH, or an absolute path on a filesystem shared by all workers (see above)
 # Source of the code on the workers (exactly one):
 #   --repo URL             git URL to clone (or fetch, if --remote-dir already holds a clone)
 #   --ref REF              with --repo: branch, tag or commit to check out (default: the remote's HEAD)
@@ -47,9 +50,9 @@
 #
 # Examples:
 #   bash launch/tpu_pod.sh --name my-v4-32 --zone us-central2-b --src . --config configs/bench_25m.py \
-#       --workdir /mnt/my-bucket/runs/bench -- --config.train.steps=2000 --config.train.batch_size=256
+#       --workdir gs://my-bucket/runs/bench -- --config.train.steps=2000 --config.train.batch_size=256
 #   bash launch/tpu_pod.sh --name my-v4-32 --zone us-central2-b --no-install --detach --config configs/bench_25m.py \
-#       --workdir /mnt/my-bucket/runs/bench          # rerun = resume from the latest checkpoint
+#       --workdir gs://my-bucket/runs/bench          # rerun = resume from the latest checkpoint
 set -euo pipefail
 
 prog="tpu_pod.sh"
@@ -88,9 +91,16 @@ done
 [[ -n "$name" ]] || die "--name is required (the TPU VM name); see --help"
 [[ -n "$zone" ]] || die "--zone is required; see --help"
 [[ -n "$config" ]] || die "--config is required (a config file relative to the repo, e.g. configs/quickstart.py)"
-[[ -n "$workdir" ]] || die "--workdir is required (an absolute path shared by all workers)"
-[[ "$workdir" != gs://* ]] || die "--workdir '$workdir': dlm_jax does not write to gs:// URLs yet (plain file I/O); mount the bucket with gcsfuse on every worker and pass the mount path"
-[[ "$workdir" == /* ]] || die "--workdir '$workdir' must be an absolute path on a filesystem shared by all workers"
+[[ -n "$workdir" ]] || die "--workdir is required (gs://BUCKET/runs/NAME, or an absolute path shared by all workers)"
+if [[ "$workdir" == gs://* ]]; then
+  # bucket names: 3..222 lowercase letters, digits, '-', '_', '.', starting and ending with a letter or digit
+  [[ "$workdir" =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$ ]] \
+    || die "--workdir '$workdir' is not gs://BUCKET/PATH (a bucket name of lowercase letters, digits, '-', '_', '.'), e.g. gs://my-bucket/runs/NAME"
+elif [[ "$workdir" == *://* ]]; then
+  die "--workdir '$workdir': the workers get the gcs extra only; give a gs://BUCKET/PATH URL or an absolute path on a filesystem shared by all workers"
+else
+  [[ "$workdir" == /* ]] || die "--workdir '$workdir' must be a gs://BUCKET/PATH URL or an absolute path on a filesystem shared by all workers"
+fi
 sources=$(( (${#repo} > 0) + (${#src} > 0) + (install == 0) ))
 [[ $sources -eq 1 ]] || die "give exactly one of --repo URL, --src DIR or --no-install"
 [[ "$port" =~ ^[0-9]+$ && "$port" -ge 1 && "$port" -le 65535 ]] || die "--port must be 1..65535, got '$port'"
@@ -180,10 +190,14 @@ if [ "$INSTALL" = 1 ]; then
     "$PY" -m venv "$VENV" || { say "could not create the venv $VENV (on Debian/Ubuntu: sudo apt-get install python3-venv)"; exit 1; }
   fi
   (cd "$REMOTE_DIR" && "$VENV/bin/python" -m pip install --quiet --upgrade pip \
-    && "$VENV/bin/python" -m pip install --quiet -e ".[tpu]" "jax[tpu]")
+    && "$VENV/bin/python" -m pip install --quiet -e ".[tpu,gcs]" "jax[tpu]")
   say "installed into $VENV"
 fi
 [ -x "$VENV/bin/dlm-train" ] || { say "$VENV/bin/dlm-train is missing; run without --no-install first"; exit 1; }
+case "$WORKDIR" in
+  gs://*) "$VENV/bin/python" -c 'import gcsfs' 2>/dev/null \
+    || { say "a gs:// workdir needs the gcs extra in $VENV; run without --no-install (it installs .[tpu,gcs])"; exit 1; } ;;
+esac
 cd "$REMOTE_DIR"
 [ -f "$CONFIG" ] || { say "config '$CONFIG' does not exist in $REMOTE_DIR"; exit 1; }
 export JAX_COORDINATOR_ADDRESS="$COORD" JAX_NUM_PROCESSES="$NUM" JAX_PROCESS_ID="$WID"

@@ -2,7 +2,8 @@
 topology (hosts, chips per host, node selectors; the host counts also checked against libtpu's own topology
 descriptions), the multi-host / multislice environment, the storage mount and the restart policy; its worker script,
 run by bash with a stand-in dlm-train, hands the overrides over verbatim and computes the process id; the xpk command
-carries the same dlm-train command; bad input is one line and exit status 2."""
+carries the same dlm-train command; a gs:// workdir needs no mount (JobSet, TensorBoard, xpk, and tpu_pod.sh, whose
+worker script runs here with a stand-in dlm-train), a local one still does; bad input is one line and exit status 2."""
 
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def test_storage_restarts_and_options(capsys):
   assert tc["command"][:3] == ["tensorboard", "--logdir", "/data/runs/run1/tensorboard"]
   assert tc["volumeMounts"][0]["readOnly"] is True
   src = open(os.path.join(REPO, "dlm_jax", "logs.py")).read()
-  assert 'os.path.join(workdir, "tensorboard")' in src
+  assert 'storage.join(workdir, "tensorboard")' in src
   # a PersistentVolumeClaim instead of the bucket
   code, out, err = run(capsys, *[a for a in BASE if a not in ("--gcs_bucket", "my-bucket")], "--pvc", "filestore",
                        "--topology", "v5e:2x2")
@@ -215,6 +216,83 @@ def test_xpk_command(capsys):
   assert gke.parse_topology("v5e:8x8").xpk_tpu_type == "v5litepod-8x8"
 
 
+GS_WORKDIR = "gs://my-bucket/runs/run1"
+GS_BASE = ["--name", "run1", "--image", "us-docker.pkg.dev/p/r/dlm-jax:1", "--config", "configs/bench_25m.py",
+           "--workdir", GS_WORKDIR, "--dry-run"]  # no --gcs_bucket / --pvc
+
+
+def test_gs_workdir_needs_no_mount(capsys, tmp_path):
+  """A gs:// workdir: dlm-train writes it through Cloud Storage's API, so the JobSet has no workdir volume and no gcsfuse
+  annotation, the command carries the URL verbatim, and TensorBoard reads gs://.../tensorboard itself, with no volume."""
+  code, out, err = run(capsys, *GS_BASE, "--topology", "v5e:4x4", "--service_account", "dlm-ksa", "--tensorboard",
+                       "--", "--config.train.steps=5")
+  assert code == 0, err
+  assert "gcsfuse" not in out
+  js, tb = yaml.safe_load_all(out)
+  _, job, pod, c = parts(js)
+  assert job["template"]["metadata"] == {}  # no gke-gcsfuse/* annotations
+  assert [v["name"] for v in pod["volumes"]] == ["dshm"]
+  assert c["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+  assert pod["serviceAccountName"] == "dlm-ksa"
+  got = _run_worker(tmp_path, c["command"][2], job_index=0, completion_index=3)
+  assert got["argv"] == ["--config", "configs/bench_25m.py", "--workdir", GS_WORKDIR, "--config.train.steps=5"]
+  assert got["env"]["JAX_PROCESS_ID"] == "3"
+  tpod = tb["spec"]["template"]["spec"]
+  tc = tpod["containers"][0]
+  assert tc["command"][:3] == ["tensorboard", "--logdir", GS_WORKDIR + "/tensorboard"]
+  assert "volumes" not in tpod and "volumeMounts" not in tc and "annotations" not in tb["spec"]["template"]["metadata"]
+  assert tpod["serviceAccountName"] == "dlm-ksa"
+  assert f"resume from {GS_WORKDIR}" in err
+  # a mount may still come along (data, tokenizer files): read-only, named `data`, not the workdir's; TensorBoard
+  # still reads the bucket directly
+  (js, tb), _ = manifest(capsys, "--workdir", GS_WORKDIR, "--topology", "v5e:2x2", "--tensorboard")  # BASE: my-bucket
+  _, job, pod, c = parts(js)
+  vols = {v["name"]: v for v in pod["volumes"]}
+  assert set(vols) == {"data", "dshm"} and vols["data"]["csi"]["readOnly"] is True
+  assert vols["data"]["csi"]["volumeAttributes"]["bucketName"] == "my-bucket"
+  assert {"name": "data", "mountPath": "/data", "readOnly": True} in c["volumeMounts"]
+  assert job["template"]["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
+  assert tb["spec"]["template"]["spec"]["containers"][0]["command"][2] == GS_WORKDIR + "/tensorboard"
+  assert "volumes" not in tb["spec"]["template"]["spec"]
+  code, out, err = run(capsys, *GS_BASE, "--topology", "v5e:2x2", "--pvc", "filestore")
+  assert code == 0, err
+  vols = {v["name"]: v for v in parts(yaml.safe_load(out))[2]["volumes"]}
+  assert vols["data"]["persistentVolumeClaim"] == {"claimName": "filestore", "readOnly": True}
+
+
+def test_local_workdir_still_needs_a_mount(capsys):
+  code, out, err = run(capsys, *[a for a in BASE if a not in ("--gcs_bucket", "my-bucket")], "--topology", "v5e:4x4")
+  assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+  assert "is a local path: give exactly one of --gcs_bucket BUCKET or --pvc CLAIM" in err and "gs://" in err
+  code, out, err = run(capsys, *BASE, "--topology", "v5e:4x4", "--mount_path", "/mnt/shared")
+  assert code == 2 and "under --mount_path /mnt/shared" in err
+  # mounted: the claim holds the workdir, read-write
+  code, out, err = run(capsys, *[a for a in BASE if a not in ("--gcs_bucket", "my-bucket")], "--pvc", "filestore",
+                       "--topology", "v5e:4x4")
+  assert code == 0, err
+  pod = parts(yaml.safe_load(out))[2]
+  assert {v["name"]: v for v in pod["volumes"]}["workdir"]["persistentVolumeClaim"] == {"claimName": "filestore",
+                                                                                       "readOnly": False}
+
+
+def test_xpk_gs_workdir(capsys):
+  """No storage to attach or name: the create command alone, with the gs:// workdir in dlm-train's arguments."""
+  code, out, err = run(capsys, *GS_BASE, "--topology", "v5e:4x4", "--xpk", "--cluster", "c1", "--", "--x=1")
+  assert code == 0, err
+  assert "storage attach" not in out and not out.startswith("#")
+  create = shlex.split(out)
+  assert create[:3] == ["xpk", "workload", "create"] and "--storage" not in create
+  assert shlex.split(create[create.index("--command") + 1]) == ["dlm-train", "--config", "configs/bench_25m.py",
+                                                                "--workdir", GS_WORKDIR, "--x=1"]
+  # a bucket for data beside it: attached read-only
+  code, out, err = run(capsys, *GS_BASE, "--gcs_bucket", "data-bucket", "--topology", "v5e:4x4", "--xpk", "--cluster",
+                       "c1")
+  assert code == 0, err
+  attach, create = out.split("\n", 1)
+  assert "xpk storage attach data-bucket" in attach and "--readonly true" in attach
+  assert shlex.split(create)[shlex.split(create).index("--storage") + 1] == "data-bucket"
+
+
 def test_apply_runs_kubectl(tmp_path):
   """Without --dry-run the manifest goes to `kubectl apply -f -` (a stand-in kubectl records its stdin)."""
   bindir = tmp_path / "bin"
@@ -247,7 +325,9 @@ def test_json_without_pyyaml(monkeypatch):
     (["--topology", "v5e:4x4", "--num_slices", "0"], "--num_slices must be >= 1"),
     (["--topology", "v5e:4x4", "--pvc", "c"], "exactly one of --gcs_bucket"),
     (["--topology", "v5e:4x4", "--workdir", "/tmp/run"], "under --mount_path /data"),
-    (["--topology", "v5e:4x4", "--workdir", "gs://b/run"], "gs:// URLs"),
+    (["--topology", "v5e:4x4", "--workdir", "gs://B/run"], "is not gs://BUCKET/PATH"),
+    (["--topology", "v5e:4x4", "--workdir", "s3://bucket/run"], "give a gs://BUCKET/PATH URL"),
+    (["--topology", "v5e:4x4", "--workdir", "gs://bucket/run", "--pvc", "c"], "at most one of --gcs_bucket"),
     (["--topology", "v5e:4x4", "--gcs_bucket", "gs://b"], "bare bucket name"),
     (["--topology", "v5e:4x4", "--name", "Run_1"], "--name 'Run_1'"),
     (["--topology", "v5e:4x4", "--env", "1X=2"], "KEY=VALUE"),
@@ -343,3 +423,75 @@ def test_jobset_pods_train_stop_and_resume(tmp_path, tiny_config):
 def test_help():
   r = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
   assert r.returncode == 0 and "--dry-run" in r.stdout and "ct5lp-hightpu-4t" in r.stdout  # options and the slice table
+
+
+TPU_POD = os.path.join(REPO, "launch", "tpu_pod.sh")
+
+
+def _tpu_pod(*argv, env=None):
+  return subprocess.run(["bash", TPU_POD, "--name", "my-v4-32", "--zone", "us-central2-b", *argv], capture_output=True,
+                        text=True, env=env)
+
+
+def _tpu_worker_script(dry_run_stdout: str) -> str:
+  """The script tpu_pod.sh sends to every worker, decoded from the ssh command its --dry-run prints."""
+  ssh = shlex.split(dry_run_stdout.strip().splitlines()[-1])
+  assert ssh[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in ssh
+  import base64
+  import re
+  b64 = re.search(r"echo (\S+) \| base64 -d", ssh[ssh.index("--command") + 1]).group(1)
+  return base64.b64decode(b64).decode()
+
+
+def test_tpu_pod_gs_workdir(tmp_path):
+  """tpu_pod.sh takes a gs:// workdir: the install line brings the gcs extra, and the worker script, run here by bash
+  with a stand-in venv, starts dlm-train with the URL verbatim and the worker's JAX variables."""
+  r = _tpu_pod("--config", "configs/quickstart.py", "--workdir", GS_WORKDIR, "--repo", "https://example.com/dlm_jax.git",
+               "--dry-run", "--", "--config.train.steps=20")
+  assert r.returncode == 0, r.stderr
+  assert '-m pip install --quiet -e ".[tpu,gcs]" "jax[tpu]"' in _tpu_worker_script(r.stdout)
+  assert f"WORKDIR={GS_WORKDIR}" in r.stdout and "gcsfuse" not in r.stdout
+  # --no-install: run the worker script against a checkout and a venv under tmp_path
+  repo, venv = tmp_path / "repo", tmp_path / "venv"
+  (repo / "configs").mkdir(parents=True)
+  (repo / "configs" / "quickstart.py").write_text("")
+  (venv / "bin").mkdir(parents=True)
+  fake = venv / "bin" / "dlm-train"
+  fake.write_text(f"#!{sys.executable}\nimport json, os, sys\nprint(json.dumps({{'argv': sys.argv[1:], 'env': "
+                  "{k: v for k, v in os.environ.items() if k.startswith('JAX_')}}))\n")
+  python = venv / "bin" / "python"  # the venv's interpreter: this one, which has gcsfs (the gcs extra)
+  python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+  for f in (fake, python):
+    f.chmod(0o755)
+  r = _tpu_pod("--config", "configs/quickstart.py", "--workdir", GS_WORKDIR, "--no-install", "--remote-dir", str(repo),
+               "--venv", str(venv), "--dry-run", "--", "--config.train.steps=20")
+  assert r.returncode == 0, r.stderr
+  script = _tpu_worker_script(r.stdout)
+  env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TPU_WORKER_ID": "1"}
+  w = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+  assert w.returncode == 0, w.stderr
+  got = json.loads(w.stdout.strip().splitlines()[-1])
+  assert got["argv"] == ["--config", "configs/quickstart.py", "--workdir", GS_WORKDIR, "--config.train.steps=20"]
+  assert got["env"] == {"JAX_COORDINATOR_ADDRESS": "WORKER0_IP:8476", "JAX_NUM_PROCESSES": "NUM_WORKERS",
+                        "JAX_PROCESS_ID": "1"}  # (--dry-run does not ask gcloud for the workers)
+  # a venv installed without the gcs extra: one clear line instead of a failing dlm-train on every worker
+  python.write_text("#!/bin/sh\nexit 1\n")
+  w = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+  assert w.returncode == 1 and w.stdout == ""
+  assert w.stderr.strip() == (f"[worker 1] a gs:// workdir needs the gcs extra in {venv}; run without --no-install "
+                              "(it installs .[tpu,gcs])")
+
+
+@pytest.mark.parametrize("workdir,needle", [
+    ("runs/x", "must be a gs://BUCKET/PATH URL or an absolute path"),
+    ("gs://My_Bucket/x", "is not gs://BUCKET/PATH"),
+    ("s3://bucket/x", "the workers get the gcs extra only"),
+])
+def test_tpu_pod_bad_workdir(workdir, needle):
+  r = _tpu_pod("--config", "configs/quickstart.py", "--workdir", workdir, "--no-install", "--dry-run")
+  assert r.returncode == 2 and r.stdout == ""
+  assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("tpu_pod.sh: error: ")
+  assert needle in r.stderr, r.stderr
+  # a shared filesystem path is still fine
+  r = _tpu_pod("--config", "configs/quickstart.py", "--workdir", "/mnt/filestore/runs/x", "--no-install", "--dry-run")
+  assert r.returncode == 0, r.stderr
