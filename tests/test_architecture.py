@@ -18,7 +18,7 @@ from dlm_jax.errors import DLMError
 
 # The layers of docs/architecture.md, bottom up, and what each may import (besides itself).
 LAYERS = {
-    "foundation": ("dlm_jax.errors", "dlm_jax.maths", "dlm_jax.registry", "dlm_jax.masks"),
+    "foundation": ("dlm_jax.errors", "dlm_jax.maths", "dlm_jax.registry", "dlm_jax.masks", "dlm_jax.storage"),
     "package": ("dlm_jax",),  # dlm_jax/__init__.py: the version only
     "config": ("dlm_jax.config",),
     "data": ("dlm_jax.data",),
