@@ -72,9 +72,11 @@ def expand_inputs(inputs: list[str]) -> list[str]:
   return files
 
 
-def plan_units(files: list[str], field: str, jsonl_chunk: int = JSONL_CHUNK) -> tuple[list[Unit], list[dict]]:
-  """(units, sources): the work units of the files in order, and each file's {"path", "bytes"}. A parquet file
-  without a string column `field` is an error here, before anything is tokenized."""
+def plan_units(files: list[str], field: str, jsonl_chunk: int = 0) -> tuple[list[Unit], list[dict]]:
+  """(units, sources): the work units of the files in order (.jsonl files cut every `jsonl_chunk` bytes, default
+  JSONL_CHUNK), and each file's {"path", "bytes"}. A parquet file without a string column `field` is an error here,
+  before anything is tokenized."""
+  jsonl_chunk = jsonl_chunk or JSONL_CHUNK
   units, sources = [], []
   for f in files:
     size = storage.size(f)
@@ -159,7 +161,7 @@ def tokenize(inputs: list[str], tokenizer: str, output: str, *, num_shards: int 
   total_bytes = sum(s["bytes"] for s in sources)
   workers = workers or os.cpu_count() or 1
   wanted = num_shards or max(workers, -(-total_bytes // SHARD_BYTES))
-  num_shards = min(wanted, len(units))
+  num_shards = min(wanted, len(units))  # a shard holds at least one unit
   workers = min(workers, num_shards)
   dtype = shards.token_dtype(tok.vocab_size)
 
@@ -218,9 +220,13 @@ def tokenize(inputs: list[str], tokenizer: str, output: str, *, num_shards: int 
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   seconds = time.perf_counter() - t0
-  return {"output": output, "documents": documents, "tokens": int(tokens), "stream_tokens": int(index[-1, 0]),
-          "shards": num_shards, "workers": workers, "dtype": dtype, "seconds": round(seconds, 3),
-          "tokens_per_second": round(tokens / seconds)}
+  summary = {"output": output, "documents": documents, "tokens": int(tokens), "stream_tokens": int(index[-1, 0]),
+             "shards": num_shards, "workers": workers, "dtype": dtype, "seconds": round(seconds, 3),
+             "tokens_per_second": round(tokens / seconds)}
+  if num_shards < wanted:
+    summary["note"] = (f"{num_shards} shards, not {wanted}: the inputs make {len(units)} work units (a text file, "
+                       f"{JSONL_CHUNK >> 20} MiB of a .jsonl file, a parquet row group)")
+  return summary
 
 
 def _upload(local: str, remote: str, names: list[str], manifest_text: str) -> None:
