@@ -32,7 +32,7 @@ MAY_IMPORT = {
     "foundation": {"foundation"},
     "package": set(),
     "config": {"foundation"},  # registries are filled by the modules that own them, never imported here
-    "data": {"foundation", "config"},  # the config layer only for parse_mixture (data.mixture's syntax)
+    "data": {"foundation", "data", "config"},  # config only for parse_mixture (the syntax of data.mixture)
     "model": {"foundation", "model"},
     "samplers": {"foundation", "samplers"},  # no process, no model: samplers take any logits function
     "processes": {"foundation", "processes", "dlm_jax.sharding"},  # the model only through the Network adapter
