@@ -406,9 +406,9 @@ class PackedShards(Sequences):
     self.num_documents = dataset.documents
     limit = dataset.records
     if max_documents and max_documents < dataset.documents:
-      limit = int(np.searchsorted(dataset.index[:, 1], max_documents, side="left"))
+      limit = int(np.searchsorted(dataset.doc_counts, max_documents, side="left"))
       self.num_documents = max_documents
-    self.stream_tokens = int(dataset.index[limit, 0])
+    self.stream_tokens = int(dataset.offsets[limit])
     self._n = self.stream_tokens // seq_len
 
   def __len__(self) -> int:
@@ -422,14 +422,14 @@ class PackedShards(Sequences):
       return out
     if rows.min() < 0 or rows.max() >= self._n:
       raise IndexError(f"rows {rows.min()}..{rows.max()} of {self._n} packed sequences")
-    index = self.dataset.index
+    offsets = self.dataset.offsets
     starts = rows * L
-    first = np.searchsorted(index[:, 0], starts, side="right") - 1  # the record holding each sequence's first token
-    stop = np.searchsorted(index[:, 0], starts + L, side="left")  # one past the record holding its last token
+    first = np.searchsorted(offsets, starts, side="right") - 1  # the record holding each sequence's first token
+    stop = np.searchsorted(offsets, starts + L, side="left")  # one past the record holding its last token
     ids = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(first, stop)]))
     pieces = dict(zip(ids.tolist(), self.dataset.read_records(ids)))
-    where = dict(zip(ids.tolist(), index[ids, 0].tolist()))
-    ends = dict(zip(ids.tolist(), (index[ids + 1, 1] - index[ids, 1]).tolist()))
+    where = dict(zip(ids.tolist(), offsets[ids].tolist()))
+    ends = dict(zip(ids.tolist(), self.dataset.ends(ids).tolist()))
     for row, s, a, b in zip(out, starts.tolist(), first.tolist(), stop.tolist()):
       for r in range(a, b):
         off, tokens = where[r] - s, pieces[r]  # the record's tokens sit at row positions [off, off + len)

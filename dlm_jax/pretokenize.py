@@ -199,8 +199,8 @@ def tokenize(inputs: list[str], tokenizer: str, output: str, *, num_shards: int 
         "format": shards.FORMAT, "version": shards.VERSION,
         "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint, "eos_id": int(tok.eos_id), "vocab_size": int(tok.vocab_size)},
         "dtype": dtype, "record_tokens": shards.RECORD_TOKENS, "writer_options": shards.WRITER_OPTIONS,
-        "field": field, "documents": documents, "records": int(len(index) - 1), "tokens": int(tokens),
-        "stream_tokens": int(index[-1, 0]),
+        "field": field, "documents": documents, "records": int(index.shape[1] - 1), "tokens": int(tokens),
+        "stream_tokens": int(index[0, -1]),
         "shards": [{"file": name, "documents": r["documents"], "records": int(len(r["lengths"])),
                     "tokens": int(r["tokens"])} for name, r in zip(names, results)],
         "sources": [dict(s, documents=per_source.get(s["path"], 0)) for s in sources],
@@ -220,7 +220,7 @@ def tokenize(inputs: list[str], tokenizer: str, output: str, *, num_shards: int 
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   seconds = time.perf_counter() - t0
-  summary = {"output": output, "documents": documents, "tokens": int(tokens), "stream_tokens": int(index[-1, 0]),
+  summary = {"output": output, "documents": documents, "tokens": int(tokens), "stream_tokens": int(index[0, -1]),
              "shards": num_shards, "workers": workers, "dtype": dtype, "seconds": round(seconds, 3),
              "tokens_per_second": round(tokens / seconds)}
   if num_shards < wanted:

@@ -5,17 +5,18 @@ A dataset is a directory:
   manifest.json        format and version, the tokenizer (name, fingerprint, EOS id, vocabulary size), the token dtype,
                        per-shard document / record / token counts, totals and the source files with their sizes. It is
                        written last: a directory without it is not a dataset.
-  index.npy            int64 [records + 1, 2]: for every record, (its offset in the token stream, the number of
-                       documents that end before it). The stream is "doc0 EOS doc1 EOS ...", the sequence that packing
-                       cuts, so packed sequence i (tokens [i L, (i + 1) L)) is found by a binary search in column 0 and
-                       read from the few records it overlaps, without loading the dataset.
+  index.npy            int64 [2, records + 1]: row 0 = each record's offset in the token stream, row 1 = the number
+                       of documents that end before it (and the totals at the end). The stream is "doc0 EOS doc1 EOS
+                       ...", the sequence that packing cuts, so packed sequence i (tokens [i L, (i + 1) L)) is found by
+                       a binary search in row 0 and read from the few records it overlaps, without loading the dataset
+                       (the rows are contiguous, so a memory-mapped index is searched in place, page by page).
   shard-00000-of-0000N.array_record   the records, in stream order across the shards (ArrayRecord, group size 1 for
                        random access): the token ids of one document as little-endian `dtype` bytes, without EOS.
                        A document longer than `record_tokens` is split over consecutive records, so reading one
-                       sequence never reads a whole book; a record ends its document when column 1 steps after it.
+                       sequence never reads a whole book; a record ends its document when row 1 steps after it.
 
-Record r holds `stream[r + 1] - stream[r] - ends[r]` tokens, where ends[r] = docs[r + 1] - docs[r] is 1 when the loader
-appends EOS after it. The loader, not the shards, adds EOS, so the run's EOS id is the one packed in.
+Record r holds `offsets[r + 1] - offsets[r] - ends[r]` tokens, where ends[r] = docs[r + 1] - docs[r] is 1 when the
+loader appends EOS after it. The loader, not the shards, adds EOS, so the run's EOS id is the one packed in.
 """
 
 from __future__ import annotations
@@ -91,10 +92,10 @@ class ShardWriter:
 
 
 def build_index(lengths: np.ndarray, ends: np.ndarray) -> np.ndarray:
-  """int64 [R + 1, 2]: (stream offset, documents before) of each record, from per-record token counts and end flags."""
-  index = np.zeros((len(lengths) + 1, 2), np.int64)
-  np.cumsum(lengths + ends, out=index[1:, 0])
-  np.cumsum(ends, out=index[1:, 1])
+  """int64 [2, R + 1]: (stream offsets, documents before) of the records, from per-record token counts and end flags."""
+  index = np.zeros((2, len(lengths) + 1), np.int64)
+  np.cumsum(lengths + ends, out=index[0, 1:])
+  np.cumsum(ends, out=index[1, 1:])
   return index
 
 
@@ -137,10 +138,10 @@ class Dataset:
     except (OSError, ValueError) as e:
       raise DLMError(f"{where}: cannot read {INDEX} ({e}); the dataset is damaged, re-run dlm-tokenize") from None
     records = sum(s["records"] for s in m["shards"])
-    want = (records + 1, 2)
-    if self.index.shape != want or tuple(self.index[-1]) != (m["stream_tokens"], m["documents"]):
-      raise DLMError(f"{where}: {INDEX} has shape {self.index.shape} and ends at {tuple(self.index[-1])}, the manifest "
-                     f"says {want} and {(m['stream_tokens'], m['documents'])}; the dataset is damaged, re-run "
+    want = (2, records + 1)
+    if self.index.shape != want or tuple(self.index[:, -1]) != (m["stream_tokens"], m["documents"]):
+      raise DLMError(f"{where}: {INDEX} has shape {self.index.shape} and ends at {tuple(self.index[:, -1])}, the "
+                     f"manifest says {want} and {(m['stream_tokens'], m['documents'])}; the dataset is damaged, re-run "
                      "dlm-tokenize")
     self.files = [storage.join(self.path, s["file"]) for s in m["shards"]]
     missing = [f for f in self.files if not storage.exists(f)]
@@ -173,11 +174,21 @@ class Dataset:
 
   @property
   def records(self) -> int:
-    return len(self.index) - 1
+    return self.index.shape[1] - 1
 
   @property
-  def stream_offsets(self) -> np.ndarray:
-    return self.index[:, 0]
+  def offsets(self) -> np.ndarray:
+    """int64 [R + 1]: each record's offset in the stream "doc0 EOS doc1 EOS ..." (then the stream's length)."""
+    return self.index[0]
+
+  @property
+  def doc_counts(self) -> np.ndarray:
+    """int64 [R + 1]: the documents that end before each record (then the document count)."""
+    return self.index[1]
+
+  def ends(self, ids: np.ndarray) -> np.ndarray:
+    """1 where record `ids` ends its document (the loader appends EOS), else 0."""
+    return self.index[1, ids + 1] - self.index[1, ids]
 
   def check_tokenizer(self, tokenizer, key: str = "data.path") -> None:
     """A DLMError naming both tokenizers unless `tokenizer` is the one the dataset was written with."""
@@ -215,11 +226,12 @@ class Dataset:
       positions = (ids[where] - self.shard_starts[shard]).tolist()
       for k, raw in zip(where, self._reader(int(shard)).read(positions)):
         out[k] = np.frombuffer(raw, self.dtype)
-    for k, r in enumerate(ids):
-      want = self.index[r + 1, 0] - self.index[r, 0] - (self.index[r + 1, 1] - self.index[r, 1])
-      if len(out[k]) != want:
-        raise DLMError(f"the tokenized dataset {self.path}: record {r} holds {len(out[k])} tokens, the index says "
-                       f"{want}; the dataset is damaged, re-run dlm-tokenize")
+    want = self.index[0, ids + 1] - self.index[0, ids] - self.ends(ids)
+    got = np.fromiter((len(t) for t in out), np.int64, len(out))
+    if (got != want).any():
+      k = int(np.flatnonzero(got != want)[0])
+      raise DLMError(f"the tokenized dataset {self.path}: record {ids[k]} holds {got[k]} tokens, the index says "
+                     f"{want[k]}; the dataset is damaged, re-run dlm-tokenize")
     return out
 
   def documents_iter(self, block: int = 1024) -> Iterator[np.ndarray]:
@@ -227,8 +239,7 @@ class Dataset:
     parts: list[np.ndarray] = []
     for a in range(0, self.records, block):
       ids = np.arange(a, min(a + block, self.records))
-      ends = np.diff(self.index[a:ids[-1] + 2, 1])
-      for tokens, end in zip(self.read_records(ids), ends):
+      for tokens, end in zip(self.read_records(ids), self.ends(ids)):
         parts.append(tokens)
         if end:
           yield np.concatenate(parts) if len(parts) > 1 else parts[0]
