@@ -9,6 +9,7 @@ the split is deterministic and works for a single large file. Training batches c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -264,31 +265,32 @@ def _pyarrow_parquet():
   return pq
 
 
+@contextlib.contextmanager
 def parquet_file(path: str, field: str = "text"):
-  """The open pyarrow ParquetFile of `path`, checked to have a string column `field`."""
+  """The open pyarrow ParquetFile of `path` (closed on exit), checked to have a string column `field`."""
   pq = _pyarrow_parquet()
   import pyarrow as pa
-  try:
-    pf = pq.ParquetFile(storage.open_file(path, "rb"))
-  except (pa.ArrowException, OSError) as e:
-    raise DLMError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]}); check or remove it") from None
-  names = pf.schema_arrow.names
-  if field not in names:
-    raise DLMError(f"{path} has no column '{field}' (its columns: {', '.join(names[:12])}); name the text column "
-                   f"with --field")
-  kind = pf.schema_arrow.field(field).type
-  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-    raise DLMError(f"column '{field}' of {path} holds {kind}, not strings; name the text column with --field")
-  return pf
+  with storage.open_file(path, "rb") as f:
+    try:
+      pf = pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as e:
+      raise DLMError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]}); check or remove it") from None
+    names = pf.schema_arrow.names
+    if field not in names:
+      raise DLMError(f"{path} has no column '{field}' (its columns: {', '.join(names[:12])}); name the text column "
+                     f"with --field")
+    kind = pf.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+      raise DLMError(f"column '{field}' of {path} holds {kind}, not strings; name the text column with --field")
+    yield pf
 
 
 def read_parquet(path: str, field: str = "text", row_groups: list[int] | None = None) -> list[str]:
   """The strings of column `field` (nulls skipped), of the given row groups or the whole file."""
-  pf = parquet_file(path, field)
-  groups = range(pf.num_row_groups) if row_groups is None else row_groups
   docs = []
-  for g in groups:
-    docs.extend(t for t in pf.read_row_group(g, columns=[field]).column(0).to_pylist() if t is not None)
+  with parquet_file(path, field) as pf:
+    for g in range(pf.num_row_groups) if row_groups is None else row_groups:
+      docs.extend(t for t in pf.read_row_group(g, columns=[field]).column(0).to_pylist() if t is not None)
   return docs
 
 

@@ -85,7 +85,8 @@ def plan_units(files: list[str], field: str, jsonl_chunk: int = 0) -> tuple[list
       for a in range(0, max(size, 1), jsonl_chunk):
         units.append(Unit(f, "jsonl", a, min(a + jsonl_chunk, size), min(jsonl_chunk, size - a)))
     elif f.endswith(".parquet"):
-      meta = data_lib.parquet_file(f, field).metadata
+      with data_lib.parquet_file(f, field) as pf:
+        meta = pf.metadata
       for g in range(meta.num_row_groups):
         units.append(Unit(f, "parquet", g, g + 1, int(meta.row_group(g).total_byte_size)))
     else:
