@@ -13,7 +13,8 @@ document lengths, a few KB on average), then measures
      default pipeline (data.read_threads=2, data.prefetch=4, no worker processes), for data.workers=1 and 2 (grain
      mp_prefetch), and for the same text packed in memory (data.path = the .jsonl directory) for comparison.
 
-Prints a table and one JSON line with every figure, including the load average: on a shared machine the 1 vs 2 worker
+Prints a table and one JSON line with every figure, including the load average and how many cores two processes
+actually got (a pure-Python loop in one process vs two at once, before and after): on a shared machine the 1 vs 2 worker
 comparison of the tokenizer depends on how many cores other jobs leave free.
 """
 
@@ -65,6 +66,26 @@ def train_bpe(path: str, corpus_dir: str, vocab: int = 8192) -> str:
       show_progress=False))
   tok.save(path)
   return path
+
+
+def _spin(n: int) -> float:
+  t = time.perf_counter()
+  x = 0
+  for i in range(n):
+    x += i
+  return time.perf_counter() - t
+
+
+def parallel_capacity(n: int = 10_000_000) -> float:
+  """How many cores two processes get right now: 2 x (one process's time for a pure-Python loop) / (the wall time of two
+  processes running it at once). 2.0 on an idle 2-core machine; less when other jobs hold the cores."""
+  import multiprocessing
+  with multiprocessing.get_context("spawn").Pool(2) as pool:
+    pool.map(_spin, [1, 1])  # started
+    one = min(_spin(n) for _ in range(2))
+    t = time.perf_counter()
+    pool.map(_spin, [n, n])
+    return round(2 * one / (time.perf_counter() - t), 2)
 
 
 def cpu_seconds() -> float:
@@ -119,7 +140,8 @@ def main():
       os.makedirs(text_dir)
       generate(text_dir, a.mb)
     bpe = train_bpe(os.path.join(root, "bpe.json"), text_dir)
-    rows, figures = [], {"mb": a.mb, "seq_len": a.seq_len, "batch": a.batch, "cpus": os.cpu_count()}
+    rows, figures = [], {"mb": a.mb, "seq_len": a.seq_len, "batch": a.batch, "cpus": os.cpu_count(),
+                         "parallel_capacity_before": parallel_capacity()}
     for name, tok in (("bytes", "bytes"), ("bpe8k", bpe)):
       for workers in (1, 2):
         r = tokenize_rate(text_dir, tok, os.path.join(root, f"tok-{name}-{workers}"), workers)
@@ -136,11 +158,13 @@ def main():
       figures[key] = r
       rows.append((label, r["tokens_per_s"], f"first batch {r['first_batch_s']:.2f} s, corpus load {r['load_s']:.2f} s"))
     figures["load_average"] = os.getloadavg()[0]
+    figures["parallel_capacity_after"] = parallel_capacity()
     print(f"{'':44s} {'tokens/s':>12s}")
     for label, rate, note in rows:
       print(f"{label:44s} {rate:12,d}   {note}")
-    print(f"(seq_len {a.seq_len}, {a.batch} rows per batch, {a.mb:g} MB of text, load average "
-          f"{figures['load_average']:.1f} on {os.cpu_count()} CPUs)")
+    print(f"(seq_len {a.seq_len}, {a.batch} rows per batch, {a.mb:g} MB of text; {os.cpu_count()} CPUs, load average "
+          f"{figures['load_average']:.1f}, two processes got {figures['parallel_capacity_before']:.2f} / "
+          f"{figures['parallel_capacity_after']:.2f} cores before / after)")
     print(json.dumps(figures), flush=True)
   finally:
     if not a.keep:

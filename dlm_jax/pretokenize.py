@@ -135,6 +135,12 @@ def write_shard(job: dict) -> dict:
   return out
 
 
+def _worker_init() -> None:
+  """A pool worker tokenizes on one thread: the pool is the parallelism (the tokenizers library would otherwise start
+  a thread per CPU in every worker). A value the user set wins."""
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def _check_output(output: str) -> None:
   if storage.exists(output) and (not storage.isdir(output) or storage.listdir(output)):
     raise DLMError(f"--output {output} already exists and is not empty; choose a new directory (or delete it)")
@@ -183,7 +189,7 @@ def tokenize(inputs: list[str], tokenizer: str, output: str, *, num_shards: int 
     else:
       import multiprocessing
       # spawn, not fork: the parent may hold threads (tokenizers, grain) that a forked child would inherit broken
-      with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
         results = pool.map(write_shard, jobs, chunksize=1)
     documents = sum(r["documents"] for r in results)
     if documents == 0:
