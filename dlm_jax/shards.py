@@ -138,11 +138,13 @@ class Dataset:
     except (OSError, ValueError) as e:
       raise DLMError(f"{where}: cannot read {INDEX} ({e}); the dataset is damaged, re-run dlm-tokenize") from None
     records = sum(s["records"] for s in m["shards"])
-    want = (2, records + 1)
-    if self.index.shape != want or tuple(self.index[:, -1]) != (m["stream_tokens"], m["documents"]):
-      raise DLMError(f"{where}: {INDEX} has shape {self.index.shape} and ends at {tuple(self.index[:, -1])}, the "
-                     f"manifest says {want} and {(m['stream_tokens'], m['documents'])}; the dataset is damaged, re-run "
-                     "dlm-tokenize")
+    want, totals = (2, records + 1), (m["stream_tokens"], m["documents"])
+    if self.index.shape != want:
+      raise DLMError(f"{where}: {INDEX} has shape {self.index.shape}, the manifest says {want}; the dataset is "
+                     "damaged, re-run dlm-tokenize")
+    if tuple(int(x) for x in self.index[:, -1]) != totals:
+      raise DLMError(f"{where}: {INDEX} ends at {tuple(int(x) for x in self.index[:, -1])} (stream tokens, documents), "
+                     f"the manifest says {totals}; the dataset is damaged, re-run dlm-tokenize")
     self.files = [storage.join(self.path, s["file"]) for s in m["shards"]]
     missing = [f for f in self.files if not storage.exists(f)]
     if missing:

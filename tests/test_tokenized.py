@@ -289,6 +289,17 @@ def test_tokenizer_mismatch_and_damage(tmp_path, corpus_dir):
   msg = str(e.value)
   assert "was tokenized with bytes (bytes)" in msg and bpe.fingerprint in msg and "data.tokenizer=bytes" in msg
   m = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+  index = np.load(tmp_path / "tok" / "index.npy")
+  np.save(tmp_path / "tok" / "index.npy", index.T.copy())  # damaged: another layout
+  with pytest.raises(DLMError, match="index.npy has shape") as e:
+    load_corpus(_cfg(data__path=str(tmp_path / "tok"), data__seq_len=16), ByteTokenizer())
+  assert len(str(e.value)) < 300
+  index[0, -1] += 1
+  np.save(tmp_path / "tok" / "index.npy", index)
+  with pytest.raises(DLMError, match="index.npy ends at"):
+    load_corpus(_cfg(data__path=str(tmp_path / "tok"), data__seq_len=16), ByteTokenizer())
+  index[0, -1] -= 1
+  np.save(tmp_path / "tok" / "index.npy", index)
   os.remove(tmp_path / "tok" / m["shards"][-1]["file"])
   with pytest.raises(DLMError, match="is missing"):
     load_corpus(_cfg(data__path=str(tmp_path / "tok"), data__seq_len=16), ByteTokenizer())
