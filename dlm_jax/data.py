@@ -1,10 +1,13 @@
-"""Data: corpus sources, tokenizers, packing, the validation split and the grain training pipeline.
+"""Data: corpus sources, tokenizers, packing, the validation split, mixtures and the grain training pipeline.
 
 Documents come from the embedded default corpus (this interpreter's standard-library `.py` files), a text file, a `.jsonl`
-file with a `text` field, or a directory of such files. Each document is tokenized and followed by EOS; the token stream
-is cut into fixed-length sequences (packing). A fixed pseudo-random subset of those sequences is the validation split, so
-the split is deterministic and works for a single large file. Training batches come from a grain `MapDataset`
-(shuffled per epoch, deterministically), whose iterator state is saved in checkpoints.
+file with a `text` field, a `.parquet` file with a `text` column, or a directory of such files. Each document is
+tokenized and followed by EOS; the token stream is cut into fixed-length sequences (packing). A pre-tokenized dataset
+(`dlm-tokenize`, `dlm_jax/shards.py`) gives the same sequences without tokenizing or loading anything: `PackedShards`
+reads each one from the records it overlaps. A fixed pseudo-random subset of the sequences is the validation split, so
+the split is deterministic and works for a single large file. Training batches come from a grain `MapDataset` of row
+indices (shuffled per epoch, deterministically; a `data.mixture` follows `mixture_schedule`) whose host slice is read
+by a grain map; the iterator's position is saved in checkpoints.
 """
 
 from __future__ import annotations
