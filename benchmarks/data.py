@@ -156,7 +156,8 @@ def main():
       r = iterator_rate(path, a.seq_len, a.batch, a.seconds, workers)
       key = "iterator_" + ("memory" if path == text_dir else f"shards_workers{workers}")
       figures[key] = r
-      rows.append((label, r["tokens_per_s"], f"first batch {r['first_batch_s']:.2f} s, corpus load {r['load_s']:.2f} s"))
+      rows.append((label, r["tokens_per_s"],
+                   f"first batch {r['first_batch_s']:.2f} s, corpus load {r['load_s']:.2f} s"))
     figures["load_average"] = os.getloadavg()[0]
     figures["parallel_capacity_after"] = parallel_capacity()
     print(f"{'':44s} {'tokens/s':>12s}")

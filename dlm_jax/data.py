@@ -1,7 +1,7 @@
 """Data: corpus sources, tokenizers, packing, the validation split, mixtures and the grain training pipeline.
 
-Documents come from the embedded default corpus (this interpreter's standard-library `.py` files), a text file, a `.jsonl`
-file with a `text` field, a `.parquet` file with a `text` column, or a directory of such files. Each document is
+Documents come from the embedded default corpus (this interpreter's standard-library `.py` files), a text file, a
+`.jsonl` file with a `text` field, a `.parquet` file with a `text` column, or a directory of such files. Each document is
 tokenized and followed by EOS; the token stream is cut into fixed-length sequences (packing). A pre-tokenized dataset
 (`dlm-tokenize`, `dlm_jax/shards.py`) gives the same sequences without tokenizing or loading anything: `PackedShards`
 reads each one from the records it overlaps. A fixed pseudo-random subset of the sequences is the validation split, so
@@ -250,7 +250,8 @@ def read_jsonl(path: str, field: str = "text", start: int = 0, end: int | None =
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        raise DLMError(f"{where()}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON object") from None
+        raise DLMError(f"{where()}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON "
+                       "object") from None
       if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
         raise DLMError(f"{where()}: no string field '{field}'; each line must look like {{\"{field}\": \"...\"}}"
                        + ("" if field != "text" or not isinstance(obj, dict) or not obj else

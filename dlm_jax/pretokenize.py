@@ -204,7 +204,8 @@ def tokenize(inputs: list[str], tokenizer: str, output: str, *, num_shards: int 
     tokens = sum(r["tokens"] for r in results)
     manifest = {
         "format": shards.FORMAT, "version": shards.VERSION,
-        "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint, "eos_id": int(tok.eos_id), "vocab_size": int(tok.vocab_size)},
+        "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint, "eos_id": int(tok.eos_id),
+                      "vocab_size": int(tok.vocab_size)},
         "dtype": dtype, "record_tokens": shards.RECORD_TOKENS, "writer_options": shards.WRITER_OPTIONS,
         "field": field, "documents": documents, "records": int(index.shape[1] - 1), "tokens": int(tokens),
         "stream_tokens": int(index[0, -1]),
