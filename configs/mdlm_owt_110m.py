@@ -17,7 +17,8 @@ policy):
 
 Tokenizer: data.tokenizer is the path of GPT-2's tokenizer.json, which you provide (e.g. from the Hugging Face hub
 repository openai-community/gpt2); `dlm-train` reads it, `dlm-compile` only needs its size (50257) and runs without it.
-Point data.path at the OpenWebText text (a directory of .txt / .jsonl files; see README "Data").
+Point data.path at the OpenWebText text (a directory of .txt / .jsonl files; see README "Data"), or better at its
+`dlm-tokenize` directory (tokenized once, read by random access: README "Pre-tokenized datasets").
 """
 
 from dlm_jax.config import default_config

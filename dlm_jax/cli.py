@@ -1,4 +1,4 @@
-"""Command-line entry points: dlm-train, dlm-eval, dlm-sample, dlm-convert, dlm-compile.
+"""Command-line entry points: dlm-train, dlm-eval, dlm-sample, dlm-convert, dlm-compile, dlm-tokenize.
 
   dlm-train  --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
              (without --config: the config saved in DIR's checkpoint, e.g. a converted checkpoint trained further)
@@ -11,6 +11,9 @@
              SDAR checkpoint -> a workdir;  dlm-convert --workdir DIR --to_hf OUT   the reverse (dlm_jax/convert.py)
   dlm-compile --config C --topology v5e:4x4 [--sampler] [--find_batch] [--num_slices N] [--config.KEY=VALUE ...]
              will it fit, how fast: the train step AOT-compiled for a TPU slice on this host (dlm_jax/aot.py)
+  dlm-tokenize --input PATH_OR_GLOB [--input ...] --tokenizer T --output DIR [--shards N] [--field text] [--workers N]
+             text / .jsonl / .parquet files -> a pre-tokenized dataset (ArrayRecord shards) for data.path
+             (dlm_jax/pretokenize.py)
 
 User errors print one line `dlm-<cmd>: error: ...` and exit with status 2; SIGTERM during training saves a checkpoint and
 exits with 143. Multi-host runs call jax.distributed.initialize when JAX_COORDINATOR_ADDRESS is set (with
@@ -325,6 +328,31 @@ def _convert(rest, overrides):
   print(json_line(res))
 
 
+def _tokenize(rest, overrides):
+  p = _Parser(prog="dlm-tokenize", description="Tokenize text, .jsonl and .parquet files into a pre-tokenized dataset "
+              "(ArrayRecord shards of token ids, an index and manifest.json) that data.path reads without "
+              "re-tokenizing: dlm-train --config.data.path=DIR.")
+  p.add_argument("--input", action="append", required=True, metavar="PATH_OR_GLOB",
+                 help="a text file (one document), a .jsonl file (one document per line), a .parquet file (one per "
+                 "row), a directory of them or a glob pattern (quoted); repeat for more, in order")
+  p.add_argument("--tokenizer", required=True, help="'bytes' or the path of a Hugging Face tokenizer.json: the "
+                 "data.tokenizer of the runs that will read the dataset")
+  p.add_argument("--output", required=True, help="the dataset directory to create (local or gs://); must not exist "
+                 "or be empty")
+  p.add_argument("--shards", type=int, default=0, help="number of shards (default: one per GiB of input, at least "
+                 "one per worker)")
+  p.add_argument("--field", default="text", help="the .jsonl field / .parquet column holding the text (default text)")
+  p.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per CPU)")
+  p.add_argument("--eos_token", default="", help="tokenizer.json only: its end-of-document token (default: the "
+                 "usual names); recorded in the manifest, the training run's EOS is what packing inserts")
+  a = p.parse_args(rest)
+  if overrides:
+    raise DLMError("dlm-tokenize takes no --config.KEY overrides")
+  from dlm_jax import pretokenize
+  print(json_line(pretokenize.tokenize(a.input, a.tokenizer, a.output, num_shards=a.shards, field=a.field,
+                                       workers=a.workers, eos_token=a.eos_token)))
+
+
 def train_main(argv=None) -> int:
   return _main("dlm-train", _train, argv)
 
@@ -339,6 +367,10 @@ def sample_main(argv=None) -> int:
 
 def convert_main(argv=None) -> int:
   return _main("dlm-convert", _convert, argv)
+
+
+def tokenize_main(argv=None) -> int:
+  return _main("dlm-tokenize", _tokenize, argv)
 
 
 def compile_main(argv=None) -> int:
@@ -362,3 +394,4 @@ eval_entry = _exit(eval_main)
 sample_entry = _exit(sample_main)
 convert_entry = _exit(convert_main)
 compile_entry = _exit(compile_main)
+tokenize_entry = _exit(tokenize_main)

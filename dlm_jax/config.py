@@ -82,7 +82,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0  # which packed sequences go to validation
   c.data.shuffle_seed = 0
   c.data.segment_attention = False  # True: packed documents do not attend to each other
-  c.data.max_documents = 0  # 0 = all documents (useful to cap a huge directory)
+  c.data.max_documents = 0  # 0 = all documents (useful to cap a huge directory; a mixture caps each component)
+  # Several corpora in fixed proportions instead of data.path (which must then be ""): "PATH:WEIGHT,PATH:WEIGHT,...",
+  # each PATH a dlm-tokenize directory (or any data.path form), WEIGHT > 0 (relative; normalised). Draws follow a
+  # deterministic even schedule (every batch has the mixture's composition), each component reshuffled per epoch from
+  # data.shuffle_seed. Validation: each component's own data.val_fraction split, concatenated (unweighted).
+  c.data.mixture = ""
+  # The training input pipeline (grain): batches are read by data.read_threads threads, data.prefetch batches ahead;
+  # data.workers > 0 reads them in that many worker processes (mp_prefetch; slower to start, for heavy batch_fn work)
+  c.data.read_threads = 2
+  c.data.prefetch = 4
+  c.data.workers = 0
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.process = "masked"
@@ -427,6 +437,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower data.seq_len or raise model.max_seq_len")
   need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
   need(d.max_documents >= 0, f"data.max_documents must be >= 0 (0 = all), got {d.max_documents}")
+  if d.mixture:
+    need(d.path == "", f"data.mixture and data.path are both set (data.path={d.path!r}); a mixture names its corpora "
+         "itself: set data.path=''")
+    parse_mixture(d.mixture)
+  need(d.read_threads >= 0, f"data.read_threads must be >= 0 (0 = read in the training thread), got {d.read_threads}")
+  need(d.prefetch >= 1, f"data.prefetch must be >= 1 batch, got {d.prefetch}")
+  need(d.workers >= 0, f"data.workers must be >= 0 (0 = no worker processes), got {d.workers}")
   need(bool(d.tokenizer), "data.tokenizer is empty; use 'bytes' or a path to a tokenizer.json file")
   families = registry.processes()
   need(df.process in families, f"diffusion.process must be one of {tuple(families)}, got {df.process!r}")
@@ -535,3 +552,27 @@ def load(path: str, overrides: Iterable[tuple[str, Any]] = ()) -> ml_collections
   cfg = load_config_file(path)
   apply_overrides(cfg, overrides)
   return validate(cfg)
+
+
+def parse_mixture(text: str) -> list[tuple[str, float]]:
+  """`data.mixture` -> [(path, weight)]: comma-separated PATH:WEIGHT entries (the weight follows the last ':', so
+  gs:// paths need no quoting); weights > 0, paths distinct."""
+  out = []
+  for entry in text.split(","):
+    entry = entry.strip()
+    path, sep, weight = entry.rpartition(":")
+    try:
+      w = float(weight) if sep and path else None
+    except ValueError:
+      w = None
+    if w is None or not path.strip():
+      raise DLMError(f"data.mixture entry {entry!r} is not PATH:WEIGHT; write e.g. "
+                     "data.mixture='/data/web:0.7,gs://bucket/code:0.3'")
+    if not (w > 0 and w < float("inf")):
+      raise DLMError(f"data.mixture entry {entry!r}: the weight must be a positive number, got {weight}")
+    out.append((path.strip(), w))
+  paths = [p for p, _ in out]
+  dup = next((p for p in paths if paths.count(p) > 1), None)
+  if dup is not None:
+    raise DLMError(f"data.mixture names {dup!r} twice; give each corpus once with its total weight")
+  return out

@@ -61,7 +61,7 @@ from dlm_jax import sharding as sharding_lib
 from dlm_jax import storage
 from dlm_jax.build import Run, build, init_params, param_dtype
 from dlm_jax.checkpoint import Checkpointer, DamagedCheckpoint
-from dlm_jax.data import Corpus, load_corpus, segment_ids, train_iterator
+from dlm_jax.data import Corpus, Mixture, load_corpus, segment_ids, train_iterator
 from dlm_jax.errors import DLMError
 from dlm_jax.evaluate import evaluate_bound, generate
 from dlm_jax.logs import MetricWriter
@@ -419,7 +419,7 @@ class Trainer:
   cfg: Any
   workdir: str
   run: Run
-  corpus: Corpus
+  corpus: Corpus | Mixture
   opt: optax.GradientTransformation
   shardings: dict
   state: dict
@@ -462,6 +462,8 @@ class Trainer:
   def close(self) -> None:
     if self.pbar is not None:
       self.pbar.close()
+    if hasattr(self.iterator, "close"):  # stops the input pipeline's threads / worker processes
+      self.iterator.close()
     self.checkpointer.close()
     self.flush()
     self.writer.close()
@@ -500,6 +502,16 @@ def _set_aside(workdir: str, steps: list[tuple[int, str]], start: int | None) ->
     multihost_utils.sync_global_devices("dlm_jax: damaged checkpoints set aside")
 
 
+def data_iterator(cfg, run, corpus, batch_fn: Callable[[dict], dict] | None = None):
+  """This process's training batches: its rows of each global batch under the run's batch sharding, read by the
+  data.* pipeline settings (`data.train_iterator`)."""
+  d = cfg.data
+  return train_iterator(corpus, cfg.train.batch_size, d.shuffle_seed,
+                        rows=sharding_lib.host_batch_rows(run.mesh, cfg.train.batch_size),
+                        segment_attention=d.segment_attention, batch_fn=batch_fn, read_threads=d.read_threads,
+                        prefetch=d.prefetch, workers=d.workers)
+
+
 def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Callable[[dict], dict] | None = None,
           progress: bool = True) -> Trainer:
   """Checks the config and the workdir, builds the run, corpus, optimizer, data iterator and compiled step, and restores
@@ -517,9 +529,7 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
   abstract = abstract_train_state(run, opt)
   shardings = state_shardings(run, opt, abstract)
   check_batch(run)
-  it = train_iterator(corpus, cfg.train.batch_size, cfg.data.shuffle_seed,
-                      rows=sharding_lib.host_batch_rows(run.mesh, cfg.train.batch_size),
-                      segment_attention=cfg.data.segment_attention, batch_fn=batch_fn)
+  it = data_iterator(cfg, run, corpus, batch_fn)
   # Everything the user can get wrong has been checked: only now is anything written to the workdir.
   storage.makedirs(workdir)
   while True:

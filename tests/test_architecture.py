@@ -21,7 +21,7 @@ LAYERS = {
     "foundation": ("dlm_jax.errors", "dlm_jax.maths", "dlm_jax.registry", "dlm_jax.masks", "dlm_jax.storage"),
     "package": ("dlm_jax",),  # dlm_jax/__init__.py: the version only
     "config": ("dlm_jax.config",),
-    "data": ("dlm_jax.data",),
+    "data": ("dlm_jax.data", "dlm_jax.shards", "dlm_jax.pretokenize"),
     "model": ("dlm_jax.sharding", "dlm_jax.attention", "dlm_jax.kernels", "dlm_jax.model"),
     "samplers": ("dlm_jax.samplers",),
     "processes": ("dlm_jax.processes",),
@@ -32,7 +32,7 @@ MAY_IMPORT = {
     "foundation": {"foundation"},
     "package": set(),
     "config": {"foundation"},  # registries are filled by the modules that own them, never imported here
-    "data": {"foundation"},
+    "data": {"foundation", "data", "config"},  # config only for parse_mixture (the syntax of data.mixture)
     "model": {"foundation", "model"},
     "samplers": {"foundation", "samplers"},  # no process, no model: samplers take any logits function
     "processes": {"foundation", "processes", "dlm_jax.sharding"},  # the model only through the Network adapter
