@@ -86,13 +86,13 @@ class HFTokenizer:
       from tokenizers import Tokenizer as _T
     except ImportError:
       raise DLMError("data.tokenizer names a tokenizer.json but the 'tokenizers' package is missing; pip install tokenizers") from None
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       raise DLMError(f"data.tokenizer '{path}' is not a file; use 'bytes' or the path of a tokenizer.json")
     try:
-      self._tok = _T.from_file(path)
+      self._tok = _T.from_file(path) if not storage.is_remote(path) else _T.from_str(storage.read_text(path))
     except Exception as e:  # the library raises a bare Exception for malformed files
       raise DLMError(f"data.tokenizer '{path}' is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-    self.name = os.path.abspath(path)
+    self.name = storage.resolve(path)
     import hashlib
     self.fingerprint = "tokenizer.json sha256:" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
@@ -105,7 +105,7 @@ class HFTokenizer:
     if eos is None:
       raise DLMError(f"tokenizer '{path}' has no end-of-document token among {names}; set data.eos_token to one of its tokens")
     self.eos_id = int(eos)
-    self._chat = _read_tokenizer_config(os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json"))
+    self._chat = _read_tokenizer_config(storage.join(storage.parent(self.name), "tokenizer_config.json"))
 
   @property
   def has_chat_template(self) -> bool:
@@ -151,11 +151,10 @@ class HFTokenizer:
 
 def _read_tokenizer_config(path: str) -> dict:
   """A Hugging Face tokenizer_config.json ({} when absent)."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return {}
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except ValueError:
     raise DLMError(f"{path} is not valid JSON; repair or delete it") from None
 
