@@ -472,8 +472,8 @@ class Trainer:
 def resume_step(ckpt: Checkpointer, below: int | None = None) -> tuple[int | None, list[tuple[int, str]]]:
   """(the newest intact complete step, older than `below` when given, or None; the steps to set aside with their
   reasons: damaged complete steps newer than it, and incomplete step directories, i.e. interrupted saves)."""
-  aside = [(s, f"checkpoint step {s} in {ckpt.directory} is incomplete (its save was interrupted before its "
-               f"integrity record was written)") for s in ckpt.incomplete_steps()]
+  aside = [(s, f"checkpoint step {s} in {ckpt.directory} is incomplete (no integrity record: its save was "
+               f"interrupted, or a dlm_jax older than checkpoint records wrote it)") for s in ckpt.incomplete_steps()]
   for step in reversed(ckpt.steps()):
     if below is not None and step >= below:
       continue
