@@ -313,6 +313,13 @@ class Checkpointer:
     self._verified.add(step)
 
   def _check_digests(self, step: int, saved: dict, tree: Any) -> None:
+    """Compares the arrays read with the saved digests. An array restored into another dtype (Orbax casts to the
+    target's, e.g. bfloat16 weights into a float32 run) is cast back first: exact for a widening cast, so a value
+    that differs still shows."""
+    def as_saved(path, x):
+      want = saved.get(_path_name(path))
+      return x.astype(want["dtype"]) if want and str(x.dtype) != want["dtype"] else x
+    tree = jax.tree_util.tree_map_with_path(as_saved, tree)
     for name, got in array_digests(tree).items():
       want = saved.get(name)
       if want is None:

@@ -134,11 +134,8 @@ def test_different_model_shape_and_corrupt_checkpoint(trained, tmp_path, tiny_co
   digest = _tree_digest(os.path.join(broken, "checkpoints"))
   for prog, args in (("eval", []), ("sample", ["--num_samples", "1", "--output", str(tmp_path / "o.jsonl")])):
     msg = _error_line(run_cli(prog, "--workdir", broken, *args), f"dlm-{prog}")
-    assert "corrupt" in msg or "does not match" in msg
-  cfg, _ = trained
-  msg = _error_line(run_cli("train", "--config", cfg, "--workdir", broken, "--no_progress",
-                            "--config.train.steps=12"), "dlm-train")
-  assert "corrupt" in msg or "does not match" in msg
+    assert f"checkpoint step {latest} in " in msg and "is damaged" in msg
+  # (dlm-train sets such a step aside and resumes from an earlier one: tests/test_integrity.py)
   assert _tree_digest(os.path.join(broken, "checkpoints")) == digest
   assert not os.path.exists(tmp_path / "o.jsonl")
 
