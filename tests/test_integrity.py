@@ -98,15 +98,14 @@ CASES = [("flip", "array"), ("flip", "state_metadata"), ("flip", "ocdbt_manifest
          ("truncate", "array"), ("truncate", "state_metadata"), ("delete", "array"), ("delete", "config_item")]
 
 
-@pytest.mark.parametrize("target", ["latest", "older"])
-def test_corruption_matrix(trained, tmp_path, target):
+def test_corruption_matrix(trained, tmp_path):
   """Every damage kind, in the latest and in an older step: verify names the step and the damaged file, the resume
   choice skips exactly the damaged steps newer than the newest intact one, setting them aside moves them (never
   deletes) and leaves every intact checkpoint's bytes as they were."""
   src, _ = trained
-  step = 6 if target == "latest" else 4
-  for how, kind in CASES:
-    wd = str(tmp_path / f"{how}-{kind}")
+  for (how, kind), target in [(case, target) for target in ("latest", "older") for case in CASES]:
+    step = 6 if target == "latest" else 4
+    wd = str(tmp_path / f"{how}-{kind}-{target}")
     shutil.copytree(src, wd)
     name = _damage(wd, step, how, kind)
     intact = {s: _tree_hashes(os.path.join(wd, "checkpoints", str(s))) for s in (2, 4, 6) if s != step}
@@ -190,8 +189,9 @@ def test_kill_during_save_leaves_earlier_checkpoints_usable(tmp_path, tiny_confi
   without its record, or Orbax's temporary directory)."""
   cfg = tiny_config(train__steps=40, train__checkpoint_every=1, train__keep_checkpoints=2, train__log_every=1,
                     model__d_model=64, model__mlp_dim=256)
-  straight = str(tmp_path / "straight")
-  assert run_cli("train", "--config", cfg, "--workdir", straight, "--no_progress").returncode == 0
+  straight = str(tmp_path / "straight")  # (saves do not change the losses: this one saves only at the end)
+  assert run_cli("train", "--config", cfg, "--workdir", straight, "--no_progress",
+                 "--config.train.checkpoint_every=40").returncode == 0
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
   caught = False
   for attempt in range(6):
@@ -217,3 +217,16 @@ def test_kill_during_save_leaves_earlier_checkpoints_usable(tmp_path, tiny_confi
   assert r.returncode == 0, r.stderr
   a, b = losses(straight), losses(wd)
   assert all(a[s] == b[s] for s in range(ckpt.steps()[-1] + 1, 41)), (a, b)
+
+
+def test_time_based_saves_and_retention(tmp_path, tiny_config):
+  """train.checkpoint_minutes saves whenever that much time has passed (here: always), independently of
+  train.checkpoint_every; train.keep_checkpoints complete steps remain, each with its record, and all verify."""
+  cfg = config_lib.load(tiny_config(train__steps=6, train__checkpoint_every=1000, train__checkpoint_minutes=1e-9,
+                                    train__keep_checkpoints=2))
+  wd = str(tmp_path / "wd")
+  train(cfg, wd, progress=False)
+  ckpt = Checkpointer(wd, read_only=True)
+  assert ckpt.steps() == [5, 6] and checkpoint_steps(wd) == [5, 6] and not ckpt.incomplete_steps()
+  for s in ckpt.steps():
+    ckpt.verify(s)
