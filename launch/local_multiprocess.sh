@@ -18,7 +18,7 @@
 #   PORT                 coordinator port (default: a free port chosen at start)
 #   DEVICES_PER_PROCESS  fake CPU devices per process via XLA_FLAGS=--xla_force_host_platform_device_count (default 1)
 #   JAX_PLATFORMS        default cpu (the rehearsal is meant for CPU; set it to use another backend)
-#   LOG_DIR              default WORKDIR/multiprocess_logs
+#   LOG_DIR              default WORKDIR/multiprocess_logs (a gs:// WORKDIR: \$TMPDIR/dlm_multiprocess_logs)
 #   JAX_INIT_TIMEOUT     seconds to wait for all processes to join (dlm_jax default 1800)
 #   GRACE_SECONDS        after a failure or Ctrl-C: seconds between SIGTERM and SIGKILL for the others; after one
 #                        process stopped on SIGTERM: seconds the others get to save the same step (default 60)
@@ -49,7 +49,11 @@ if [[ -z "${PORT:-}" ]]; then
   PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "PORT must be a number, got '$PORT'"
-log_dir="${LOG_DIR:-$workdir/multiprocess_logs}"
+if [[ "$workdir" == *://* ]]; then  # a gs:// workdir: the processes' logs stay on this machine
+  log_dir="${LOG_DIR:-${TMPDIR:-/tmp}/dlm_multiprocess_logs}"
+else
+  log_dir="${LOG_DIR:-$workdir/multiprocess_logs}"
+fi
 mkdir -p "$log_dir"
 
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
