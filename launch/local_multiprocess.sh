@@ -18,7 +18,7 @@
 #   PORT                 coordinator port (default: a free port chosen at start)
 #   DEVICES_PER_PROCESS  fake CPU devices per process via XLA_FLAGS=--xla_force_host_platform_device_count (default 1)
 #   JAX_PLATFORMS        default cpu (the rehearsal is meant for CPU; set it to use another backend)
-#   LOG_DIR              default WORKDIR/multiprocess_logs (a gs:// WORKDIR: \$TMPDIR/dlm_multiprocess_logs)
+#   LOG_DIR              default WORKDIR/multiprocess_logs (a gs:// WORKDIR: $TMPDIR/dlm_multiprocess_logs)
 #   JAX_INIT_TIMEOUT     seconds to wait for all processes to join (dlm_jax default 1800)
 #   GRACE_SECONDS        after a failure or Ctrl-C: seconds between SIGTERM and SIGKILL for the others; after one
 #                        process stopped on SIGTERM: seconds the others get to save the same step (default 60)
