@@ -200,7 +200,8 @@ def test_kill_during_save_leaves_earlier_checkpoints_usable(tmp_path, tiny_confi
                              "--config", cfg, "--workdir", wd, "--no_progress"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(checkpoint_steps(wd)) < 3 + attempt:
+    # kill once step 3 + 2 * attempt has been reached (each attempt a little later), or when the run ends by itself
+    while proc.poll() is None and time.time() < deadline and max(checkpoint_steps(wd) or [0]) < 3 + 2 * attempt:
       time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
