@@ -9,7 +9,8 @@
         Triton kernels (__gpu$xla.gpu.triton: forward, dq, dk/dv in every layer) and no dense score matrix.
 
 Configs: configs/bench_25m.py (masked diffusion, full mask, L = 512) and configs/bd3_quickstart.py at L = 256 (block
-diffusion: the trunk sees [x_t | x_0], 2L = 512, BD3 mask with blocks of 16: 10 of the 16 splash tiles computed).
+diffusion: the trunk sees [x_t | x_0], 2L = 512, BD3 mask with blocks of 16: 10 of the 16 splash tiles computed), both
+cut to 2 layers (the kernel calls are per layer; more layers only lengthen the compile).
 Compiling for a TPU costs about a minute of CPU per program here; no time is asserted.
 """
 
@@ -31,8 +32,8 @@ from dlm_jax.build import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
-    "bench_25m": ("bench_25m.py", {}),
-    "bd3": ("bd3_quickstart.py", {"data.seq_len": 256, "model.max_seq_len": 256}),
+    "bench_25m": ("bench_25m.py", {"model.num_layers": 2}),
+    "bd3": ("bd3_quickstart.py", {"data.seq_len": 256, "model.max_seq_len": 256, "model.num_layers": 2}),
 }
 TOPOLOGY = "v5e:2x2"
 
