@@ -1,8 +1,9 @@
-"""Command-line entry points: dlm-train, dlm-eval, dlm-sample, dlm-convert, dlm-compile, dlm-tokenize.
+"""Command-line entry points: dlm-train, dlm-eval, dlm-sample, dlm-convert, dlm-compile, dlm-tokenize, dlm-lm-eval.
 
   dlm-train  --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
              (without --config: the config saved in DIR's checkpoint, e.g. a converted checkpoint trained further)
   dlm-eval   --workdir DIR [--config.KEY=VALUE ...]          prints one JSON line with the validation bound
+             [--tasks T1,T2 [--include_path DIR] [--output DIR]]   lm-evaluation-harness tasks + protocol record
              [--score_samples FILE.jsonl]   generative perplexity of samples under the AR model in DIR
              [--clip_search [--clip_widths 0.5,0.6]]   BD3-LM clipped-interval search for a block diffusion model
   dlm-sample --workdir DIR --num_samples N --output FILE.jsonl [--prompt TEXT | --prompt_file FILE]
@@ -14,6 +15,8 @@
   dlm-tokenize --input PATH_OR_GLOB [--input ...] --tokenizer T --output DIR [--shards N] [--field text] [--workers N]
              text / .jsonl / .parquet files -> a pre-tokenized dataset (ArrayRecord shards) for data.path
              (dlm_jax/pretokenize.py)
+  dlm-lm-eval --model dlm_jax --model_args workdir=DIR[,KEY=V ...] --tasks T ...   lm-evaluation-harness's own command
+             line with the dlm_jax model registered (dlm_jax/harness.py)
 
 User errors print one line `dlm-<cmd>: error: ...` and exit with status 2; SIGTERM during training saves a checkpoint and
 exits with 143. Multi-host runs call jax.distributed.initialize when JAX_COORDINATOR_ADDRESS is set (with
@@ -146,7 +149,34 @@ def _eval(rest, overrides):
                  help="block diffusion: the noise interval (t_min, t_max) with the lowest variance of the per-block "
                  "loss on validation batches (BD3-LM)")
   p.add_argument("--clip_widths", default="0.5,0.6,0.7,0.8,0.9", help="interval widths for --clip_search")
+  p.add_argument("--tasks", default=None, metavar="T1,T2",
+                 help="lm-evaluation-harness tasks (needs the eval extra): writes results.json and protocol.json "
+                 "(model, checkpoint step, sampler and every key, speed, hardware, versions, seed) to --output")
+  p.add_argument("--include_path", default=None, help="--tasks: a directory of task YAMLs (local tasks)")
+  p.add_argument("--output", default=None, help="--tasks: output directory (default WORKDIR/lm_eval/step_N)")
+  p.add_argument("--num_fewshot", type=int, default=None, help="--tasks: few-shot examples (default: the task's)")
+  p.add_argument("--limit", type=float, default=None, help="--tasks: first N documents per task (or a fraction)")
+  p.add_argument("--batch_size", type=int, default=32, help="--tasks: rows per forward (data parallel over devices)")
+  p.add_argument("--mc_samples", type=int, default=128,
+                 help="--tasks: Monte Carlo copies per loglikelihood request (LLaDA: 128; exact for AR models)")
+  p.add_argument("--max_gen_toks", type=int, default=256, help="--tasks: generation length when a task sets none")
+  p.add_argument("--seed", type=int, default=0, help="--tasks: seed of the estimates, samplers and few-shot draws")
+  p.add_argument("--greedy_check", action="store_true", help="--tasks: LLaDA's is_greedy check (one decode each)")
+  p.add_argument("--apply_chat_template", action="store_true", help="--tasks: render prompts with the chat template")
+  p.add_argument("--log_samples", action="store_true", help="--tasks: also write each document's requests and outputs")
   a = p.parse_args(rest)
+  if a.tasks is not None:
+    if a.score_samples or a.clip_search:
+      raise DLMError("--tasks runs the evaluation harness; give it without --score_samples / --clip_search")
+    _maybe_distributed()
+    from dlm_jax.harness import evaluate_tasks
+    summary = evaluate_tasks(a.workdir, [t for t in a.tasks.split(",") if t.strip()], overrides, output=a.output,
+                             include_path=a.include_path, num_fewshot=a.num_fewshot, limit=a.limit,
+                             batch_size=a.batch_size, mc_samples=a.mc_samples, max_gen_toks=a.max_gen_toks,
+                             seed=a.seed, greedy_check=a.greedy_check, apply_chat_template=a.apply_chat_template,
+                             log_samples=a.log_samples)
+    print(json_line(summary))
+    return
   if a.score_samples and a.clip_search:
     raise DLMError("give --score_samples or --clip_search, not both")
   records = _read_samples(a.score_samples) if a.score_samples else None
@@ -373,6 +403,20 @@ def tokenize_main(argv=None) -> int:
   return _main("dlm-tokenize", _tokenize, argv)
 
 
+def lm_eval_main(argv=None) -> int:
+  """dlm-lm-eval: lm-evaluation-harness's own command line (`lm-eval run ...` / legacy flags) with the dlm_jax model
+  registered (lm-eval 0.4.13 has no plugin discovery for models defined outside it)."""
+  try:
+    from dlm_jax import harness  # noqa: F401  (registers --model dlm_jax)
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv = ["dlm-lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+    return 0
+  except DLMError as e:
+    print(f"dlm-lm-eval: error: {e}", file=sys.stderr)
+    return 2
+
+
 def compile_main(argv=None) -> int:
   """dlm-compile: AOT-compile the train step (or the sampler) for a TPU topology on this host (dlm_jax/aot.py)."""
   from dlm_jax import aot
@@ -395,3 +439,4 @@ sample_entry = _exit(sample_main)
 convert_entry = _exit(convert_main)
 compile_entry = _exit(compile_main)
 tokenize_entry = _exit(tokenize_main)
+lm_eval_entry = _exit(lm_eval_main)

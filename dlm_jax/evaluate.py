@@ -83,11 +83,12 @@ def encode_prompt(tokenizer, text: str, mask_id: int) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
-def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
+def make_canvas(run, prompts: list, length: int, prompt_width: int = 0) -> tuple[np.ndarray, int]:
   """Rows for `prompts` (token id arrays, or None for unconditional rows) -> (canvas, gen_start).
 
   Continuations: each row is [PAD ... | prompt | masks] of `length`, prompts right-aligned (left padding) and the
-  generated region starting after the longest prompt. Infilling templates (prompts holding mask ids): each row is the
+  generated region starting after the longest prompt, or at `prompt_width` if that is larger (a bucketed width, so
+  batches of different prompts share one compiled sampler). Infilling templates (prompts holding mask ids): each row is the
   template itself, left-padded to the longest template (`length` is not used); gen_start is the first mask.
   """
   mask_id, vocab = run.process.mask_id, run.process.vocab_size
@@ -116,22 +117,24 @@ def make_canvas(run, prompts: list, length: int) -> tuple[np.ndarray, int]:
       canvas[r, width - len(p):] = p
     return canvas, int(min(np.argmax(row == mask_id) for row in canvas))
   try:
-    return left_pad(prompts, length, mask_id)
+    canvas, gen_start = left_pad(prompts + [np.zeros((prompt_width,), np.int32)], length, mask_id)
+    return canvas[:-1], gen_start
   except ValueError as err:  # a prompt as long as the canvas
     raise DLMError(f"{err}; for dlm-sample: shorten --prompt or raise sampler.length") from None
 
 
 def generate(run, params, process_state=None, *, num_samples: int, length: int, seed: int,
-             prompts: list | None = None, batch_size: int | None = None, stop_id: int | None = None
-             ) -> tuple[np.ndarray, dict]:
+             prompts: list | None = None, batch_size: int | None = None, stop_id: int | None = None,
+             prompt_width: int = 0) -> tuple[np.ndarray, dict]:
   """Samples with the configured sampler (`sampler.name` and its section `sampler.<name>.*`, through the registry):
   `num_samples` rows for every prompt (or unconditional rows when `prompts` is None). Row n uses the key
   fold_in(PRNGKey(seed), n), so samples do not depend on the batch size or on the number of devices. Returns
   (tokens [len(prompts) * num_samples, width], stats). `stop_id`: the token the samplers' stop options stop at
-  (default: the tokenizer's EOS; a chat model's end of turn with `dlm-sample --chat`)."""
+  (default: the tokenizer's EOS; a chat model's end of turn with `dlm-sample --chat`). `prompt_width`: see
+  `make_canvas`."""
   scfg = run.cfg.sampler
   rows = [p for p in (prompts or [None]) for _ in range(num_samples)]
-  canvas_all, gen_start = make_canvas(run, rows, length)
+  canvas_all, gen_start = make_canvas(run, rows, length, prompt_width)
   n = len(rows)
   batch_size = _round_to_batch_shards(run, min(batch_size or scfg.batch_size, n))
   sample, x64, setting = sampler_fn(run, gen_start, stop_id=stop_id)
@@ -153,7 +156,8 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
                        f"adjust {spec.section()}.*, sampler.steps or sampler.length)") from None
       out.append(_to_host(tokens))
       nfe.append(int(stats["nfe"]))
-  return np.concatenate(out)[:n], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps if uses_steps else None}
+  return np.concatenate(out)[:n], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps if uses_steps else None,
+                                   "nfe_total": int(np.sum(nfe)), "batches": len(nfe), "gen_start": gen_start}
 
 
 def sampler_fn(run, gen_start: int = 0, stop_id: int | None = None):
@@ -186,6 +190,90 @@ def sampler_record(cfg) -> dict:
   if family_opts is not None:
     record.update({f"{cfg.diffusion.process}.{k}": v for k, v in dataclasses.asdict(family_opts).items()})
   return record
+
+
+# --- conditional likelihoods (lm-eval's loglikelihood requests) -----------------------------------------------------
+
+
+def bucket_length(n: int, limit: int, multiple: int = 1) -> int:
+  """The padded length of a row of n tokens: the next power of two >= 16 (a few shapes, each compiled once), rounded
+  up to `multiple` (block size), at most `limit` rounded down to it."""
+  width = max(16, 1 << max(n - 1, 0).bit_length())
+  width = -(-width // multiple) * multiple
+  return max(min(width, limit // multiple * multiple), -(-n // multiple) * multiple)
+
+
+def conditional_nll(run, params, process_state, requests: list, *, mc_samples: int = 128, batch_size: int = 32,
+                    seed: int = 0) -> list[tuple[float, float]]:
+  """For each (context ids, continuation ids): (estimate of -log p(continuation | context) in nats, its Monte Carlo
+  standard error). Nie et al. 2025 (LLaDA), Sec. B.6 / Algorithm 3: the continuation alone is masked, m ~ U{1..n} of
+  its n tokens with weight n / m (the process's `bound` with batch['target']), averaged over `mc_samples` copies whose
+  m are stratified ((u + j) / mc_samples for copy j); the context is never masked. Autoregressive models (process
+  capability "exact_nll") give the exact value from one forward (error 0). Block diffusion: the same per block, the
+  clean earlier blocks as condition.
+
+  Rows are [context | continuation | padding in its own segment] of a bucketed length (`bucket_length`), so the jitted
+  bound compiles once per bucket; rows are sharded over the mesh's batch axes. Requests are processed longest first;
+  the estimate for request r depends only on (seed, r's position in `requests`) and the rows it shares a batch with."""
+  process = run.process
+  caps = process.capabilities
+  if "conditional" not in caps:
+    raise DLMError(f"diffusion.process={process.name!r} has no conditional likelihood estimate (loglikelihood "
+                   "requests); use a masked or block diffusion model, or tasks that only generate (generate_until)")
+  limit = run.cfg.model.max_seq_len
+  multiple = process.decode_block_size(run.cfg) or 1
+  copies = 1 if "exact_nll" in caps else int(mc_samples)
+  if copies < 1:
+    raise DLMError(f"mc_samples must be >= 1, got {mc_samples}")
+  batch_size = _round_to_batch_shards(run, max(1, batch_size))
+
+  def bound(params, tokens, segments, target, strata, key, pstate):
+    nats, _ = process.bound(run.apply_fn, params, {"tokens": tokens, "segment_ids": segments, "target": target,
+                                                    "strata": strata}, key, pstate)
+    return nats
+
+  fn = run.jitted("conditional_nll", bound)
+  rows = []  # (bucket, request index, copy, ids, number of context tokens)
+  for r, (ctx, cont) in enumerate(requests):
+    ctx, cont = np.asarray(ctx, np.int32).reshape(-1), np.asarray(cont, np.int32).reshape(-1)
+    if len(cont) == 0:
+      raise DLMError(f"loglikelihood request {r} has an empty continuation")
+    if len(cont) > limit:
+      raise DLMError(f"loglikelihood request {r}: the continuation has {len(cont)} tokens but the model takes at most "
+                     f"{limit} (model.max_seq_len)")
+    ids = np.concatenate([ctx, cont])[-limit:]  # the context is cut from the left, as lm-eval's models do
+    for j in range(copies):
+      rows.append((bucket_length(len(ids), limit, multiple), r, j, ids, len(ids) - len(cont)))
+  rows.sort(key=lambda x: (-x[0], x[1], x[2]))
+  strata = {}
+  for r in range(len(requests)):
+    u = np.random.default_rng([seed, r]).random()
+    strata[r] = np.random.default_rng([seed, r, 1]).permutation((u + np.arange(copies)) / copies).astype(np.float32)
+  nats = np.zeros((len(requests), copies), np.float64)
+  base = jax.random.PRNGKey(seed)
+  with jax.set_mesh(run.mesh):
+    start, b = 0, 0
+    while start < len(rows):
+      width = rows[start][0]
+      chunk = [x for x in rows[start:start + batch_size] if x[0] == width]
+      start += len(chunk)
+      tokens = np.zeros((batch_size, width), np.int32)
+      segments = np.zeros((batch_size, width), np.int32)
+      target = np.zeros((batch_size, width), bool)
+      u = np.zeros((batch_size,), np.float32)
+      for i, (_, r, j, ids, n_ctx) in enumerate(chunk):
+        tokens[i, :len(ids)] = ids
+        segments[i, :len(ids)] = 1  # padding: segment 0, never attended by the row's tokens
+        target[i, n_ctx:len(ids)] = True
+        u[i] = strata[r][j]
+      put = lambda a: jax.device_put(a, run.batch_sharding(a.ndim))  # noqa: E731
+      out = _to_host(fn(params, put(tokens), put(segments), put(target), put(u), jax.random.fold_in(base, b),
+                        process_state or {}))
+      for i, (_, r, j, _, _) in enumerate(chunk):
+        nats[r, j] = out[i]
+      b += 1
+  err = nats.std(axis=1, ddof=1) / math.sqrt(copies) if copies > 1 else np.zeros(len(requests))
+  return [(float(m), float(e)) for m, e in zip(nats.mean(axis=1), err)]
 
 
 # --- block diffusion: clipped-schedule search and generative perplexity ---------------------------------------------

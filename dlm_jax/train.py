@@ -867,9 +867,11 @@ HOW_TO_RUN_KEYS = ("model.scan_layers", "model.remat", "model.attention", "model
                    "model.attention_block_kv", "model.attention_interpret")
 
 
-def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "") -> tuple[Any, Run, Any, Any]:
+def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "", details: dict | None = None
+                       ) -> tuple[Any, Run, Any, Any]:
   """(cfg, run, params, process_state) from the latest checkpoint in `workdir`; EMA parameters when configured.
-  `need_tokenizer` (a command name): a workdir without tokenizer is a DLMError before any parameter is read."""
+  `need_tokenizer` (a command name): a workdir without tokenizer is a DLMError before any parameter is read.
+  `details`, if given, receives the restored step and which parameters were read ("step", "weights")."""
   ckpt, step, cfg = _latest_config(workdir, "pass the --workdir of a dlm-train run",
                                    f"run dlm-train --workdir {workdir} first")
   if need_tokenizer and cfg.data.tokenizer == "none":
@@ -894,4 +896,6 @@ def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "") 
   subset = {k: with_shardings(abstract[k], shardings[k]) for k in names}
   state = ckpt.restore_subset(step, subset)
   ckpt.close()
+  if details is not None:
+    details.update(step=int(step), weights=which)
   return cfg, run, state[which], state.get("process_state", abstract["process_state"])

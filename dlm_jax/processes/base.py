@@ -9,6 +9,8 @@ the process (`Process` below), and optional capabilities are declared in `capabi
   "clip_search"  `per_block_loss(net, params, batch, key, t_min, t_max) -> ([B, n], masked fraction)`, the training
                  estimator per block on a given noise interval: `dlm-eval --clip_search` (BD3-LM)
   "infilling"    sampling canvases may hold masks between fixed tokens (`<|mask:N|>` templates)
+  "conditional"  `bound` reads the batch fields 'target' and 'strata' (below): the bound on -log p(targets | the
+                 other tokens), the estimate lm-eval's loglikelihood requests need (`evaluate.conditional_nll`)
 
 `net` is the model's adapter (`Network` below, built by `dlm_jax.model.make_apply`): the pure forward plus the few
 things a family needs from the network besides its outputs (its input table; the sampler-facing forwards). Processes
@@ -16,7 +18,10 @@ never read parameter names or build model forwards themselves.
 
 `batch` is a dict with 'tokens' [B, L] int32 and optionally 'segment_ids' [B, L] (packed documents). The loop passes
 any further field of its batches (a post-training objective's loss mask, ...) to its objective; a family's own `loss`
-reads only these two.
+reads only these two. A "conditional" family's `bound` also reads 'target' [B, L] bool (the tokens whose likelihood
+is bounded; the others are held clean as the condition, or are padding in their own segment) and 'strata' [B] in
+[0, 1) (the row's draw of the noise level, so that a caller can stratify the copies of one sequence; default: drawn
+stratified over the batch).
 """
 
 from __future__ import annotations
@@ -189,3 +194,20 @@ def network_layout(batch: dict) -> dict:
   """The network keywords of a training / evaluation batch (packing segment ids when present)."""
   seg = batch.get("segment_ids")
   return {} if seg is None else {"segment_ids": seg}
+
+
+def bound_targets(batch) -> tuple[jax.Array, jax.Array]:
+  """(target [B, L] bool, number of targets per row [B] float32): batch['target'], or every token."""
+  x = batch["tokens"]
+  target = batch.get("target")
+  target = jnp.ones(x.shape, bool) if target is None else target.astype(bool)
+  return target, jnp.sum(target, axis=-1).astype(jnp.float32)
+
+
+def choose_masked(key, target: jax.Array, n: jax.Array, u: jax.Array) -> jax.Array:
+  """[..., L] bool: m = floor(u n) + 1 of the `target` positions of each row (n of them, u in [0, 1)), chosen
+  uniformly; rows without targets mask nothing."""
+  m = jnp.clip(jnp.floor(u * n).astype(jnp.int32) + 1, 1, jnp.maximum(n.astype(jnp.int32), 1))
+  r = jnp.where(target, jax.random.uniform(key, target.shape), 2.0)  # non-targets rank last
+  ranks = jnp.argsort(jnp.argsort(r, axis=-1), axis=-1)
+  return (ranks < m[..., None]) & target

@@ -37,7 +37,7 @@ import numpy as np
 from dlm_jax import masks, registry
 from dlm_jax.errors import DLMError
 from dlm_jax.maths import Schedule, sample_times, token_nll
-from dlm_jax.processes.base import AbsorbingVocab, network_layout
+from dlm_jax.processes.base import AbsorbingVocab, bound_targets, choose_masked, network_layout
 
 
 def bd3_mask(length: int, block_size: int) -> np.ndarray:
@@ -63,7 +63,7 @@ class BlockDiffusion(AbsorbingVocab):
   def capabilities(self) -> frozenset:
     """Block size 1 is an autoregressive model (exact NLL); larger blocks have BD3-LM's clipped-interval search.
     Generation is left to right (no infilling)."""
-    return frozenset({"exact_nll"} if self.autoregressive else {"clip_search"})
+    return frozenset({"exact_nll", "conditional"} if self.autoregressive else {"clip_search", "conditional"})
 
   @classmethod
   def from_config(cls, cfg, vocab_size: int, **vocab) -> "BlockDiffusion":
@@ -167,23 +167,31 @@ class BlockDiffusion(AbsorbingVocab):
     return loss, metrics, state
 
   def bound(self, apply_fn, params, batch, key, state):
-    """Per-sequence upper bound on -log p(x) (exact NLL at block size 1); see the module docstring."""
+    """Per-sequence upper bound on -log p(x) (exact NLL at block size 1); see the module docstring. With
+    batch['target'] (the "conditional" capability): the bound on -log p(targets | the other tokens), each block's
+    masked-count draw made among its target tokens (a block without targets is only a condition); batch['strata']
+    [B] gives block k of a row the draw (u + k / golden ratio) mod 1, uniform for every block."""
     del state
     x = batch["tokens"]
     b, l = x.shape
     n = self._check(l)
-    ntok = jnp.full((b,), l, jnp.float32)
+    target, ntok = bound_targets(batch)
     if self.autoregressive:
-      return jnp.sum(self.causal_nll(apply_fn, params, batch), axis=-1), ntok
+      return jnp.sum(jnp.where(target, self.causal_nll(apply_fn, params, batch), 0.0), axis=-1), ntok
     bs = self.block_size
     k_u, k_perm, k_set = jax.random.split(key, 3)
-    strata = (jax.random.uniform(k_u, ()) + jnp.arange(b * n, dtype=jnp.float32)) / (b * n)
-    m = jnp.clip(jnp.floor(jax.random.permutation(k_perm, strata) * bs).astype(jnp.int32) + 1, 1, bs)
-    m = m.reshape(b, n, 1)  # masked tokens per block, stratified over batch x blocks
-    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_set, (b, n, bs)), axis=-1), axis=-1)
-    masked = (ranks < m).reshape(b, l)  # exactly m uniformly chosen positions in each block
+    if "strata" in batch:
+      u = jnp.mod(batch["strata"].astype(jnp.float32)[:, None] + jnp.arange(n, dtype=jnp.float32) * 0.6180339887, 1.0)
+    else:  # stratified over batch x blocks
+      strata = (jax.random.uniform(k_u, ()) + jnp.arange(b * n, dtype=jnp.float32)) / (b * n)
+      u = jax.random.permutation(k_perm, strata).reshape(b, n)
+    blocks = target.reshape(b, n, bs)
+    per = jnp.sum(blocks, axis=-1).astype(jnp.float32)  # target tokens per block
+    masked = choose_masked(k_set, blocks, per, u)  # m of each block's targets, uniformly chosen
+    m = jnp.maximum(jnp.sum(masked, axis=-1), 1).astype(jnp.float32)
+    masked = masked.reshape(b, l)
     nll = self.token_nll(apply_fn, params, batch, jnp.where(masked, self.mask_id, x))
-    per_block = jnp.where(masked, nll, 0.0).reshape(b, n, bs).sum(-1) * (bs / m[..., 0].astype(jnp.float32))
+    per_block = jnp.where(masked, nll, 0.0).reshape(b, n, bs).sum(-1) * (per / m)
     return jnp.sum(per_block, axis=-1), ntok
 
   def sampling_net(self, net, params, state, canvas, steps):

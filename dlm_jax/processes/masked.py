@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from dlm_jax import registry
 from dlm_jax.errors import DLMError
 from dlm_jax.maths import SCHEDULES, Schedule, sample_times, token_nll
-from dlm_jax.processes.base import AbsorbingVocab, network_layout
+from dlm_jax.processes.base import AbsorbingVocab, bound_targets, choose_masked, network_layout
 
 OBJECTIVES = ("mdlm", "llada")
 
@@ -62,6 +62,8 @@ class MaskedDiffusion(AbsorbingVocab):
   @classmethod
   def check_config(cls, cfg) -> None:
     check_schedule_keys(cfg.diffusion)
+
+  capabilities = frozenset({"infilling", "conditional"})
 
   @property
   def time_conditioned(self) -> bool:
@@ -105,20 +107,28 @@ class MaskedDiffusion(AbsorbingVocab):
     return loss, metrics, state
 
   def bound(self, apply_fn, params, batch, key, state):
+    """Per-sequence NELBO of the 'target' tokens (all by default) given the others held clean (module docstring)."""
     x = batch["tokens"]
     b, l = x.shape
     if not self.time_conditioning and self.schedule.alpha_one == 0.0:
       return self._bound_masked_count(apply_fn, params, batch, key)
+    target, n = bound_targets(batch)
     k_t, k_perm, k_m, k_r = jax.random.split(key, 4)
-    t = jax.random.permutation(k_perm, sample_times(k_t, b, self.t_min, True))  # every row: t ~ U[t_min, 1]
+    if "strata" in batch:
+      t = self.t_min + (1.0 - self.t_min) * batch["strata"].astype(jnp.float32)
+    else:
+      t = jax.random.permutation(k_perm, sample_times(k_t, b, self.t_min, True))  # every row: t ~ U[t_min, 1]
     p_mask = 1.0 - self.schedule.alpha(t)
-    z, masked = self.corrupt(k_m, x, p_mask)
+    z, masked = self.corrupt(k_m, jnp.where(target, x, self.mask_id), p_mask)
+    masked = masked & target
+    z = jnp.where(masked, self.mask_id, x)
     integral = (1.0 - self.t_min) * self.schedule.weight(t) * self._masked_nll(apply_fn, params, batch, z, masked, t)
     t0 = jnp.full((b,), self.t_min, jnp.float32)
-    z0, masked0 = self.corrupt(k_r, x, 1.0 - self.schedule.alpha(t0))
-    recon = self._masked_nll(apply_fn, params, batch, z0, masked0, t0)
-    prior = l * self.schedule.alpha_one * math.log(self.vocab_size)
-    return integral + recon + prior, jnp.full((b,), l, jnp.float32)
+    _, masked0 = self.corrupt(k_r, x, 1.0 - self.schedule.alpha(t0))
+    masked0 = masked0 & target
+    recon = self._masked_nll(apply_fn, params, batch, jnp.where(masked0, self.mask_id, x), masked0, t0)
+    prior = n * self.schedule.alpha_one * math.log(self.vocab_size)
+    return integral + recon + prior, n
 
   def _bound_masked_count(self, apply_fn, params, batch, key):
     """The same NELBO, integrated over t exactly, for a network that does not see t.
@@ -127,18 +137,22 @@ class MaskedDiffusion(AbsorbingVocab):
     int_0^1 C(L, m) a^m (1 - a)^(L - m) / a da = 1 / m turns it into
         NELBO = E_{m ~ U{1..L}} E_{|S| = m} [ (L / m) sum_{i in S} -log p(x_i | x with S masked) ]
     (the estimator LLaDA uses for likelihoods). It needs no t_min clipping and no reconstruction term, and its
-    variance is far lower than that of the 1/t-weighted form. m is stratified over the batch and shuffled across rows.
+    variance is far lower than that of the 1/t-weighted form. m is stratified over the batch and shuffled across rows
+    (or given by batch['strata']). With batch['target'], L is the row's number of target tokens and S is drawn among
+    them: the bound on -log p(targets | the other tokens), LLaDA's conditional likelihood estimate.
     """
     x = batch["tokens"]
     b, l = x.shape
+    target, n = bound_targets(batch)
     k_u, k_perm, k_set = jax.random.split(key, 3)
-    strata = (jax.random.uniform(k_u, ()) + jnp.arange(b, dtype=jnp.float32)) / b
-    m = jnp.clip(jnp.floor(jax.random.permutation(k_perm, strata) * l).astype(jnp.int32) + 1, 1, l)  # [B]
-    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_set, (b, l)), axis=-1), axis=-1)
-    masked = ranks < m[:, None]  # exactly m positions, uniformly chosen
+    u = batch.get("strata")
+    if u is None:
+      u = jax.random.permutation(k_perm, (jax.random.uniform(k_u, ()) + jnp.arange(b, dtype=jnp.float32)) / b)
+    masked = choose_masked(k_set, target, n, u)
     z = jnp.where(masked, self.mask_id, x)
     nll = self._masked_nll(apply_fn, params, batch, z, masked, None)
-    return (l / m.astype(jnp.float32)) * nll, jnp.full((b,), l, jnp.float32)
+    m = jnp.maximum(jnp.sum(masked, axis=-1), 1).astype(jnp.float32)
+    return (n / m) * nll, n
 
   def sampling_net(self, net, params, state, canvas, steps):
     """The padding-aware forward (and its K/V-cached form) over mask-token canvases; the masking schedule for the
