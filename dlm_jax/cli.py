@@ -159,6 +159,8 @@ def _eval(rest, overrides):
   p.add_argument("--batch_size", type=int, default=32, help="--tasks: rows per forward (data parallel over devices)")
   p.add_argument("--mc_samples", type=int, default=128,
                  help="--tasks: Monte Carlo copies per loglikelihood request (LLaDA: 128; exact for AR models)")
+  p.add_argument("--mc_sampling", default="stratified", choices=("stratified", "antithetic", "iid"),
+                 help="--tasks: how the copies' masked counts are drawn")
   p.add_argument("--max_gen_toks", type=int, default=256, help="--tasks: generation length when a task sets none")
   p.add_argument("--seed", type=int, default=0, help="--tasks: seed of the estimates, samplers and few-shot draws")
   p.add_argument("--greedy_check", action="store_true", help="--tasks: LLaDA's is_greedy check (one decode each)")
@@ -172,7 +174,8 @@ def _eval(rest, overrides):
     from dlm_jax.harness import evaluate_tasks
     summary = evaluate_tasks(a.workdir, [t for t in a.tasks.split(",") if t.strip()], overrides, output=a.output,
                              include_path=a.include_path, num_fewshot=a.num_fewshot, limit=a.limit,
-                             batch_size=a.batch_size, mc_samples=a.mc_samples, max_gen_toks=a.max_gen_toks,
+                             batch_size=a.batch_size, mc_samples=a.mc_samples, mc_sampling=a.mc_sampling,
+                             max_gen_toks=a.max_gen_toks,
                              seed=a.seed, greedy_check=a.greedy_check, apply_chat_template=a.apply_chat_template,
                              log_samples=a.log_samples)
     print(json_line(summary))

@@ -203,12 +203,30 @@ def bucket_length(n: int, limit: int, multiple: int = 1) -> int:
   return max(min(width, limit // multiple * multiple), -(-n // multiple) * multiple)
 
 
+MC_SAMPLING = ("stratified", "antithetic", "iid")
+
+
+def mask_draws(copies: int, sampling: str, seed: int, request: int) -> np.ndarray:
+  """The `copies` draws u in [0, 1) of one request (copy j masks floor(u_j n) + 1 of its n targets): stratified
+  ((u + j) / copies, shuffled; LLaDA's), antithetic (pairs u, 1 - u) or iid; a function of (seed, request) only."""
+  rng = np.random.default_rng([seed, request])
+  if sampling == "stratified":
+    u = (rng.random() + np.arange(copies)) / copies
+    return rng.permutation(u).astype(np.float32)
+  if sampling == "antithetic":
+    half = rng.random((copies + 1) // 2)
+    return np.concatenate([half, 1.0 - half])[:copies].clip(0.0, np.nextafter(np.float32(1), 0)).astype(np.float32)
+  if sampling == "iid":
+    return rng.random(copies).astype(np.float32)
+  raise DLMError(f"mc_sampling must be one of {MC_SAMPLING}, got {sampling!r}")
+
+
 def conditional_nll(run, params, process_state, requests: list, *, mc_samples: int = 128, batch_size: int = 32,
-                    seed: int = 0) -> list[tuple[float, float]]:
+                    seed: int = 0, sampling: str = "stratified") -> list[tuple[float, float]]:
   """For each (context ids, continuation ids): (estimate of -log p(continuation | context) in nats, its Monte Carlo
   standard error). Nie et al. 2025 (LLaDA), Sec. B.6 / Algorithm 3: the continuation alone is masked, m ~ U{1..n} of
   its n tokens with weight n / m (the process's `bound` with batch['target']), averaged over `mc_samples` copies whose
-  m are stratified ((u + j) / mc_samples for copy j); the context is never masked. Autoregressive models (process
+  m are stratified ((u + j) / mc_samples for copy j; or antithetic / iid: `mask_draws`); the context is never masked. Autoregressive models (process
   capability "exact_nll") give the exact value from one forward (error 0). Block diffusion: the same per block, the
   clean earlier blocks as condition.
 
@@ -225,6 +243,7 @@ def conditional_nll(run, params, process_state, requests: list, *, mc_samples: i
   copies = 1 if "exact_nll" in caps else int(mc_samples)
   if copies < 1:
     raise DLMError(f"mc_samples must be >= 1, got {mc_samples}")
+  mask_draws(1, sampling, seed, 0)  # checks the name
   batch_size = _round_to_batch_shards(run, max(1, batch_size))
 
   def bound(params, tokens, segments, target, strata, key, pstate):
@@ -245,10 +264,7 @@ def conditional_nll(run, params, process_state, requests: list, *, mc_samples: i
     for j in range(copies):
       rows.append((bucket_length(len(ids), limit, multiple), r, j, ids, len(ids) - len(cont)))
   rows.sort(key=lambda x: (-x[0], x[1], x[2]))
-  strata = {}
-  for r in range(len(requests)):
-    u = np.random.default_rng([seed, r]).random()
-    strata[r] = np.random.default_rng([seed, r, 1]).permutation((u + np.arange(copies)) / copies).astype(np.float32)
+  strata = {r: mask_draws(copies, sampling, seed, r) for r in range(len(requests))}
   nats = np.zeros((len(requests), copies), np.float64)
   base = jax.random.PRNGKey(seed)
   with jax.set_mesh(run.mesh):

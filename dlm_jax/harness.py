@@ -21,7 +21,7 @@ tokenisation and rolling windows):
   temperature.
 
 Model args: workdir (required), batch_size (rows per forward; the harness's --batch_size), mc_samples (128),
-max_gen_toks (256, when the task does not set it), seed (0), greedy_check (False), and any config key with a dot
+mc_sampling (stratified (LLaDA's) / antithetic / iid draws of the masked count), max_gen_toks (256, when the task does not set it), seed (0), greedy_check (False), and any config key with a dot
 (sampler.name=llada, sampler.steps=256, sampler.llada.block_length=32, mesh.data=8, ...). All devices are used: the
 rows of every batch are sharded over the mesh's batch axes. The model runs as one process (world_size 1: JAX
 shards inside it; lm-eval's multi-rank path is torch's).
@@ -45,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover - the extra is not installed
   raise DLMError("the lm-evaluation-harness integration needs the eval extra: pip install -e '.[eval]'") from None
 
-OWN_ARGS = ("workdir", "batch_size", "mc_samples", "max_gen_toks", "seed", "greedy_check")
+OWN_ARGS = ("workdir", "batch_size", "mc_samples", "mc_sampling", "max_gen_toks", "seed", "greedy_check")
 IGNORED_ARGS = ("device", "max_batch_size")  # the harness passes these to every model; JAX places the arrays itself
 
 
@@ -75,7 +75,7 @@ class DLMJaxLM(LM):
   """An lm-eval model over a dlm_jax workdir (module docstring)."""
 
   def __init__(self, workdir: str = "", batch_size=32, mc_samples: int = 128, max_gen_toks: int = 256, seed: int = 0,
-               greedy_check: bool = False, **kwargs):
+               greedy_check: bool = False, mc_sampling: str = "stratified", **kwargs):
     super().__init__()
     from dlm_jax.train import load_for_inference
     if not workdir:
@@ -92,6 +92,10 @@ class DLMJaxLM(LM):
     self.batch_size = 32 if str(batch_size).startswith("auto") else int(batch_size)
     self.mc_samples, self.max_gen_toks, self.seed = int(mc_samples), int(max_gen_toks), int(seed)
     self.greedy_check = greedy_check if isinstance(greedy_check, bool) else str(greedy_check).lower() == "true"
+    from dlm_jax.evaluate import MC_SAMPLING
+    if mc_sampling not in MC_SAMPLING:
+      raise DLMError(f"mc_sampling must be one of {MC_SAMPLING}, got {mc_sampling!r}")
+    self.mc_sampling = mc_sampling
     self.details = {}
     self.cfg, self.run, self.params, self.pstate = load_for_inference(workdir, overrides, need_tokenizer="lm-eval",
                                                                       details=self.details)
@@ -123,7 +127,7 @@ class DLMJaxLM(LM):
     from dlm_jax.evaluate import conditional_nll
     t = time.perf_counter()
     out = conditional_nll(self.run, self.params, self.pstate, pairs, mc_samples=self.mc_samples,
-                          batch_size=self.batch_size, seed=self.seed)
+                          batch_size=self.batch_size, seed=self.seed, sampling=self.mc_sampling)
     self.timing["model_s"] += time.perf_counter() - t
     return out
 
@@ -270,7 +274,7 @@ class DLMJaxLM(LM):
                   "num_params": int(sum(x.size for x in jax.tree.leaves(self.params))),
                   "tokenizer": self.tokenizer_name, "overrides": self.overrides},
         "loglikelihood": {"estimator": "exact" if "exact_nll" in self.run.process.capabilities else
-                          "monte_carlo_masked_count", "mc_samples": self.mc_samples,
+                          "monte_carlo_masked_count", "mc_samples": self.mc_samples, "mc_sampling": self.mc_sampling,
                           "greedy_check": self.greedy_check, "seed": self.seed},
         "sampler": {**sampler_record(self.cfg), "max_gen_toks_default": self.max_gen_toks, "chat_template": self.chat},
         "speed": {"tokens_per_forward": (t["canvas_tokens"] / t["nfe"]) if t["nfe"] else None,
@@ -298,8 +302,8 @@ def _versions() -> dict:
 
 def evaluate_tasks(workdir: str, tasks: list[str], overrides=(), *, output: str | None = None,
                    include_path: str | None = None, num_fewshot: int | None = None, limit: float | None = None,
-                   batch_size: int = 32, mc_samples: int = 128, max_gen_toks: int = 256, seed: int = 0,
-                   greedy_check: bool = False, apply_chat_template: bool = False, log_samples: bool = False) -> dict:
+                   batch_size: int = 32, mc_samples: int = 128, mc_sampling: str = "stratified",
+                   max_gen_toks: int = 256, seed: int = 0, greedy_check: bool = False, apply_chat_template: bool = False, log_samples: bool = False) -> dict:
   """`dlm-eval --tasks`: runs the harness on `tasks` with the dlm_jax model of `workdir` and writes results.json,
   protocol.json (and samples_TASK.jsonl with `log_samples`) to `output` (default WORKDIR/lm_eval/step_N). Returns a
   summary (output paths and each task's metrics). Local task files need no network: datasets are read offline."""
@@ -320,8 +324,8 @@ def evaluate_tasks(workdir: str, tasks: list[str], overrides=(), *, output: str 
   missing = [t for t in tasks if t not in manager.all_tasks and not os.path.isfile(t)]
   if missing:
     raise DLMError(f"unknown task(s) {missing}; see `dlm-lm-eval ls tasks`, or give --include_path DIR with their YAMLs")
-  lm = DLMJaxLM(workdir=workdir, batch_size=batch_size, mc_samples=mc_samples, max_gen_toks=max_gen_toks, seed=seed,
-                greedy_check=greedy_check, **dict(overrides))
+  lm = DLMJaxLM(workdir=workdir, batch_size=batch_size, mc_samples=mc_samples, mc_sampling=mc_sampling,
+                max_gen_toks=max_gen_toks, seed=seed, greedy_check=greedy_check, **dict(overrides))
   start = time.perf_counter()
   results = lm_eval.simple_evaluate(
       model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=log_samples,

@@ -18,7 +18,8 @@ from dlm_jax.errors import DLMError
 
 # The layers of docs/architecture.md, bottom up, and what each may import (besides itself).
 LAYERS = {
-    "foundation": ("dlm_jax.errors", "dlm_jax.maths", "dlm_jax.registry", "dlm_jax.masks", "dlm_jax.storage"),
+    "foundation": ("dlm_jax.errors", "dlm_jax.maths", "dlm_jax.registry", "dlm_jax.masks", "dlm_jax.storage",
+                   "dlm_jax.sandbox"),
     "package": ("dlm_jax",),  # dlm_jax/__init__.py: the version only
     "config": ("dlm_jax.config",),
     "data": ("dlm_jax.data", "dlm_jax.shards", "dlm_jax.pretokenize"),
@@ -26,7 +27,7 @@ LAYERS = {
     "samplers": ("dlm_jax.samplers",),
     "processes": ("dlm_jax.processes",),
     "driver": ("dlm_jax.build", "dlm_jax.train", "dlm_jax.evaluate", "dlm_jax.checkpoint", "dlm_jax.logs",
-               "dlm_jax.cli", "dlm_jax.convert", "dlm_jax.aot", "dlm_jax.hlo_cost"),
+               "dlm_jax.cli", "dlm_jax.convert", "dlm_jax.aot", "dlm_jax.hlo_cost", "dlm_jax.harness"),
 }
 MAY_IMPORT = {
     "foundation": {"foundation"},
