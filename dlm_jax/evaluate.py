@@ -222,7 +222,7 @@ def mask_draws(copies: int, sampling: str, seed: int, request: int) -> np.ndarra
 
 
 def conditional_nll(run, params, process_state, requests: list, *, mc_samples: int = 128, batch_size: int = 32,
-                    seed: int = 0, sampling: str = "stratified") -> list[tuple[float, float]]:
+                    seed: int = 0, sampling: str = "stratified", first_index: int = 0) -> list[tuple[float, float]]:
   """For each (context ids, continuation ids): (estimate of -log p(continuation | context) in nats, its Monte Carlo
   standard error). Nie et al. 2025 (LLaDA), Sec. B.6 / Algorithm 3: the continuation alone is masked, m ~ U{1..n} of
   its n tokens with weight n / m (the process's `bound` with batch['target']), averaged over `mc_samples` copies whose
@@ -232,7 +232,8 @@ def conditional_nll(run, params, process_state, requests: list, *, mc_samples: i
 
   Rows are [context | continuation | padding in its own segment] of a bucketed length (`bucket_length`), so the jitted
   bound compiles once per bucket; rows are sharded over the mesh's batch axes. Requests are processed longest first;
-  the estimate for request r depends only on (seed, r's position in `requests`) and the rows it shares a batch with."""
+  the estimate for request r depends only on (seed, first_index + r's position in `requests`) and the rows it shares
+  a batch with (a caller that splits a long list passes each part's `first_index`)."""
   process = run.process
   caps = process.capabilities
   if "conditional" not in caps:
@@ -264,9 +265,9 @@ def conditional_nll(run, params, process_state, requests: list, *, mc_samples: i
     for j in range(copies):
       rows.append((bucket_length(len(ids), limit, multiple), r, j, ids, len(ids) - len(cont)))
   rows.sort(key=lambda x: (-x[0], x[1], x[2]))
-  strata = {r: mask_draws(copies, sampling, seed, r) for r in range(len(requests))}
+  strata = {r: mask_draws(copies, sampling, seed, first_index + r) for r in range(len(requests))}
   nats = np.zeros((len(requests), copies), np.float64)
-  base = jax.random.PRNGKey(seed)
+  base = jax.random.fold_in(jax.random.PRNGKey(seed), first_index)
   with jax.set_mesh(run.mesh):
     start, b = 0, 0
     while start < len(rows):

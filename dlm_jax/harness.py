@@ -123,11 +123,15 @@ class DLMJaxLM(LM):
 
   # --- requests ------------------------------------------------------------------------------------------------------
 
+  CHUNK = 2048  # requests per conditional_nll call (bounds the host memory of their Monte Carlo rows)
+
   def _nll(self, pairs: list) -> list[tuple[float, float]]:
     from dlm_jax.evaluate import conditional_nll
     t = time.perf_counter()
-    out = conditional_nll(self.run, self.params, self.pstate, pairs, mc_samples=self.mc_samples,
-                          batch_size=self.batch_size, seed=self.seed, sampling=self.mc_sampling)
+    out = []
+    for lo in range(0, len(pairs), self.CHUNK):
+      out += conditional_nll(self.run, self.params, self.pstate, pairs[lo:lo + self.CHUNK], mc_samples=self.mc_samples,
+                             batch_size=self.batch_size, seed=self.seed, sampling=self.mc_sampling, first_index=lo)
     self.timing["model_s"] += time.perf_counter() - t
     return out
 

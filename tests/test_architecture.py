@@ -126,7 +126,7 @@ def test_process_conformance(tmp_path, family):
   p = run.process
   assert p.name == family and registry.processes()[family] is type(p)
   assert p.DEFAULT_SAMPLER in p.samplers() and p.samplers() == registry.samplers_of(family)
-  assert isinstance(p.capabilities, frozenset) and p.capabilities <= {"exact_nll", "clip_search", "infilling"}
+  assert isinstance(p.capabilities, frozenset) and p.capabilities <= {"exact_nll", "clip_search", "infilling", "conditional"}
   assert p.vocab_in == run.model_config.vocab_in and p.vocab_out == run.model_config.vocab_out
   assert isinstance(p.time_conditioned, bool) and isinstance(p.model_options, dict)
   json.dumps(p.describe())
@@ -149,6 +149,12 @@ def test_process_conformance(tmp_path, family):
   if "clip_search" in p.capabilities:
     per_block, _ = p.per_block_loss(run.apply_fn, params, batch, jax.random.PRNGKey(4), 0.3, 0.8)
     assert per_block.shape == (4, 2)
+  if "conditional" in p.capabilities:  # the last 5 tokens given the first 3; the first row conditions on all but 1
+    target = np.tile(np.arange(8) >= 3, (4, 1))
+    target[0] = np.arange(8) >= 7
+    cond = dict(batch, target=jnp.asarray(target), strata=jnp.asarray([0.1, 0.4, 0.6, 0.9]))
+    nats, ntok = jax.jit(lambda pr, b, k: p.bound(run.apply_fn, pr, b, k, state))(params, cond, jax.random.PRNGKey(5))
+    assert np.all(np.isfinite(np.asarray(nats))) and np.asarray(ntok).tolist() == [1, 5, 5, 5]
   template = [np.array([1, p.mask_id, p.mask_id, 2], np.int32)]
   if "infilling" in p.capabilities:
     filled, _ = generate(run, params, state, num_samples=1, length=8, seed=0, prompts=template)

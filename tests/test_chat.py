@@ -94,3 +94,27 @@ def test_chat_errors(dream_workdir, tmp_path):
   r = run_cli("sample", "--workdir", dream_workdir, "--num_samples", "1", "--output", out, "--chat",
               "--prompt_file", str(bad))
   assert r.returncode == 2 and "messages" in r.stderr and not os.path.exists(out)
+
+
+def test_harness_chat_template_and_end_of_turn(dream_workdir):
+  """lm-eval's --apply_chat_template path: the model renders the conversation with the checkpoint's template, and
+  generate_until stops at the end-of-turn id (here a token the greedy reply contains, as above) before `until`."""
+  pytest.importorskip("lm_eval")
+  from dlm_jax.harness import DLMJaxLM
+
+  class Req:
+    def __init__(self, *args):
+      self.args = args
+
+  opts = {"sampler.name": "llada", "sampler.steps": 8, "sampler.llada.block_length": 1}
+  lm = DLMJaxLM(workdir=dream_workdir, batch_size=2, **opts)
+  text = lm.apply_chat_template([{"role": "user", "content": MESSAGES["dream"]}])
+  assert text == _expected("dream")["chat_prompt_text"] and lm.chat
+  ids = np.asarray(lm.tokenizer.encode(text), np.int32)
+  (free,), _ = lm._generate(lm._run_for({"do_sample": False}), [ids], 8, lm.tokenizer.eot_id)
+  eot = int(free[3])
+  lm = DLMJaxLM(workdir=dream_workdir, batch_size=2, **opts, **{"data.eot_id": eot})
+  lm.apply_chat_template([{"role": "user", "content": MESSAGES["dream"]}])
+  (reply,) = lm.generate_until([Req(text, {"until": ["\n\n\n\n"], "max_gen_toks": 8, "do_sample": False})])
+  cut = list(free).index(eot)
+  assert reply == lm.tokenizer.decode(free[:cut])
