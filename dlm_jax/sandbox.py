@@ -30,14 +30,22 @@ class Result:
     return self.status == "passed"
 
 
-def _limits(cpu_seconds: int, memory_mb: int, file_mb: int):
-  def apply():
-    import resource
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_mb << 20, file_mb << 20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-  return apply
+# The child sets its own limits before it runs the code (no preexec_fn: Python code between fork and exec can deadlock
+# in a multithreaded parent such as JAX).
+_BOOTSTRAP = """import resource, sys
+cpu, mem, fsize = {cpu}, {mem}, {fsize}
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+del resource, cpu, mem, fsize
+sys.argv = ["main.py"]
+__file__ = "main.py"
+with open("main.py", encoding="utf-8") as _f:
+  _code = compile(_f.read(), "main.py", "exec")
+del _f
+exec(_code)
+"""
 
 
 def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, file_mb: int = 16, stdin: str = "",
@@ -49,9 +57,9 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, file_
     with open(path, "w", encoding="utf-8") as f:
       f.write(code)
     env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, "-I", path], cwd=tmp, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_limits(max(1, int(timeout) + 1), memory_mb, file_mb))
+    boot = _BOOTSTRAP.format(cpu=max(1, int(timeout) + 1), mem=memory_mb << 20, fsize=file_mb << 20)
+    proc = subprocess.Popen([sys.executable, "-I", "-c", boot], cwd=tmp, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
       out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
