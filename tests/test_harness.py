@@ -162,30 +162,35 @@ def _lm(workdir, **kw):
   return DLMJaxLM(workdir=workdir, **kw)
 
 
-def _causal_nll(lm, ids):
-  """-log p(ids[i] | ids[<i]) of one unpadded row, straight from the process (no harness code)."""
-  run = lm.run
-  return np.asarray(run.process.causal_nll(run.apply_fn, lm.params, {"tokens": jnp.asarray(ids[None], jnp.int32)}))[0]
+def _causal_nll(lm, rows):
+  """-log p(row[i] | row[<i]) of each row, straight from the process (no harness code). Rows are zero-filled on the
+  right to the model's length (one compile): a causal model's prediction at i never sees what follows."""
+  run, limit = lm.run, lm.cfg.model.max_seq_len
+  rows = [np.asarray(r, np.int32) for r in rows]
+  x = np.zeros((len(rows), limit), np.int32)
+  for i, r in enumerate(rows):
+    x[i, :len(r)] = r
+  out = np.asarray(run.process.causal_nll(run.apply_fn, lm.params, {"tokens": jnp.asarray(x)}))
+  return [o[:len(r)] for o, r in zip(out, rows)]
 
 
 def test_ar_loglikelihood_is_the_exact_sum(ar_workdir):
   """Requests of many lengths (shared buckets, a context longer than the model's window, an empty context, a context
   ending in spaces) in batches of 8 rows: each log-likelihood equals the sum of the continuation's token
-  log-probabilities computed on the unpadded sequence alone."""
+  log-probabilities computed on the sequence alone by the process's causal NLL."""
   from dlm_jax.harness import encode_pair
   lm = _lm(ar_workdir, batch_size=8, mc_samples=7)
   text = markov.generate(400, seed=9)
-  # the unpadded rows have 3 lengths (16, 32 and the 64-token window: few compiles of the reference), the
-  # harness's rows fall in buckets 16, 32 and 64
+  # the harness's rows fall in buckets 16, 32 and 64 (the window)
   reqs = [_Req(text[:a], text[a:a + b]) for a, b in ((0, 16), (10, 6), (13, 3), (20, 12), (30, 2), (40, 24), (100, 8))]
   reqs.append(_Req(text[:12] + "  ", text[12:14]))
   out = lm.loglikelihood(reqs)
   assert lm.protocol()["loglikelihood"]["estimator"] == "exact"
   limit = lm.cfg.model.max_seq_len
-  for r, (ll, greedy) in zip(reqs, out):
-    ctx, cont = encode_pair(lm.tokenizer, *r.args)
-    ids = np.concatenate([ctx, cont])[-limit:]
-    expect = -_causal_nll(lm, ids)[len(ids) - len(cont):].sum()
+  pairs = [encode_pair(lm.tokenizer, *r.args) for r in reqs]
+  rows = [np.concatenate([ctx, cont])[-limit:] for ctx, cont in pairs]
+  for r, (ll, greedy), (_, cont), ids, nll in zip(reqs, out, pairs, rows, _causal_nll(lm, rows)):
+    expect = -nll[len(ids) - len(cont):].sum()
     assert ll == pytest.approx(expect, rel=1e-5, abs=1e-4), (r.args, ll, expect)
     assert greedy is False  # greedy_check off
 
@@ -198,11 +203,9 @@ def test_ar_greedy_check_and_rolling(ar_workdir):
   ctx = markov.generate(20, seed=3)
   ids = np.asarray(lm.tokenizer.encode(ctx), np.int32)
   greedy = []
-  run = lm.run
   for _ in range(4):  # argmax continuation, one token at a time, from the process's own NLL of every candidate
-    rows = np.stack([np.concatenate([ids, greedy, [v]]) for v in range(lm.tokenizer.vocab_size)]).astype(np.int32)
-    nll = np.asarray(run.process.causal_nll(run.apply_fn, lm.params, {"tokens": jnp.asarray(rows)}))[:, -1]
-    greedy.append(int(np.argmin(nll)))
+    nll = _causal_nll(lm, [np.concatenate([ids, greedy, [v]]) for v in range(lm.tokenizer.vocab_size)])
+    greedy.append(int(np.argmin([n[-1] for n in nll])))
   assert lm.tokenizer.eos_id not in greedy
   good = lm.tokenizer.decode(np.asarray(greedy))
   bad = lm.tokenizer.decode(np.asarray(greedy[:2] + [(greedy[2] - 97 + 1) % 4 + 97] + greedy[3:]))
@@ -215,7 +218,7 @@ def test_ar_greedy_check_and_rolling(ar_workdir):
   for start in range(0, len(ids), step):
     prev = [lm.tokenizer.eos_id] if start == 0 else [ids[start - 1]]
     row = np.concatenate([prev, ids[start:start + step]]).astype(np.int32)
-    total += _causal_nll(lm, row)[1:].sum()
+    total += _causal_nll(lm, [row])[0][1:].sum()
   assert rolled == pytest.approx(-total, rel=1e-5)
 
 
@@ -345,9 +348,11 @@ def test_dlm_eval_tasks_writes_results_and_protocol(masked_workdir, tasks_dir, t
   assert proto["hardware"]["platform"] == "cpu" and proto["software"]["jax"] == jax.__version__
   assert proto["harness"]["task_versions"].keys() == {"chain_mc", "chain_gen"} and proto["loglikelihood"]["seed"] == 3
   assert (out / "samples_chain_gen.jsonl").exists()
-  again = run_cli("eval", *base, "--output", str(tmp_path / "again"))
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert json.loads(again.stdout.strip().splitlines()[-1])["results"] == summary["results"]
+  from dlm_jax.harness import evaluate_tasks  # the function behind the CLI, again in this process: same numbers
+  again = evaluate_tasks(masked_workdir, ["chain_mc", "chain_gen"], [("sampler.name", "llada"), ("sampler.steps", "2")],
+                         output=str(tmp_path / "again"), include_path=str(d), limit=8, mc_samples=8, batch_size=16,
+                         seed=3)
+  assert again["results"] == summary["results"]
   assert json.loads((tmp_path / "again" / "results.json").read_text())["results"] == results["results"]
 
 

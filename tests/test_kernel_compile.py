@@ -4,7 +4,8 @@
   TPU   model.attention=splash: the step compiles for a v5e:2x2 slice with XLA:TPU and Mosaic (libtpu: the test extra
         installs it; without it these tests skip and say so). Its StableHLO holds the splash kernel (tpu_custom_call)
         and no dense score matrix; the compiled program calls the kernel's forward and fused dq / dk / dv backward
-        once per layer. The per-device memory XLA reports is printed next to the model.attention=xla step's.
+        once per layer. For bench_25m the per-device memory XLA reports is compared with the model.attention=xla
+        step's (the kernel never holds the [n, n] scores).
   GPU   model.attention=pallas_gpu: the step lowers for CUDA (no GPU needed to lower; PTX is made on a GPU) with our
         Triton kernels (__gpu$xla.gpu.triton: forward, dq, dk/dv in every layer) and no dense score matrix.
 
@@ -69,7 +70,7 @@ def test_train_step_with_splash_compiles_for_a_tpu_slice(name):
   devices = _tpu_devices()
   script = _script()
   figures = {}
-  for attention in ("splash", "xla"):
+  for attention in ("splash", "xla") if name == "bench_25m" else ("splash",):  # the memory comparison: once
     cfg = _config(name, attention)
     run = build(cfg, devices=devices)
     assert run.model_config.attention_impl == attention
@@ -93,10 +94,13 @@ def test_train_step_with_splash_compiles_for_a_tpu_slice(name):
     figures[attention] = script._figures(compiled)  # pylint: disable=protected-access
   mib = {a: {k: round(f[f"per_device_{k}_size_in_bytes"] / 2 ** 20, 1) for k in ("argument", "output", "temp")}
          for a, f in figures.items()}
-  print(f"\n{name} train step on {TOPOLOGY}, per device MiB: splash {mib['splash']}, xla {mib['xla']}; "
-        f"temporaries splash / xla = {mib['splash']['temp'] / max(mib['xla']['temp'], 1e-9):.3f}")
   for attention, f in figures.items():
     assert f["per_device_argument_size_in_bytes"] > 0, (attention, f)
+  if "xla" not in mib:
+    print(f"\n{name} train step on {TOPOLOGY}, per device MiB: splash {mib['splash']}")
+    return
+  print(f"\n{name} train step on {TOPOLOGY}, per device MiB: splash {mib['splash']}, xla {mib['xla']}; "
+        f"temporaries splash / xla = {mib['splash']['temp'] / max(mib['xla']['temp'], 1e-9):.3f}")
   # the parameters, optimizer state and batch are the same; the kernel never holds [n, n] scores
   assert mib["splash"]["argument"] == mib["xla"]["argument"]
   assert mib["splash"]["temp"] <= mib["xla"]["temp"], mib

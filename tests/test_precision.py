@@ -2,6 +2,7 @@
 train.compute_dtype; logits and the loss stay float32. bf16 state saves and resumes bit for bit, and bf16 master
 weights learn the Markov source to the same bound tolerance as float32 ones (test_statistical's bars)."""
 
+import os
 
 import jax
 import jax.numpy as jnp
@@ -117,12 +118,13 @@ def test_bf16_run_resumes_bit_for_bit(tmp_path, tiny_config):
 @pytest.mark.slow(minutes=2)
 def test_bf16_params_learn_the_markov_source_to_the_same_tolerance(tmp_path):
   """Masked diffusion on the Markov chain (test_statistical's pipeline, model and bars: truth - Z SE <= bound <=
-  truth (1 + TOL) + Z SE) at L = 16 for 1000 steps, with float32 and with bfloat16 master weights / EMA / moments:
-  both bounds inside the same bars."""
+  truth (1 + TOL) + Z SE) at L = 16 for 1000 steps with bfloat16 master weights / EMA / moments: the bound inside the
+  bars float32 training meets (test_statistical.py asserts those; DLM_LONG_TESTS=1 also trains float32 here and prints
+  the difference)."""
   import test_statistical as st
   steps = {"train.steps": 1000, "train.checkpoint_every": 1000, "eval.batch_size": 400}
   bounds = {}
-  for dtype in ("float32", "bfloat16"):
+  for dtype in ("float32", "bfloat16") if os.environ.get("DLM_LONG_TESTS") else ("bfloat16",):
     (tmp_path / dtype).mkdir()
     run, params, pstate, val = st._train(tmp_path / dtype, **steps, **{"train.param_dtype": dtype,
                                                                        "train.moments_dtype": dtype})
@@ -130,4 +132,5 @@ def test_bf16_params_learn_the_markov_source_to_the_same_tolerance(tmp_path):
     bits = st._bound_bits(run, params, pstate, val, num=2000, batch=400)
     st._check_bound(f"masked, {dtype} params", bits, st.L)
     bounds[dtype] = float(bits.mean())
-  print(f"bf16 - float32 bound: {bounds['bfloat16'] - bounds['float32']:+.4f} bits/token")
+  if "float32" in bounds:
+    print(f"bf16 - float32 bound: {bounds['bfloat16'] - bounds['float32']:+.4f} bits/token")

@@ -29,6 +29,8 @@ Every threshold comes from the noise of what is measured:
 Each check prints its numbers and how far inside its thresholds it is (margin).
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -198,8 +200,12 @@ FLOW_BYTES_GAP = ("one-hot flow with the byte tokenizer: its signal-level repara
 
 
 @pytest.mark.slow(minutes=3)
-@pytest.mark.parametrize("process,tokenizer,width", [("flow", "chars", 64), ("flow", "bytes", 64),
-                                                     ("embedding_flow", "bytes", 32), ("bitstream", "bytes", 64)])
+@pytest.mark.parametrize("process,tokenizer,width", [
+    ("flow", "chars", 64),
+    pytest.param("flow", "bytes", 64, marks=pytest.mark.skipif(
+        not os.environ.get("DLM_LONG_TESTS"), reason="the measured FLOW_BYTES_GAP run (~2.5 min of .ci/run): "
+        "DLM_LONG_TESTS=1 runs it; flow's bound and samples are asserted by the chars case")),
+    ("embedding_flow", "bytes", 32), ("bitstream", "bytes", 64)])
 def test_continuous_family_on_a_markov_chain(tmp_path, process, tokenizer, width):
   """2500 steps at learning rate 1e-3. Measured: flow (chars) bound +1.2%, TV 0.033; flow (bytes) bound +2.2%, TV
   0.066 (over the bar: see FLOW_BYTES_GAP); embedding flow (bytes) bound +2.2%, TV 0.027; bitstream (bytes) bound
