@@ -102,6 +102,7 @@ class DLMJaxLM(LM):
     self.overrides = dict(overrides)
     self.tokenizer = self.run.tokenizer
     self.chat = False
+    self._batches = 0  # generation batches so far (their seeds)
     self.timing = {"model_s": 0.0, "loglikelihood_requests": 0, "rolling_requests": 0, "generate_requests": 0,
                    "generated_tokens": 0, "generate_s": 0.0, "canvas_tokens": 0, "forward_rows": 0, "nfe": 0}
 
@@ -202,7 +203,9 @@ class DLMJaxLM(LM):
       width = min(bucket_length(max(len(p) for p in chunk), limit - gen), room)
       length = -(-(width + gen) // multiple) * multiple
       t = time.perf_counter()
-      tokens, stats = generate(run, self.params, self.pstate, num_samples=1, length=length, seed=self.seed,
+      self._batches += 1  # each batch draws from its own seed: rows of different batches get independent noise
+      seed = (self.seed * 1_000_003 + self._batches) % (2 ** 31)
+      tokens, stats = generate(run, self.params, self.pstate, num_samples=1, length=length, seed=seed,
                                prompts=chunk, batch_size=self.batch_size, stop_id=stop, prompt_width=width)
       self.timing["model_s"] += time.perf_counter() - t
       self.timing["generate_s"] += time.perf_counter() - t
@@ -347,6 +350,12 @@ def evaluate_tasks(workdir: str, tasks: list[str], overrides=(), *, output: str 
   protocol["speed"]["harness_overhead"] = round(max(0.0, wall - lm.timing["model_s"]) / wall, 4) if wall else None
   out = output or storage.join(workdir, "lm_eval", f"step_{lm.details.get('step')}")
   samples = results.pop("samples", None)
+  metrics = {t: {k: v for k, v in r.items() if k not in ("name", "alias")} for t, r in results["results"].items()}
+  summary = {"output": out, "results": metrics, "checkpoint_step": lm.details.get("step"),
+             "harness_overhead": protocol["speed"]["harness_overhead"]}
+  import jax
+  if jax.process_index() != 0:  # multi-host: every process runs the same program; the first one writes
+    return summary
   storage.makedirs(out)
   storage.write_text(storage.join(out, "results.json"),
                      json.dumps(results, indent=1, default=handle_non_serializable, ensure_ascii=False) + "\n")
@@ -355,6 +364,4 @@ def evaluate_tasks(workdir: str, tasks: list[str], overrides=(), *, output: str 
     for task, docs in samples.items():
       storage.write_text(storage.join(out, f"samples_{task}.jsonl"), "".join(
           json.dumps(d, default=handle_non_serializable, ensure_ascii=False) + "\n" for d in docs))
-  metrics = {t: {k: v for k, v in r.items() if k not in ("name", "alias")} for t, r in results["results"].items()}
-  return {"output": out, "results": metrics, "checkpoint_step": lm.details.get("step"),
-          "harness_overhead": protocol["speed"]["harness_overhead"]}
+  return summary
