@@ -4,8 +4,8 @@
   TPU   model.attention=splash: the step compiles for a v5e:2x2 slice with XLA:TPU and Mosaic (libtpu: the test extra
         installs it; without it these tests skip and say so). Its StableHLO holds the splash kernel (tpu_custom_call)
         and no dense score matrix; the compiled program calls the kernel's forward and fused dq / dk / dv backward
-        once per layer. For bench_25m the per-device memory XLA reports is compared with the model.attention=xla
-        step's (the kernel never holds the [n, n] scores).
+        once per layer; the model.attention=xla step, lowered, holds the dense scores (so the check can see them).
+        The per-device memory of the two compiled steps is compared by `python benchmarks/attention.py`.
   GPU   model.attention=pallas_gpu: the step lowers for CUDA (no GPU needed to lower; PTX is made on a GPU) with our
         Triton kernels (__gpu$xla.gpu.triton: forward, dq, dk/dv in every layer) and no dense score matrix.
 
@@ -70,7 +70,7 @@ def test_train_step_with_splash_compiles_for_a_tpu_slice(name):
   devices = _tpu_devices()
   script = _script()
   figures = {}
-  for attention in ("splash", "xla") if name == "bench_25m" else ("splash",):  # the memory comparison: once
+  for attention in ("splash", "xla"):
     cfg = _config(name, attention)
     run = build(cfg, devices=devices)
     assert run.model_config.attention_impl == attention
@@ -80,30 +80,20 @@ def test_train_step_with_splash_compiles_for_a_tpu_slice(name):
     if attention == "splash":
       assert "custom_call @tpu_custom_call" in text, name
       assert not dense, f"{name}: a dense score matrix {dense} is left in the splash step"
-    else:
+    else:  # the xla step, lowered only: the dense-score check above can see a score matrix where there is one
       assert "tpu_custom_call" not in text and dense, (name, dense)
+      continue
     with jax.set_mesh(run.mesh):
       compiled = lowered.compile()
     # the compiled program names each Mosaic kernel call after the kernel: forward, and the fused dq / dk / dv backward
     calls = collections.Counter(re.findall(r"%(splash_mha_[a-z]+)[\w.]* = .*custom_call_target=\"tpu_custom_call\"",
                                            compiled.as_text()))
-    if attention == "splash":
-      assert calls == {"splash_mha_fwd": cfg.model.num_layers, "splash_mha_dkv": cfg.model.num_layers}, (name, calls)
-    else:
-      assert not calls, (name, calls)
+    assert calls == {"splash_mha_fwd": cfg.model.num_layers, "splash_mha_dkv": cfg.model.num_layers}, (name, calls)
     figures[attention] = script._figures(compiled)  # pylint: disable=protected-access
-  mib = {a: {k: round(f[f"per_device_{k}_size_in_bytes"] / 2 ** 20, 1) for k in ("argument", "output", "temp")}
-         for a, f in figures.items()}
-  for attention, f in figures.items():
-    assert f["per_device_argument_size_in_bytes"] > 0, (attention, f)
-  if "xla" not in mib:
-    print(f"\n{name} train step on {TOPOLOGY}, per device MiB: splash {mib['splash']}")
-    return
-  print(f"\n{name} train step on {TOPOLOGY}, per device MiB: splash {mib['splash']}, xla {mib['xla']}; "
-        f"temporaries splash / xla = {mib['splash']['temp'] / max(mib['xla']['temp'], 1e-9):.3f}")
-  # the parameters, optimizer state and batch are the same; the kernel never holds [n, n] scores
-  assert mib["splash"]["argument"] == mib["xla"]["argument"]
-  assert mib["splash"]["temp"] <= mib["xla"]["temp"], mib
+  mib = {k: round(figures["splash"][f"per_device_{k}_size_in_bytes"] / 2 ** 20, 1) for k in ("argument", "output",
+                                                                                               "temp")}
+  assert mib["argument"] > 0, mib
+  print(f"\n{name} train step on {TOPOLOGY}, per device MiB: splash {mib}")
 
 
 def _gpu_run(cfg):
