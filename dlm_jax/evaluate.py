@@ -117,8 +117,7 @@ def make_canvas(run, prompts: list, length: int, prompt_width: int = 0) -> tuple
       canvas[r, width - len(p):] = p
     return canvas, int(min(np.argmax(row == mask_id) for row in canvas))
   try:
-    canvas, gen_start = left_pad(prompts + [np.zeros((prompt_width,), np.int32)], length, mask_id)
-    return canvas[:-1], gen_start
+    return left_pad(prompts, length, mask_id, width=prompt_width)
   except ValueError as err:  # a prompt as long as the canvas
     raise DLMError(f"{err}; for dlm-sample: shorten --prompt or raise sampler.length") from None
 
@@ -206,9 +205,15 @@ def bucket_length(n: int, limit: int, multiple: int = 1) -> int:
 MC_SAMPLING = ("stratified", "antithetic", "iid")
 
 
+def check_mc_sampling(sampling: str) -> None:
+  if sampling not in MC_SAMPLING:
+    raise DLMError(f"mc_sampling must be one of {MC_SAMPLING}, got {sampling!r}")
+
+
 def mask_draws(copies: int, sampling: str, seed: int, request: int) -> np.ndarray:
   """The `copies` draws u in [0, 1) of one request (copy j masks floor(u_j n) + 1 of its n targets): stratified
   ((u + j) / copies, shuffled; LLaDA's), antithetic (pairs u, 1 - u) or iid; a function of (seed, request) only."""
+  check_mc_sampling(sampling)
   rng = np.random.default_rng([seed, request])
   if sampling == "stratified":
     u = (rng.random() + np.arange(copies)) / copies
@@ -216,9 +221,7 @@ def mask_draws(copies: int, sampling: str, seed: int, request: int) -> np.ndarra
   if sampling == "antithetic":
     half = rng.random((copies + 1) // 2)
     return np.concatenate([half, 1.0 - half])[:copies].clip(0.0, np.nextafter(np.float32(1), 0)).astype(np.float32)
-  if sampling == "iid":
-    return rng.random(copies).astype(np.float32)
-  raise DLMError(f"mc_sampling must be one of {MC_SAMPLING}, got {sampling!r}")
+  return rng.random(copies).astype(np.float32)  # iid
 
 
 def conditional_nll(run, params, process_state, requests: list, *, mc_samples: int = 128, batch_size: int = 32,
@@ -244,7 +247,7 @@ def conditional_nll(run, params, process_state, requests: list, *, mc_samples: i
   copies = 1 if "exact_nll" in caps else int(mc_samples)
   if copies < 1:
     raise DLMError(f"mc_samples must be >= 1, got {mc_samples}")
-  mask_draws(1, sampling, seed, 0)  # checks the name
+  check_mc_sampling(sampling)
   batch_size = _round_to_batch_shards(run, max(1, batch_size))
 
   def bound(params, tokens, segments, target, strata, key, pstate):
@@ -262,8 +265,8 @@ def conditional_nll(run, params, process_state, requests: list, *, mc_samples: i
       raise DLMError(f"loglikelihood request {r}: the continuation has {len(cont)} tokens but the model takes at most "
                      f"{limit} (model.max_seq_len)")
     ids = np.concatenate([ctx, cont])[-limit:]  # the context is cut from the left, as lm-eval's models do
-    for j in range(copies):
-      rows.append((bucket_length(len(ids), limit, multiple), r, j, ids, len(ids) - len(cont)))
+    width = bucket_length(len(ids), limit, multiple)
+    rows.extend((width, r, j, ids, len(ids) - len(cont)) for j in range(copies))
   rows.sort(key=lambda x: (-x[0], x[1], x[2]))
   strata = {r: mask_draws(copies, sampling, seed, first_index + r) for r in range(len(requests))}
   nats = np.zeros((len(requests), copies), np.float64)

@@ -92,9 +92,8 @@ class DLMJaxLM(LM):
     self.batch_size = 32 if str(batch_size).startswith("auto") else int(batch_size)
     self.mc_samples, self.max_gen_toks, self.seed = int(mc_samples), int(max_gen_toks), int(seed)
     self.greedy_check = greedy_check if isinstance(greedy_check, bool) else str(greedy_check).lower() == "true"
-    from dlm_jax.evaluate import MC_SAMPLING
-    if mc_sampling not in MC_SAMPLING:
-      raise DLMError(f"mc_sampling must be one of {MC_SAMPLING}, got {mc_sampling!r}")
+    from dlm_jax.evaluate import check_mc_sampling
+    check_mc_sampling(mc_sampling)
     self.mc_sampling = mc_sampling
     self.details = {}
     self.cfg, self.run, self.params, self.pstate = load_for_inference(workdir, overrides, need_tokenizer="lm-eval",
@@ -104,7 +103,7 @@ class DLMJaxLM(LM):
     self.chat = False
     self._batches = 0  # generation batches so far (their seeds)
     self.timing = {"model_s": 0.0, "loglikelihood_requests": 0, "rolling_requests": 0, "generate_requests": 0,
-                   "generated_tokens": 0, "generate_s": 0.0, "canvas_tokens": 0, "forward_rows": 0, "nfe": 0}
+                   "generated_tokens": 0, "generate_s": 0.0, "canvas_tokens": 0, "nfe": 0}
 
   # --- chat templates (the harness's --apply_chat_template) ----------------------------------------------------------
 
@@ -187,7 +186,7 @@ class DLMJaxLM(LM):
       raise DLMError(f"the task asks for temperature {float(temperature)} (generation_kwargs {gen_kwargs}): {e}") from None
     return dataclasses.replace(self.run, cfg=cfg)
 
-  def _generate(self, run, prompts: list, gen: int, stop: int) -> tuple[list[np.ndarray], dict]:
+  def _generate(self, run, prompts: list, gen: int, stop: int) -> list[np.ndarray]:
     """Token ids generated after each prompt (up to `gen`), batched by prompt length with bucketed widths."""
     from dlm_jax.evaluate import bucket_length, generate
     limit = run.cfg.model.max_seq_len
@@ -212,10 +211,9 @@ class DLMJaxLM(LM):
       g0 = stats["gen_start"]
       self.timing["nfe"] += stats["nfe_total"]
       self.timing["canvas_tokens"] += (length - g0) * stats["batches"]  # positions decoded per row
-      self.timing["forward_rows"] += len(chunk)
       for i, row in zip(idx, tokens):
         out[i] = np.asarray(row[g0:g0 + gen])
-    return out, {}
+    return out
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     tok = self.tokenizer
@@ -236,7 +234,7 @@ class DLMJaxLM(LM):
                        "configured with sampler.* model args (sampler.name, sampler.steps, sampler.<name>.*)")
       run = self._run_for(kwargs)
       prompts = [np.asarray(tok.encode(requests[i].args[0]), np.int32) for i in idx]
-      generated, _ = self._generate(run, prompts, gen, stop)
+      generated = self._generate(run, prompts, gen, stop)
       for i, ids in zip(idx, generated):
         ends = np.flatnonzero((ids == stop) | (ids == tok.eos_id))
         ids = ids[:ends[0]] if ends.size else ids
@@ -254,17 +252,14 @@ class DLMJaxLM(LM):
     """LLaDA's greedy check: the configured sampler at temperature 0 decodes len(continuation) tokens after the
     context; True where it reproduces the continuation."""
     run = self._run_for({"temperature": 0.0})
-    out = []
     by_len = {}
     for i, (_, cont) in enumerate(pairs):
       by_len.setdefault(len(cont), []).append(i)
     res = [False] * len(pairs)
     for n, idx in by_len.items():
-      generated, _ = self._generate(run, [pairs[i][0] for i in idx], n, -1)
-      for i, ids in zip(idx, generated):
+      for i, ids in zip(idx, self._generate(run, [pairs[i][0] for i in idx], n, -1)):
         res[i] = bool(np.array_equal(ids[:n], pairs[i][1]))
-    out.extend(res)
-    return out
+    return res
 
   # --- what a published number needs --------------------------------------------------------------------------------
 

@@ -111,7 +111,7 @@ def test_harness_chat_template_and_end_of_turn(dream_workdir):
   text = lm.apply_chat_template([{"role": "user", "content": MESSAGES["dream"]}])
   assert text == _expected("dream")["chat_prompt_text"] and lm.chat
   ids = np.asarray(lm.tokenizer.encode(text), np.int32)
-  (free,), _ = lm._generate(lm._run_for({"do_sample": False}), [ids], 8, lm.tokenizer.eot_id)
+  (free,) = lm._generate(lm._run_for({"do_sample": False}), [ids], 8, lm.tokenizer.eot_id)
   eot = int(free[3])
   lm = DLMJaxLM(workdir=dream_workdir, batch_size=2, **opts, **{"data.eot_id": eot})
   lm.apply_chat_template([{"role": "user", "content": MESSAGES["dream"]}])

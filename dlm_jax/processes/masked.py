@@ -119,7 +119,7 @@ class MaskedDiffusion(AbsorbingVocab):
     else:
       t = jax.random.permutation(k_perm, sample_times(k_t, b, self.t_min, True))  # every row: t ~ U[t_min, 1]
     p_mask = 1.0 - self.schedule.alpha(t)
-    z, masked = self.corrupt(k_m, jnp.where(target, x, self.mask_id), p_mask)
+    _, masked = self.corrupt(k_m, x, p_mask)
     masked = masked & target
     z = jnp.where(masked, self.mask_id, x)
     integral = (1.0 - self.t_min) * self.schedule.weight(t) * self._masked_nll(apply_fn, params, batch, z, masked, t)

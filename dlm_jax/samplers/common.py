@@ -206,11 +206,11 @@ def check_ids(canvas, mask_id: int, v: int) -> None:
                      f"function's classes), mask_id={mask_id} or PAD={PAD}")
 
 
-def left_pad(prompts, length: int, mask_id: int, pad_id: int = PAD) -> tuple[np.ndarray, int]:
+def left_pad(prompts, length: int, mask_id: int, pad_id: int = PAD, width: int = 0) -> tuple[np.ndarray, int]:
   """Canvas for prompts of different lengths: each row is [PAD ... | prompt | mask_id * gen_length], right-aligned,
-  with gen_length = length - max prompt length. Returns (canvas [B, length] int32, gen_start)."""
+  with gen_length = length - max(longest prompt, `width`). Returns (canvas [B, length] int32, gen_start)."""
   prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
-  longest = max((len(p) for p in prompts), default=0)
+  longest = max([len(p) for p in prompts] + [width])
   if longest >= length:
     raise ValueError(f"the longest prompt has {longest} tokens but the canvas holds {length}; nothing is left to "
                      "generate (raise the length or shorten the prompt)")
