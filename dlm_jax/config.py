@@ -150,6 +150,43 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 500  # 0 = no periodic validation
   c.train.eval_samples = 2  # samples written to the log at each validation
 
+  # Post-training (dlm_jax/posttrain/): the objective the loop optimises. "pretrain" = the family's own loss over the
+  # corpus; "sft" = supervised fine-tuning on conversations (data.path: .jsonl with "messages"), prompt clean, response
+  # trained; "grpo" (diffu-GRPO, d1) / "wd1" (weighted policy optimisation): RL with verifiable rewards on prompts
+  # (data.path: .jsonl with "prompt" and "answer"); "distill": a few-step student of the teacher distill.teacher
+  c.train.objective = "pretrain"
+  # a workdir whose newest parameters start this run (fine-tuning; its EMA weights when it has them and eval.use_ema):
+  # SFT / RL start from it, RL's reference policy is it, a LoRA run keeps it frozen as the base. "" = random init.
+  # Ignored once --workdir holds a checkpoint of its own (the run resumes).
+  c.train.init_from = ""
+
+  # LoRA adapters (Hu et al. 2021) on the attention / MLP projections: rank 0 = off (all parameters train). The base
+  # (train.init_from) stays frozen; checkpoints hold only the adapters; `dlm-convert --merge_lora` writes merged weights.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0  # the update is (alpha / rank) A B
+  c.lora.targets = "q,k,v,o"  # comma list of q, k, v, o, gate, up, down
+
+  c.sft = ml_collections.ConfigDict()
+  # loss normalisation: "answer" (LLaDA: each sample's masked-token loss / its response length, EOS padding included,
+  # averaged over samples), "tokens" (d1 / dllm: / the number of response tokens in the batch)
+  c.sft.normalize = "answer"
+  c.sft.train_on_padding = True  # the EOS padding after the response is masked and trained (LLaDA: the model learns
+  # to stop); False: padding positions are neither masked nor scored (then it still never leaks into attention)
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.group_size = 6  # completions per prompt (train.batch_size = prompts x group_size)
+  c.rl.iterations = 1  # mu: gradient steps on each batch of rollouts (old log-probs from the rollout policy)
+  c.rl.clip = 0.5  # grpo: eps of the clipped ratio clip(rho, 1 - eps, 1 + eps)
+  c.rl.beta = 0.04  # weight of the k3 KL to the reference policy (train.init_from); 0 = no reference forward
+  c.rl.prompt_mask = 0.15  # d1's per-token log-probability estimate: prompt tokens masked with this probability
+  c.rl.reward = "exact_match"  # a name in dlm_jax/posttrain/rewards.py, or "module:function" (a Python callable)
+  c.rl.completion_length = 64  # generated tokens per completion (the sampler's canvas = prompt width + this)
+  c.rl.prompt_length = 64  # prompts are left-padded to this many tokens (longer prompts are an error)
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""  # the teacher's workdir (its newest parameters; EMA when eval.use_ema)
+
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32
   c.eval.max_batches = 0  # 0 = the whole validation split

@@ -45,6 +45,7 @@ same agreed step. No collective runs per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import signal
 import sys
@@ -67,7 +68,9 @@ from dlm_jax.evaluate import evaluate_bound, generate
 from dlm_jax.logs import MetricWriter
 from dlm_jax.samplers import PAD
 
-# objective(apply_fn, params, batch, key, process_state) -> (loss, metrics, new_process_state); runs on device, in jit
+# objective(apply_fn, params, batch, key, process_state[, frozen]) -> (loss, metrics, new_process_state); runs on
+# device, in jit. `frozen` (passed only when the run has frozen parameters: a post-training reference, teacher or LoRA
+# base) is a dict of device pytrees the step takes as an argument and never updates.
 Objective = Callable[..., tuple[Any, dict, Any]]
 
 
@@ -172,9 +175,11 @@ def abstract_train_state(run: Run, opt) -> dict:
   return jax.eval_shape(init_fn)
 
 
-def init_train_state(run: Run, opt, shardings: dict) -> dict:
+def init_train_state(run: Run, opt, shardings: dict, params=None) -> dict:
+  """A new train state: random parameters (train.seed), or the given ones (fine-tuning), fresh optimizer and EMA."""
   seed = run.cfg.train.seed
-  params = init_params(run, seed)
+  if params is None:
+    params = init_params(run, seed)
 
   @jax.jit
   def rest(params):
@@ -203,6 +208,58 @@ def init_from_params(run: Run, opt, shardings: dict, ckpt: Checkpointer, step: i
     return jax.jit(make, out_shardings=shardings)(params)
 
 
+def _trainable(cfg, run: Run, post) -> tuple[Run, Any, dict | None]:
+  """(the run whose abstract_params / param_shardings the train state holds, the initial parameters or None for a
+  random init, the frozen pytrees of the step or None). Pretraining: (run, None, None). Post-training: the state starts
+  from train.init_from; with LoRA the state holds the adapters (their own run view, `lora.adapter_run`), the base is
+  frozen['lora_base'] and the initial adapters are exactly the base (B = 0). An objective with a reference policy gets
+  frozen['reference'] = the initial parameters (with LoRA: the initial adapters, i.e. the base)."""
+  if post is None:
+    if cfg.lora.rank:
+      raise DLMError("lora.rank > 0 needs a post-training objective (train.objective=sft, grpo, wd1 or distill) and "
+                     "train.init_from (the base); set lora.rank=0 to pretrain")
+    return run, None, None
+  frozen = dict(post.frozen)
+  space, init = run, post.init_params
+  if cfg.lora.rank:
+    from dlm_jax import lora
+    if init is None:
+      raise DLMError("lora.rank > 0 adapts a trained base: set train.init_from to its workdir")
+    space = lora.adapter_run(run)
+    frozen["lora_base"] = init
+    init = lora.init_adapter(space, cfg.train.seed)
+  if post.needs_reference:
+    if init is None:
+      raise DLMError(f"train.objective={cfg.train.objective!r} keeps a reference policy: set train.init_from")
+    frozen["reference"] = init
+  return space, init, frozen or None
+
+
+def restore_params(workdir: str, run: Run, what: str):
+  """The newest parameters of another run's `workdir` (its EMA when it keeps one and eval.use_ema), restored with
+  `run`'s shardings and train.param_dtype: the start of a fine-tuning run (train.init_from), a distillation teacher.
+  `what` names the config key in errors. The workdir's model must be `run`'s (same shape keys)."""
+  if not workdir:
+    raise DLMError(f"{what} is empty; set it to the workdir of a trained (or dlm-convert) run")
+  ckpt, step, saved = _latest_config(storage.resolve(workdir), f"set {what} to the workdir of a trained run",
+                                     f"train it first or set {what} to another workdir")
+  now, old = config_lib.flat_items(run.cfg), config_lib.flat_items(saved)
+  for key in config_lib.SHAPE_KEYS:
+    if old[key] != now[key]:
+      ckpt.close()
+      raise DLMError(f"{what}={workdir!r} holds a model with {key}={old[key]!r} but this config says {now[key]!r}; "
+                     f"use that run's model keys")
+  keys = ckpt.state_keys(step)
+  which = "ema" if "ema" in keys and run.cfg.eval.use_ema and saved.train.ema_decay > 0 else "params"
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, param_dtype(saved), sharding=sh),
+                        run.abstract_params, run.param_shardings)
+  params = ckpt.restore_subset(step, {which: target})[which]
+  ckpt.close()
+  dtype = param_dtype(run.cfg)
+  with jax.set_mesh(run.mesh):
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=run.param_shardings)(params)
+
+
 def abstract_batch(run: Run) -> dict:
   """The global batch the training pipeline produces, as sharded ShapeDtypeStructs (AOT-compile and export targets)."""
   shape = (run.cfg.train.batch_size, run.cfg.data.seq_len)
@@ -229,7 +286,7 @@ def _family_loss(process) -> Objective:
   return objective
 
 
-def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None = None):
+def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None = None, frozen: dict | None = None):
   """The jit-compiled step: (state, batch) -> (state, metrics).
 
   `batch` is a dict of arrays with the global batch as first axis ('tokens' [B, L] int32, 'segment_ids' [B, L] when
@@ -239,6 +296,10 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
   `objective(apply_fn, params, batch, key, process_state) -> (loss, metrics, new_process_state)` defaults to the
   process's loss. Metrics: the objective's, plus loss, grad_norm, finite (1.0, or 0.0 when the state was left
   untouched) and learning_rate.
+  `frozen` (a dict of device pytrees, e.g. {'reference': params}): the step becomes (state, batch, frozen) -> ...,
+  compiled for those arrays' shardings, and the objective gets them as its sixth argument. With LoRA (lora.rank > 0)
+  the state's params are the adapters and frozen['lora_base'] the base they adapt: the objective's apply_fn is the
+  adapted network, so it sees `params` = adapters like any parameters.
   """
   cfg, process = run.cfg, run.process
   if objective is None:
@@ -250,8 +311,11 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
   schedule = lr_schedule(cfg)
   base_key = jax.random.PRNGKey(cfg.train.seed)
 
-  def loss_fn(params, batch, key, pstate):
-    loss, metrics, new_pstate = objective(run.apply_fn, params, batch, key, pstate)
+  def loss_fn(params, batch, key, pstate, frozen):
+    if frozen is None:
+      loss, metrics, new_pstate = objective(run.apply_fn, params, batch, key, pstate)
+    else:
+      loss, metrics, new_pstate = objective(network(run, frozen), params, batch, key, pstate, frozen)
     return loss, (metrics, new_pstate)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -259,7 +323,7 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
   # gradients come in train.param_dtype; clipping, accumulation and Adam see them in float32
   to_f32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32), tree)
 
-  def step(state, batch):
+  def step(state, batch, frozen=None):
     if not isinstance(batch, dict):
       batch = {"tokens": batch}
       if use_segments:
@@ -267,7 +331,7 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
     key = jax.random.fold_in(base_key, state["step"])
     params, pstate = state["params"], state["process_state"]
     if accum == 1:
-      (loss, (metrics, new_pstate)), grads = grad_fn(params, batch, key, pstate)
+      (loss, (metrics, new_pstate)), grads = grad_fn(params, batch, key, pstate, frozen)
       grads = to_f32(grads)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
@@ -276,12 +340,12 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
       def body(carry, xs):
         g_sum, l_sum, m_sum, ps = carry
         mb, k = xs
-        (l, (m, ps)), g = grad_fn(params, mb, k, ps)
+        (l, (m, ps)), g = grad_fn(params, mb, k, ps, frozen)
         return (jax.tree.map(jnp.add, g_sum, to_f32(g)), l_sum + l, jax.tree.map(jnp.add, m_sum, m), ps), None
 
       zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       first = jax.tree.map(lambda x: x[0], micro)
-      m_shape = jax.eval_shape(lambda: loss_fn(params, first, keys[0], pstate)[1][0])
+      m_shape = jax.eval_shape(lambda: loss_fn(params, first, keys[0], pstate, frozen)[1][0])
       zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
       (grads, loss, metrics, new_pstate), _ = jax.lax.scan(body, (zeros_g, 0.0, zeros_m, pstate), (micro, keys))
       grads = jax.tree.map(lambda g: g / accum, grads)
@@ -315,8 +379,22 @@ def make_train_step(run: Run, opt, shardings: dict, objective: Objective | None 
     return new_state, metrics
 
   # one sharding for every batch field (a prefix of the batch pytree): rows split along data x fsdp, the rest replicated
-  return jax.jit(step, in_shardings=(shardings, run.batch_sharding(1)),
+  if frozen is None:
+    return jax.jit(lambda state, batch: step(state, batch), in_shardings=(shardings, run.batch_sharding(1)),
+                   out_shardings=(shardings, run.replicated), donate_argnums=0)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  return jax.jit(step, in_shardings=(shardings, run.batch_sharding(1), frozen_shardings),
                  out_shardings=(shardings, run.replicated), donate_argnums=0)
+
+
+def network(run: Run, frozen: dict | None):
+  """The network the objective and evaluation apply to the state's params: the model, or with LoRA the model adapted
+  around the frozen base (frozen['lora_base'])."""
+  if frozen is None or "lora_base" not in frozen:
+    return run.apply_fn
+  from dlm_jax import lora
+  return lora.Adapted(run.apply_fn.graphdef, run.apply_fn.logit_shift, base=frozen["lora_base"],
+                      scale=lora.scale(run.cfg.lora))
 
 
 def check_workdir_compatible(ckpt: Checkpointer, cfg, step: int | None) -> None:
@@ -430,6 +508,10 @@ class Trainer:
   step_fn: Callable  # the jit-compiled (state, batch) -> (state, metrics)
   config_dict: dict
   pbar: Any = None  # the tqdm progress bar on process 0 when progress=True, else None
+  # post-training: frozen device pytrees passed to every step (reference / teacher / LoRA base), and
+  # prepare(trainer, batch, step) -> batch run between the iterator and the step (RL rollouts); None for pretraining
+  frozen: dict | None = None
+  prepare: Callable | None = None
   throughput: Throughput = dataclasses.field(default_factory=Throughput)
   _rows: dict = dataclasses.field(default_factory=dict)
 
@@ -441,8 +523,14 @@ class Trainer:
             for k, v in host.items()}
 
   def eval_params(self, state: dict):
-    """The parameters evaluation and sampling use: the EMA when eval.use_ema and train.ema_decay > 0."""
-    return state["ema"] if _use_ema(self.cfg) else state["params"]
+    """The parameters evaluation and sampling use (with `run.apply_fn`): the EMA when eval.use_ema and
+    train.ema_decay > 0; with LoRA, those adapters merged into the frozen base."""
+    params = state["ema"] if _use_ema(self.cfg) else state["params"]
+    if self.frozen is not None and "lora_base" in self.frozen:
+      from dlm_jax import lora
+      params = self.run.jitted("lora_merge", functools.partial(lora.merge, scale=lora.scale(self.cfg.lora)))(
+          self.frozen["lora_base"], params)
+    return params
 
   def log(self, step: int, kind: str, values: dict) -> None:
     """Adds values to the metrics row (step, kind); the loop writes the step's rows once all hooks ran, so several
@@ -502,12 +590,14 @@ def _set_aside(workdir: str, steps: list[tuple[int, str]], start: int | None) ->
     multihost_utils.sync_global_devices("dlm_jax: damaged checkpoints set aside")
 
 
-def data_iterator(cfg, run, corpus, batch_fn: Callable[[dict], dict] | None = None):
-  """This process's training batches: its rows of each global batch under the run's batch sharding, read by the
-  data.* pipeline settings (`data.train_iterator`)."""
+def data_iterator(cfg, run, corpus, batch_fn: Callable[[dict], dict] | None = None, batch_size: int = 0):
+  """This process's training batches: its rows of each global batch (of train.batch_size rows, or `batch_size`: RL
+  reads one prompt per group) under the run's batch sharding, read by the data.* pipeline settings
+  (`data.train_iterator`)."""
   d = cfg.data
-  return train_iterator(corpus, cfg.train.batch_size, d.shuffle_seed,
-                        rows=sharding_lib.host_batch_rows(run.mesh, cfg.train.batch_size),
+  batch_size = batch_size or cfg.train.batch_size
+  return train_iterator(corpus, batch_size, d.shuffle_seed,
+                        rows=sharding_lib.host_batch_rows(run.mesh, batch_size),
                         segment_attention=d.segment_attention, batch_fn=batch_fn, read_threads=d.read_threads,
                         prefetch=d.prefetch, workers=d.workers)
 
@@ -524,12 +614,18 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
   check_workdir_compatible(existing, cfg, start)
   existing.close()
   run = build(cfg)
-  corpus = load_corpus(cfg, run.tokenizer)
+  post = None
+  if cfg.train.objective != "pretrain":
+    from dlm_jax import posttrain
+    post = posttrain.make(cfg, run, lambda path, what: restore_params(path, run, what))
+    objective = objective or post.objective
+  corpus = post.corpus if post is not None else load_corpus(cfg, run.tokenizer)
+  space, init, frozen = _trainable(cfg, run, post)
   opt = make_optimizer(cfg)
-  abstract = abstract_train_state(run, opt)
-  shardings = state_shardings(run, opt, abstract)
+  abstract = abstract_train_state(space, opt)
+  shardings = state_shardings(space, opt, abstract)
   check_batch(run)
-  it = data_iterator(cfg, run, corpus, batch_fn)
+  it = data_iterator(cfg, run, corpus, batch_fn, post.batch_size if post is not None else 0)
   # Everything the user can get wrong has been checked: only now is anything written to the workdir.
   storage.makedirs(workdir)
   while True:
@@ -543,6 +639,9 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
       elif start is not None:
         state, data_state = ckpt.restore(start, with_shardings(abstract, shardings))
         it.set_state(data_state)
+      elif init is not None:  # fine-tuning: start from train.init_from (or LoRA's initial adapters)
+        state = init_train_state(space, opt, shardings, params=init)
+        start = 0
       else:
         state = init_train_state(run, opt, shardings)
         start = 0
@@ -552,7 +651,7 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
       set_aside = [(start, e.summary)]
       start, more = resume_step(Checkpointer(workdir, read_only=True), below=start)
       set_aside += more
-  step_fn = make_train_step(run, opt, shardings, objective)
+  step_fn = make_train_step(space, opt, shardings, objective, frozen)
   writer = MetricWriter(workdir, resume_step=start if start else None)
   cfg_dict = config_lib.to_dict(cfg)
   if jax.process_index() == 0:
@@ -561,7 +660,8 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
     pbar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
-  return Trainer(cfg, workdir, run, corpus, opt, shardings, state, start, it, ckpt, writer, step_fn, cfg_dict, pbar)
+  return Trainer(cfg, workdir, run, corpus, opt, shardings, state, start, it, ckpt, writer, step_fn, cfg_dict, pbar,
+                 frozen=frozen, prepare=post.prepare if post is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -639,7 +739,12 @@ def run_loop(trainer: Trainer, hooks: Sequence[Any]) -> None:
       done, fetch = start, None
       for done in range(start + 1, trainer.cfg.train.steps + 1):
         batch = trainer.device_batch(next(trainer.iterator))
-        trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+        if trainer.prepare is not None:
+          batch = trainer.prepare(trainer, batch, done)
+        if trainer.frozen is None:
+          trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+        else:
+          trainer.state, metrics = trainer.step_fn(trainer.state, batch, trainer.frozen)
         guard = record(guard, metrics)
         fetch = Fetch(done, metrics, guard)
         for h in hooks:
