@@ -186,6 +186,13 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.distill = ml_collections.ConfigDict()
   c.distill.teacher = ""  # the teacher's workdir (its newest parameters; EMA when eval.use_ema)
+  # (dlm_jax/posttrain/distill.py) the student samples in student_steps steps (its sampler.steps); each student step
+  # learns what the teacher does in teacher_steps / student_steps steps of its sampler (0 = twice as many: SDTT /
+  # progressive distillation's two steps per step). Families: masked (SDTT) and flow (FLM's flow map on a fixed grid).
+  c.distill.student_steps = 4
+  c.distill.teacher_steps = 0
+  c.distill.divergence = ""  # "" = the family's default: masked "reverse_kl" (or "forward_kl"), flow "forward_kl" (or
+  # "mse")
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32
@@ -516,6 +523,19 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"{t.checkpoint_minutes}")
   need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {t.eval_every}")
   need(t.eval_samples >= 0, f"train.eval_samples must be >= 0, got {t.eval_samples}")
+  lo, lora_targets = cfg.lora, ("q", "k", "v", "o", "gate", "up", "down")  # = lora.TARGETS
+  need(lo.rank >= 0, f"lora.rank must be >= 0 (0 = off), got {lo.rank}")
+  if lo.rank == 0:
+    for key, value in default_config().lora.items():
+      need(lo[key] == value, f"lora.{key}={lo[key]!r} has no effect with lora.rank=0 (LoRA off); set lora.rank > 0 "
+           "or drop it")
+  need(lo.alpha > 0, f"lora.alpha must be > 0 (the update is alpha / rank * A B), got {lo.alpha}")
+  names = [x.strip() for x in lo.targets.split(",")]
+  need(bool(names) and all(x in lora_targets for x in names) and len(set(names)) == len(names),
+       f"lora.targets={lo.targets!r} must be a comma list of distinct names among {', '.join(lora_targets)}")
+  need(lo.rank == 0 or t.objective != "pretrain", "lora.rank > 0 needs a post-training objective (train.objective="
+       "sft, grpo, wd1 or distill) and train.init_from (the base); set lora.rank=0 to pretrain")
+  need(lo.rank == 0 or t.init_from != "", "lora.rank > 0 adapts a trained base: set train.init_from to its workdir")
   need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
   need(e.max_batches >= 0, f"eval.max_batches must be >= 0 (0 = all), got {e.max_batches}")
   need(s.steps >= 1, f"sampler.steps must be >= 1, got {s.steps}")
@@ -526,12 +546,68 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"sampler.length ({s.length}) exceeds model.max_seq_len ({m.max_seq_len}); lower sampler.length")
   need(s.batch_size >= 1, f"sampler.batch_size must be >= 1, got {s.batch_size}")
   sampler_options(cfg)
+  check_posttrain(cfg)
   for key in ("data", "fsdp", "sequence", "tensor"):
     need(me[key] == -1 or me[key] >= 1, f"mesh.{key} must be -1 (fill) or >= 1, got {me[key]}")
   need(me.dcn_data >= 1, f"mesh.dcn_data must be >= 1 (the number of slices), got {me.dcn_data}")
   need(me.sequence <= 1 or d.seq_len % me.sequence == 0,
        f"data.seq_len ({d.seq_len}) must be divisible by mesh.sequence ({me.sequence}) to split it; change either")
   return cfg
+
+
+POST_OBJECTIVES = ("pretrain", "sft", "grpo", "wd1", "distill")  # = dlm_jax.posttrain.OBJECTIVES
+# the post-training section each objective reads; the others must stay at their defaults
+POST_SECTIONS = {"sft": ("sft",), "grpo": ("rl",), "wd1": ("rl",), "distill": ("distill",)}
+
+
+def check_posttrain(cfg) -> None:
+  """train.objective and the post-training sections (sft.*, rl.*, distill.*): a section the objective does not read
+  must keep its defaults (an option that would be ignored is an error)."""
+  t = cfg.train
+  if t.objective not in POST_OBJECTIVES:
+    raise DLMError(f"train.objective must be one of {POST_OBJECTIVES}, got {t.objective!r}")
+  defaults = default_config()
+  used = POST_SECTIONS.get(t.objective, ())
+  for section in ("sft", "rl", "distill"):
+    if section in used:
+      continue
+    for key, value in cfg[section].items():
+      if value != defaults[section][key]:
+        readers = [o for o, secs in POST_SECTIONS.items() if section in secs]
+        raise DLMError(f"{section}.{key}={value!r} has no effect with train.objective={t.objective!r} (read by "
+                       f"train.objective={' / '.join(readers)}); drop it")
+  if t.objective == "pretrain" and t.init_from:
+    raise DLMError("train.init_from starts a post-training run (train.objective=sft, grpo, wd1 or distill); to "
+                   "continue pretraining a workdir, train in it (dlm-train --workdir W resumes)")
+  r = cfg.rl
+  if t.objective in ("grpo", "wd1"):
+    if r.group_size < 2:
+      raise DLMError(f"rl.group_size must be >= 2 (advantages are relative to the group), got {r.group_size}")
+    if t.batch_size % r.group_size:
+      raise DLMError(f"train.batch_size ({t.batch_size}) must be a multiple of rl.group_size ({r.group_size}): "
+                     "it is prompts x completions per prompt")
+    if r.iterations < 1:
+      raise DLMError(f"rl.iterations must be >= 1, got {r.iterations}")
+    if not 0 < r.clip < 1:
+      raise DLMError(f"rl.clip must be in (0, 1), got {r.clip}")
+    if r.beta < 0:
+      raise DLMError(f"rl.beta must be >= 0 (0 = no KL term), got {r.beta}")
+    if not 0 <= r.prompt_mask < 1:
+      raise DLMError(f"rl.prompt_mask must be in [0, 1), got {r.prompt_mask}")
+    if r.completion_length < 1 or r.prompt_length < 1:
+      raise DLMError("rl.completion_length and rl.prompt_length must be >= 1")
+    if r.prompt_length + r.completion_length > cfg.model.max_seq_len:
+      raise DLMError(f"rl.prompt_length + rl.completion_length ({r.prompt_length + r.completion_length}) exceeds "
+                     f"model.max_seq_len ({cfg.model.max_seq_len}); shorten them")
+    if t.objective == "wd1" and r.clip != defaults.rl.clip:
+      raise DLMError("rl.clip has no effect with train.objective='wd1' (it has no ratio to clip); drop it")
+  ds = cfg.distill
+  if t.objective == "distill":
+    if ds.student_steps < 1:
+      raise DLMError(f"distill.student_steps must be >= 1, got {ds.student_steps}")
+    if ds.teacher_steps and (ds.teacher_steps < 2 * ds.student_steps or ds.teacher_steps % ds.student_steps):
+      raise DLMError(f"distill.teacher_steps ({ds.teacher_steps}) must be a multiple of distill.student_steps "
+                     f"({ds.student_steps}) and at least twice it (0 = twice it)")
 
 
 def sampler_name(cfg) -> str:

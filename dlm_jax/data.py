@@ -60,6 +60,14 @@ class ByteTokenizer:
   def encode_many(self, texts):
     return [self.encode(t) for t in texts]
 
+  has_chat_template = True
+
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The byte tokenizer's plain chat format (it has no special tokens): one 'role: content' line per message, and
+    'assistant: ' as the generation prompt; a reply ends with EOS."""
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
+
   def decode(self, ids) -> str:
     out, buf = [], bytearray()
     for i in np.asarray(ids).reshape(-1).tolist():
@@ -484,6 +492,9 @@ class Corpus:
   val_index: np.ndarray
   eos_id: int
   num_documents: int
+  # per-row arrays [N, ...] that travel with the tokens into every batch under their names (post-training rows: the
+  # response mask of SFT, the example index of RL prompts); none for packed pretraining text
+  fields: dict = dataclasses.field(default_factory=dict)
 
   @property
   def train(self) -> np.ndarray | Sequences:
@@ -648,11 +659,14 @@ class _HostBatch:
       rows = np.asarray(choice)[sl]
       component = np.zeros(len(rows), np.int64)
     tokens = np.empty((self.per_host, self.seq_len), np.int32)
+    fields = {name: np.empty((self.per_host,) + a.shape[1:], a.dtype) for name, a in self.parts[0][2].items()}
     for c in np.unique(component):
       m = component == c
-      source, index = self.parts[c]
+      source, index, extra = self.parts[c]
       tokens[m] = take(source, index[rows[m]])
-    batch = {"tokens": tokens}
+      for name, a in extra.items():
+        fields[name][m] = a[index[rows[m]]]
+    batch = {"tokens": tokens, **fields}
     if self.segment_attention:
       batch["segment_ids"] = segment_ids(tokens, self.eos_id)
     return batch if self.batch_fn is None else self.batch_fn(batch)
@@ -733,11 +747,11 @@ def train_iterator(corpus: Corpus | Mixture, batch_size: int, seed: int, process
     per_host = batch_size // process_count
     lo = process_index * per_host
   if isinstance(corpus, Mixture):
-    parts = [(c.sequences, c.train_index) for c in corpus.components]
+    parts = [(c.sequences, c.train_index, {}) for c in corpus.components]
     draw = _MixtureDraw([len(i) for _, i in parts], corpus.weights, seed)
     order = grain.MapDataset.range(sys.maxsize).map(draw)
   else:
-    parts = [(corpus.sequences, corpus.train_index)]
+    parts = [(corpus.sequences, corpus.train_index, corpus.fields)]
     order = grain.MapDataset.range(len(corpus.train_index)).shuffle(seed=seed).repeat()
   host = _HostBatch(parts, lo, per_host, corpus.eos_id, segment_attention, batch_fn)
   return BatchIterator(order.batch(batch_size, drop_remainder=True), host, read_threads, prefetch, workers)

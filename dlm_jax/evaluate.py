@@ -21,10 +21,12 @@ from dlm_jax.samplers.common import left_pad
 
 
 def evaluate_bound(run, params, val: np.ndarray, process_state=None, *, batch_size: int, max_batches: int = 0,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, fields: dict | None = None, apply_fn=None) -> dict:
   """Upper bound on the validation NLL: bits per token and perplexity, deterministic given `seed`.
 
-  Batch i uses the key fold_in(PRNGKey(seed), i), so the number is the same for any device count.
+  Batch i uses the key fold_in(PRNGKey(seed), i), so the number is the same for any device count. `fields`: per-row
+  arrays [N, ...] passed to the bound with the tokens (SFT rows: 'target', the response tokens it scores, and their
+  'segment_ids'); `apply_fn`: the network (default the run's model).
   """
   if len(val) == 0:
     raise DLMError("the validation split is empty; set data.val_fraction > 0")
@@ -32,19 +34,25 @@ def evaluate_bound(run, params, val: np.ndarray, process_state=None, *, batch_si
   bsh = run.batch_sharding()
   batch_size = _round_to_batch_shards(run, batch_size)
 
-  def bound(params, tokens, valid, key, pstate):
-    nats, ntok = process.bound(run.apply_fn, params, {"tokens": tokens}, key, pstate)
+  fields = fields or {}
+  net = apply_fn or run.apply_fn
+
+  def bound(params, tokens, valid, key, pstate, extra):
+    nats, ntok = process.bound(net, params, {"tokens": tokens, **extra}, key, pstate)
     return jnp.sum(jnp.where(valid, nats, 0.0)), jnp.sum(jnp.where(valid, ntok, 0.0))
 
-  bound_fn = run.jitted("bound", bound)
+  bound_fn = run.jitted(f"bound:{sorted(fields)}", bound) if apply_fn is None else jax.jit(bound)
 
   total_nats, total_tokens = 0.0, 0.0
   base = jax.random.PRNGKey(seed)
   with jax.set_mesh(run.mesh):
     for i, (tokens, valid) in enumerate(eval_batches(val, batch_size, max_batches)):
+      rows = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), len(val) - 1)
+      rows = np.where(valid, rows, 0)  # (eval_batches pads the last batch with row 0)
+      extra = {k: jax.device_put(np.asarray(v)[rows], run.batch_sharding(np.ndim(v))) for k, v in fields.items()}
       tokens = jax.device_put(tokens, bsh)
       valid = jax.device_put(valid, run.batch_sharding(1))
-      nats, ntok = bound_fn(params, tokens, valid, jax.random.fold_in(base, i), process_state or {})
+      nats, ntok = bound_fn(params, tokens, valid, jax.random.fold_in(base, i), process_state or {}, extra)
       total_nats += float(nats)
       total_tokens += float(ntok)
   nats_per_token = total_nats / total_tokens

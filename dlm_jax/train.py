@@ -512,25 +512,36 @@ class Trainer:
   # prepare(trainer, batch, step) -> batch run between the iterator and the step (RL rollouts); None for pretraining
   frozen: dict | None = None
   prepare: Callable | None = None
+  # post-training's validation (trainer, step, eval params) -> metrics of the 'eval' row, instead of the family bound
+  # of corpus.val and unconditional samples
+  evaluate: Callable | None = None
+  batch_rows: int = 0  # rows of the iterator's global batches (0 = train.batch_size; RL: prompts per step)
   throughput: Throughput = dataclasses.field(default_factory=Throughput)
   _rows: dict = dataclasses.field(default_factory=dict)
 
   def device_batch(self, host: dict) -> dict:
     """A host-local batch dict (this process's rows, `sharding.host_batch_rows`) -> global arrays, every field split
     along the batch over data x fsdp."""
-    n = self.cfg.train.batch_size
+    n = self.batch_rows or self.cfg.train.batch_size
     return {k: jax.make_array_from_process_local_data(self.run.batch_sharding(np.ndim(v)), v, (n,) + np.shape(v)[1:])
             for k, v in host.items()}
 
-  def eval_params(self, state: dict):
-    """The parameters evaluation and sampling use (with `run.apply_fn`): the EMA when eval.use_ema and
-    train.ema_decay > 0; with LoRA, those adapters merged into the frozen base."""
-    params = state["ema"] if _use_ema(self.cfg) else state["params"]
+  def policy_params(self, state: dict):
+    """The parameters being trained, as parameters of `run.apply_fn` (with LoRA: the adapters merged into the base):
+    what RL samples its rollouts with."""
+    return self._merged(state["params"])
+
+  def _merged(self, params):
     if self.frozen is not None and "lora_base" in self.frozen:
       from dlm_jax import lora
       params = self.run.jitted("lora_merge", functools.partial(lora.merge, scale=lora.scale(self.cfg.lora)))(
           self.frozen["lora_base"], params)
     return params
+
+  def eval_params(self, state: dict):
+    """The parameters evaluation and sampling use (with `run.apply_fn`): the EMA when eval.use_ema and
+    train.ema_decay > 0; with LoRA, those adapters merged into the frozen base."""
+    return self._merged(state["ema"] if _use_ema(self.cfg) else state["params"])
 
   def log(self, step: int, kind: str, values: dict) -> None:
     """Adds values to the metrics row (step, kind); the loop writes the step's rows once all hooks ran, so several
@@ -661,7 +672,9 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
     from tqdm import tqdm
     pbar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
   return Trainer(cfg, workdir, run, corpus, opt, shardings, state, start, it, ckpt, writer, step_fn, cfg_dict, pbar,
-                 frozen=frozen, prepare=post.prepare if post is not None else None)
+                 frozen=frozen, prepare=post.prepare if post is not None else None,
+                 evaluate=post.evaluate if post is not None else None,
+                 batch_rows=post.batch_size if post is not None else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -822,9 +835,12 @@ class EvalHook(Hook):
     if not _every(step, cfg.train.eval_every, cfg.train.steps):
       return
     fetch.check()
-    ev = evaluate_bound(t.run, t.eval_params(state), t.corpus.val, state["process_state"],
-                        batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches,
-                        seed=cfg.eval.seed) if len(t.corpus.val) else {}
+    if cfg.train.objective != "pretrain":
+      ev = t.evaluate(t, step, t.eval_params(state)) if t.evaluate is not None else {}
+    else:
+      ev = evaluate_bound(t.run, t.eval_params(state), t.corpus.val, state["process_state"],
+                          batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches,
+                          seed=cfg.eval.seed) if len(t.corpus.val) else {}
     t.log(step, "eval", ev)
     if "nelbo_bits_per_token" in ev:
       t.note(f"step {step}: validation bound {ev['nelbo_bits_per_token']:.4f} bits/token "
@@ -840,6 +856,8 @@ class SampleHook(Hook):
     t = self.trainer
     cfg = t.cfg
     if not (cfg.train.eval_samples and _every(step, cfg.train.eval_every, cfg.train.steps)):
+      return
+    if cfg.train.objective != "pretrain":  # (post-training's own evaluation logs what it samples)
       return
     fetch.check()
     toks, _ = generate(t.run, t.eval_params(state), state["process_state"], num_samples=cfg.train.eval_samples,
@@ -975,6 +993,8 @@ HOW_TO_RUN_KEYS = ("model.scan_layers", "model.remat", "model.attention", "model
 def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "", details: dict | None = None
                        ) -> tuple[Any, Run, Any, Any]:
   """(cfg, run, params, process_state) from the latest checkpoint in `workdir`; EMA parameters when configured.
+  A LoRA run's (lora.rank > 0) checkpoint holds adapters: they are merged into its base (train.init_from, read by
+  `restore_params`), so `params` is always the whole model's.
   `need_tokenizer` (a command name): a workdir without tokenizer is a DLMError before any parameter is read.
   `details`, if given, receives the restored step and which parameters were read ("step", "weights")."""
   ckpt, step, cfg = _latest_config(workdir, "pass the --workdir of a dlm-train run",
@@ -983,7 +1003,7 @@ def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "", 
     raise DLMError(NO_TOKENIZER.format(workdir, need_tokenizer))
   overrides = list(overrides)
   for key, value in overrides:
-    if (key in config_lib.SHAPE_KEYS or key.startswith("model.")) and key not in HOW_TO_RUN_KEYS:
+    if (key in config_lib.SHAPE_KEYS or key.startswith(("model.", "lora."))) and key not in HOW_TO_RUN_KEYS:
       probe = config_lib.config_from_dict(cfg.to_dict())
       config_lib.apply_overrides(probe, [(key, value)])
       if probe.to_dict() == cfg.to_dict():
@@ -993,9 +1013,13 @@ def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "", 
   config_lib.apply_overrides(cfg, overrides)
   config_lib.validate(cfg)
   run = build(cfg)
+  space = run
+  if cfg.lora.rank:
+    from dlm_jax import lora
+    space = lora.adapter_run(run)
   opt = make_optimizer(cfg)
-  abstract = abstract_train_state(run, opt)
-  shardings = state_shardings(run, opt, abstract)
+  abstract = abstract_train_state(space, opt)
+  shardings = state_shardings(space, opt, abstract)
   which = "ema" if _use_ema(cfg) else "params"
   names = (which, "process_state") if "process_state" in ckpt.state_keys(step) else (which,)
   subset = {k: with_shardings(abstract[k], shardings[k]) for k in names}
@@ -1003,4 +1027,9 @@ def load_for_inference(workdir: str, overrides=(), *, need_tokenizer: str = "", 
   ckpt.close()
   if details is not None:
     details.update(step=int(step), weights=which)
-  return cfg, run, state[which], state.get("process_state", abstract["process_state"])
+  params = state[which]
+  if cfg.lora.rank:
+    base = restore_params(cfg.train.init_from, run, "train.init_from")
+    merge = functools.partial(lora.merge, scale=lora.scale(cfg.lora))
+    params = jax.jit(merge, out_shardings=run.param_shardings, donate_argnums=0)(base, params)
+  return cfg, run, params, state.get("process_state", abstract["process_state"])
