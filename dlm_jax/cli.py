@@ -340,24 +340,34 @@ def _read_prompts(path: str, chat: bool = False) -> list:
 
 def _convert(rest, overrides):
   p = _Parser(prog="dlm-convert", description="Hugging Face checkpoints (LLaDA, Dream, Fast-dLLM v2, SDAR) to a dlm_jax "
-              "workdir (--from_hf DIR --workdir OUT) and back (--workdir DIR --to_hf OUT).")
+              "workdir (--from_hf DIR --workdir OUT) and back (--workdir DIR --to_hf OUT); a LoRA run's adapters "
+              "merged into its base as a new workdir (--merge_lora --workdir DIR --out OUT).")
   p.add_argument("--from_hf", default=None, metavar="HF_DIR", help="a local Hugging Face model directory")
-  p.add_argument("--workdir", required=True, help="the workdir to write (--from_hf) or to read (--to_hf)")
+  p.add_argument("--workdir", required=True, help="the workdir to write (--from_hf) or to read (--to_hf, --merge_lora)")
   p.add_argument("--to_hf", default=None, metavar="OUT", help="write the workdir as a Hugging Face directory")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="--from_hf: parameter dtype stored in the workdir (default: each tensor's own; bfloat16 casts)")
+  p.add_argument("--merge_lora", action="store_true", help="write the LoRA run --workdir (lora.rank > 0) merged into "
+                 "its base (train.init_from) as the new workdir --out, with LoRA and post-training keys off")
+  p.add_argument("--out", default=None, metavar="OUT", help="--merge_lora: the workdir to write")
   p.add_argument("--mask_id", type=int, default=None,
                  help="--from_hf: the checkpoint's mask id when neither config.json (mask_token_id) nor the tokenizer "
                  "names it (default: the family's published id: LLaDA 126336, Dream 151666, Fast-dLLM v2 151665)")
   a = p.parse_args(rest)
   if overrides:
     raise DLMError("dlm-convert takes no --config.KEY overrides (the checkpoint fixes the config)")
-  if (a.from_hf is None) == (a.to_hf is None):
-    raise DLMError("give --from_hf HF_DIR (to make --workdir) or --to_hf OUT (to export --workdir), not both or none")
-  if a.to_hf is not None and (a.dtype is not None or a.mask_id is not None):
-    raise DLMError("--dtype and --mask_id apply to --from_hf; --to_hf writes each tensor in its source dtype")
+  if (a.from_hf is not None) + (a.to_hf is not None) + a.merge_lora != 1:
+    raise DLMError("give one of --from_hf HF_DIR (to make --workdir), --to_hf OUT (to export --workdir) or "
+                   "--merge_lora --out OUT (to merge --workdir's LoRA adapters), not several or none")
+  if a.from_hf is None and (a.dtype is not None or a.mask_id is not None):
+    raise DLMError("--dtype and --mask_id apply to --from_hf; --to_hf and --merge_lora keep each tensor's dtype")
+  if a.merge_lora != (a.out is not None):
+    raise DLMError("--merge_lora writes the merged workdir to --out OUT: give both, or neither")
   from dlm_jax import convert
-  res = convert.from_hf(a.from_hf, a.workdir, a.dtype, a.mask_id) if a.from_hf else convert.to_hf(a.workdir, a.to_hf)
+  if a.merge_lora:
+    res = convert.merge_lora(a.workdir, a.out)
+  else:
+    res = convert.from_hf(a.from_hf, a.workdir, a.dtype, a.mask_id) if a.from_hf else convert.to_hf(a.workdir, a.to_hf)
   print(json_line(res))
 
 

@@ -1,5 +1,6 @@
 """Hugging Face checkpoints in and out of dlm_jax: `dlm-convert --from_hf DIR --workdir OUT` and
-`dlm-convert --workdir W --to_hf OUT`.
+`dlm-convert --workdir W --to_hf OUT`; and a LoRA run's adapters merged into its base as a workdir of its own,
+`dlm-convert --merge_lora --workdir W --out OUT` (`merge_lora`, through the same parameters-only writer).
 
 Architectures (detected from config.json's `model_type` / `architectures`):
 
@@ -594,3 +595,47 @@ def to_hf(workdir: str, out: str) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return {"architecture": arch, "output": out, "tensors": len(weight_map), "shards": len(shards)}
+
+
+# --- LoRA adapters merged into their base ----------------------------------------------------------------------------
+
+
+def merge_lora(workdir: str, out: str) -> dict:
+  """`dlm-convert --merge_lora --workdir W --out OUT`: the LoRA run W's adapters (its EMA when it evaluates with one)
+  merged into its base (train.init_from), written as the new workdir OUT: a parameters-only checkpoint at step 0 and a
+  config with LoRA and post-training off (lora.*, sft.*, rl.*, distill.* at their defaults,
+  train.objective='pretrain', train.init_from=''), so OUT trains, samples, evaluates and fine-tunes like any workdir
+  and no longer needs the base."""
+  import jax
+  from dlm_jax import config as config_lib
+  from dlm_jax.checkpoint import Checkpointer
+  from dlm_jax.train import load_for_inference
+  _need(storage.isdir(workdir), f"--workdir {workdir} does not exist")
+  ckpt = Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step()
+  saved = None if step is None else config_lib.config_from_dict(ckpt.restore_config(step))
+  ckpt.close()
+  _need(step is not None, f"workdir {workdir} holds no checkpoint; --merge_lora reads a trained LoRA run")
+  _need(saved.lora.rank > 0, f"workdir {workdir} is not a LoRA run (lora.rank=0: its checkpoint holds whole "
+        "parameters already); --merge_lora takes the workdir of a run trained with lora.rank > 0")
+  _check_out(out, "--out")
+  details: dict = {}
+  cfg, _, params, _ = load_for_inference(workdir, details=details)
+  base = cfg.train.init_from
+  defaults = config_lib.default_config()
+  for section in ("lora", "sft", "rl", "distill"):
+    for key, value in defaults[section].items():
+      cfg[section][key] = value
+  cfg.train.objective, cfg.train.init_from = "pretrain", ""
+  config_lib.validate(cfg)
+  host = jax.tree.map(np.asarray, jax.device_get(params))
+  del params
+  tmp = _staging(out)
+  try:
+    _save(tmp, cfg, host)
+    _publish(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return {"workdir": workdir, "output": out, "base": base, "step": details["step"], "weights": details["weights"],
+          "rank": int(saved.lora.rank), "targets": saved.lora.targets}

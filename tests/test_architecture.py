@@ -23,7 +23,7 @@ LAYERS = {
     "package": ("dlm_jax",),  # dlm_jax/__init__.py: the version only
     "config": ("dlm_jax.config",),
     "data": ("dlm_jax.data", "dlm_jax.shards", "dlm_jax.pretokenize"),
-    "model": ("dlm_jax.sharding", "dlm_jax.attention", "dlm_jax.kernels", "dlm_jax.model"),
+    "model": ("dlm_jax.sharding", "dlm_jax.attention", "dlm_jax.kernels", "dlm_jax.model", "dlm_jax.lora"),
     "samplers": ("dlm_jax.samplers",),
     "processes": ("dlm_jax.processes",),
     "driver": ("dlm_jax.build", "dlm_jax.train", "dlm_jax.evaluate", "dlm_jax.checkpoint", "dlm_jax.logs",
