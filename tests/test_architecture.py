@@ -27,7 +27,8 @@ LAYERS = {
     "samplers": ("dlm_jax.samplers",),
     "processes": ("dlm_jax.processes",),
     "driver": ("dlm_jax.build", "dlm_jax.train", "dlm_jax.evaluate", "dlm_jax.checkpoint", "dlm_jax.logs",
-               "dlm_jax.cli", "dlm_jax.convert", "dlm_jax.aot", "dlm_jax.hlo_cost", "dlm_jax.harness"),
+               "dlm_jax.cli", "dlm_jax.convert", "dlm_jax.aot", "dlm_jax.hlo_cost", "dlm_jax.harness",
+               "dlm_jax.posttrain"),
 }
 MAY_IMPORT = {
     "foundation": {"foundation"},

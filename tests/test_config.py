@@ -450,7 +450,7 @@ def test_validate_error_names_offending_values():
 
 def test_to_dict_is_plain_nested_json():
   d = to_dict(default_config())
-  assert set(d) == {"model", "data", "diffusion", "train", "eval", "sampler", "mesh"}
+  assert set(d) == {"model", "data", "diffusion", "train", "lora", "sft", "rl", "distill", "eval", "sampler", "mesh"}
   assert d["train"]["steps"] == 1000
   assert json.loads(json.dumps(d)) == d
 
