@@ -509,20 +509,19 @@ class Trainer:
   config_dict: dict
   pbar: Any = None  # the tqdm progress bar on process 0 when progress=True, else None
   # post-training: frozen device pytrees passed to every step (reference / teacher / LoRA base), and
-  # prepare(trainer, batch, step) -> batch run between the iterator and the step (RL rollouts); None for pretraining
+  # prepare(trainer, host batch, step) -> device batch instead of `device_batch` (RL rollouts); None for pretraining
   frozen: dict | None = None
   prepare: Callable | None = None
   # post-training's validation (trainer, step, eval params) -> metrics of the 'eval' row, instead of the family bound
   # of corpus.val and unconditional samples
   evaluate: Callable | None = None
-  batch_rows: int = 0  # rows of the iterator's global batches (0 = train.batch_size; RL: prompts per step)
   throughput: Throughput = dataclasses.field(default_factory=Throughput)
   _rows: dict = dataclasses.field(default_factory=dict)
 
   def device_batch(self, host: dict) -> dict:
     """A host-local batch dict (this process's rows, `sharding.host_batch_rows`) -> global arrays, every field split
     along the batch over data x fsdp."""
-    n = self.batch_rows or self.cfg.train.batch_size
+    n = self.cfg.train.batch_size
     return {k: jax.make_array_from_process_local_data(self.run.batch_sharding(np.ndim(v)), v, (n,) + np.shape(v)[1:])
             for k, v in host.items()}
 
@@ -601,14 +600,16 @@ def _set_aside(workdir: str, steps: list[tuple[int, str]], start: int | None) ->
     multihost_utils.sync_global_devices("dlm_jax: damaged checkpoints set aside")
 
 
-def data_iterator(cfg, run, corpus, batch_fn: Callable[[dict], dict] | None = None, batch_size: int = 0):
+def data_iterator(cfg, run, corpus, batch_fn: Callable[[dict], dict] | None = None, batch_size: int = 0,
+                  whole: bool = False):
   """This process's training batches: its rows of each global batch (of train.batch_size rows, or `batch_size`: RL
-  reads one prompt per group) under the run's batch sharding, read by the data.* pipeline settings
+  reads one prompt per group) under the run's batch sharding, or every row with `whole` (RL: each host reads the
+  whole prompt batch and builds the rollout batch from it), read by the data.* pipeline settings
   (`data.train_iterator`)."""
   d = cfg.data
   batch_size = batch_size or cfg.train.batch_size
-  return train_iterator(corpus, batch_size, d.shuffle_seed,
-                        rows=sharding_lib.host_batch_rows(run.mesh, batch_size),
+  rows = (0, batch_size) if whole else sharding_lib.host_batch_rows(run.mesh, batch_size)
+  return train_iterator(corpus, batch_size, d.shuffle_seed, rows=rows,
                         segment_attention=d.segment_attention, batch_fn=batch_fn, read_threads=d.read_threads,
                         prefetch=d.prefetch, workers=d.workers)
 
@@ -636,7 +637,8 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
   abstract = abstract_train_state(space, opt)
   shardings = state_shardings(space, opt, abstract)
   check_batch(run)
-  it = data_iterator(cfg, run, corpus, batch_fn, post.batch_size if post is not None else 0)
+  it = data_iterator(cfg, run, corpus, batch_fn, post.batch_size if post is not None else 0,
+                     whole=post is not None and post.prepare is not None)
   # Everything the user can get wrong has been checked: only now is anything written to the workdir.
   storage.makedirs(workdir)
   while True:
@@ -673,8 +675,7 @@ def setup(cfg, workdir: str, *, objective: Objective | None = None, batch_fn: Ca
     pbar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
   return Trainer(cfg, workdir, run, corpus, opt, shardings, state, start, it, ckpt, writer, step_fn, cfg_dict, pbar,
                  frozen=frozen, prepare=post.prepare if post is not None else None,
-                 evaluate=post.evaluate if post is not None else None,
-                 batch_rows=post.batch_size if post is not None else 0)
+                 evaluate=post.evaluate if post is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -751,9 +752,10 @@ def run_loop(trainer: Trainer, hooks: Sequence[Any]) -> None:
       trainer.throughput.reset()
       done, fetch = start, None
       for done in range(start + 1, trainer.cfg.train.steps + 1):
-        batch = trainer.device_batch(next(trainer.iterator))
-        if trainer.prepare is not None:
-          batch = trainer.prepare(trainer, batch, done)
+        if trainer.prepare is None:
+          batch = trainer.device_batch(next(trainer.iterator))
+        else:  # (the host batch, every row on every host: the prepare stage makes the global batch)
+          batch = trainer.prepare(trainer, next(trainer.iterator), done)
         if trainer.frozen is None:
           trainer.state, metrics = trainer.step_fn(trainer.state, batch)
         else:

@@ -30,7 +30,8 @@ class PostTraining:
   frozen         device pytrees the step takes and never updates (a distillation teacher); `train.setup` adds
                  'reference' (when needs_reference) and LoRA's 'lora_base'
   needs_reference  the objective reads frozen['reference'] (= the initial parameters)
-  prepare        (trainer, batch, step) -> batch between the iterator and the step (RL: rollouts and rewards)
+  prepare        (trainer, host batch, step) -> device batch, instead of the loop's sharding of the iterator's batch;
+                 the iterator then gives every host the whole batch (RL: prompts -> rollouts, rewards, advantages)
   evaluate       (trainer, step, params) -> metrics for the 'eval' row at train.eval_every (None = the family bound)
   """
   objective: Callable[..., Any]

@@ -260,7 +260,7 @@ class Rollouts:
     cfg, run, g = self.cfg, self.run, self.group
     params = trainer.policy_params(trainer.state)
     pstate = trainer.state["process_state"]
-    prompts, examples = _to_host(batch["tokens"]), _to_host(batch["example"])
+    prompts, examples = np.asarray(batch["tokens"]), np.asarray(batch["example"])  # (the whole batch, every host)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed ^ _ROLLOUT_KEY), step)
     tokens = self.complete(params, pstate, prompts, g, jax.random.fold_in(key, 0))
     reward, scored, _ = self.score(tokens, np.repeat(examples, g))
