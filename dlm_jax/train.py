@@ -837,8 +837,8 @@ class EvalHook(Hook):
     if not _every(step, cfg.train.eval_every, cfg.train.steps):
       return
     fetch.check()
-    if cfg.train.objective != "pretrain":
-      ev = t.evaluate(t, step, t.eval_params(state)) if t.evaluate is not None else {}
+    if t.evaluate is not None:  # post-training's own validation (SFT: the responses' bound; RL: the reward)
+      ev = t.evaluate(t, step, t.eval_params(state))
     else:
       ev = evaluate_bound(t.run, t.eval_params(state), t.corpus.val, state["process_state"],
                           batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches,
@@ -859,7 +859,7 @@ class SampleHook(Hook):
     cfg = t.cfg
     if not (cfg.train.eval_samples and _every(step, cfg.train.eval_every, cfg.train.steps)):
       return
-    if cfg.train.objective != "pretrain":  # (post-training's own evaluation logs what it samples)
+    if t.evaluate is not None:  # (post-training's own validation samples replies to validation prompts)
       return
     fetch.check()
     toks, _ = generate(t.run, t.eval_params(state), state["process_state"], num_samples=cfg.train.eval_samples,

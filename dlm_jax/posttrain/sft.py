@@ -167,7 +167,16 @@ def make(cfg, run, load_params) -> PostTraining:
     fields = {k: v[corpus.val_index] for k, v in corpus.fields.items()}
     ev = evaluate_bound(trainer.run, params, val, trainer.state["process_state"], batch_size=c.eval.batch_size,
                         max_batches=c.eval.max_batches, seed=c.eval.seed, fields=fields)
-    return {f"response_{k}": v for k, v in ev.items()}
+    out = {f"response_{k}": v for k, v in ev.items()}
+    if c.train.eval_samples:  # replies to the first validation prompts (the configured sampler, sampler.seed + step)
+      from dlm_jax.evaluate import generate
+      rows = val[:c.train.eval_samples]
+      prompts = [row[:int(np.argmax(t))] for row, t in zip(rows, fields["target"][:len(rows)])]
+      toks, stats = generate(trainer.run, params, trainer.state["process_state"], num_samples=1,
+                             length=c.sampler.length or c.data.seq_len, seed=c.sampler.seed + step, prompts=prompts)
+      tok = trainer.run.tokenizer
+      out["samples"] = [tok.decode(r[stats["gen_start"]:][r[stats["gen_start"]:] != tok.eos_id]) for r in toks]
+    return out
 
   return PostTraining(objective=objective_fn(run.process, cfg.sft.normalize), corpus=corpus, init_params=init,
                       evaluate=evaluate if len(corpus.val_index) else None)
