@@ -235,6 +235,22 @@ def _trainable(cfg, run: Run, post) -> tuple[Run, Any, dict | None]:
   return space, init, frozen or None
 
 
+def abstract_trainable(cfg, run: Run, needs_reference: bool = False) -> tuple[Run, dict | None]:
+  """`_trainable`'s shapes, read from the config alone (dlm-compile; no checkpoint is read, train.init_from may not
+  exist): (the run whose parameters the train state holds, the step's frozen pytrees as sharded ShapeDtypeStructs or
+  None). With LoRA the state is `lora.adapter_run(run)`'s and frozen['lora_base'] the model's parameters in
+  train.param_dtype and `run.param_shardings`; a reference policy (`needs_reference`) is shaped as the state's
+  parameters. A distillation teacher is not covered."""
+  space, frozen = run, {}
+  if cfg.lora.rank:
+    from dlm_jax import lora
+    space = lora.adapter_run(run)
+    frozen["lora_base"] = with_shardings(run.abstract_params, run.param_shardings)
+  if needs_reference:
+    frozen["reference"] = with_shardings(space.abstract_params, space.param_shardings)
+  return space, frozen or None
+
+
 def restore_params(workdir: str, run: Run, what: str):
   """The newest parameters of another run's `workdir` (its EMA when it keeps one and eval.use_ema), restored with
   `run`'s shardings and train.param_dtype: the start of a fine-tuning run (train.init_from), a distillation teacher.
