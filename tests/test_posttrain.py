@@ -157,7 +157,7 @@ def test_sft_learns_an_instruction_task_the_base_cannot_do(tmp_path, digit_base)
   path = digit_conversations(tmp_path / "sft.jsonl", 3000, rng)
   sft_cfg = write_config(str(tmp_path / "sft.py"), dict(SMALL, **{
       "data.path": path, "train.objective": "sft", "train.init_from": digit_base, "train.steps": 400,
-      "train.batch_size": 32, "train.learning_rate": 3e-3, "train.warmup_steps": 10, "train.checkpoint_every": 1000,
+      "train.batch_size": 32, "train.warmup_steps": 10, "train.checkpoint_every": 1000,
       "train.eval_every": 400, "train.log_every": 50}))
   res = run_cli("train", "--config", sft_cfg, "--workdir", str(tmp_path / "sft"), "--no_progress")
   assert res.returncode == 0, res.stderr[-2000:]
