@@ -362,3 +362,17 @@ def test_rl_on_eight_devices_matches_one(tmp_path, digit_base):
   assert [r["reward"] for r in rows["one"]] == [r["reward"] for r in rows["eight"]]
   a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / "eight"))
   np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=2e-4, atol=1e-6)
+
+
+def test_rl_resume_repeats_the_uninterrupted_run(tmp_path, digit_base):
+  """With rl.iterations = 1 the rollouts are a function of the restored state and the step: a run stopped at step 2
+  and resumed gives the uninterrupted run's losses bit for bit."""
+  from conftest import train_and_resume
+  prompts = tmp_path / "rl.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"q{i}:", "answer": "7"}) + "\n" for i in range(40)))
+  sys.path.insert(0, os.path.dirname(__file__))
+  cfg = make_cfg(tmp_path, "rl", data__path=str(prompts), train__objective="wd1", train__init_from=digit_base,
+                 train__steps=4, train__batch_size=8, train__checkpoint_every=2, rl__group_size=4,
+                 rl__completion_length=8, rl__prompt_length=4, rl__reward="test_posttrain:sevens", sampler__steps=8,
+                 train__warmup_steps=0)
+  train_and_resume(cfg, tmp_path, stop=2, last=4)
