@@ -20,6 +20,9 @@ operands the HLO count reads once; kernel_hbm_bytes_per_device adds a flash kern
 est_step_s = the roofline max((HLO + kernel FLOPs) / bf16 peak, HBM bytes / HBM bandwidth) per device, est_mfu =
 analytic FLOPs / (est_step_s x peak): an upper bound (no communication, perfect overlap), so a config below ~50% here
 will not reach it on the chip. The layer scan needs no special treatment: its trip count multiplies its body.
+A post-training config (train.objective sft, grpo or wd1) compiles that objective's step, with LoRA (lora.rank > 0)
+over the adapters and the base a frozen argument: shapes only, train.init_from is not read (`post_training_step`;
+distill is not covered).
 
 Exit status: 0 = compiles and fits; 2 = a config or topology error, or "does not fit: needs X GiB of Y GiB per
 device"; 1 = another error. `--find_batch` searches the largest per-device batch (train.batch_size = per-device x data
@@ -120,7 +123,8 @@ def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
   default 128; `MaskSpec.tiles_visited`), the matmuls run over the trunk's tokens (2L for block diffusion) and the
   output head over L. The continuous flow's one-hot input projection counts as a matmul (forward and weight gradient:
   no gradient flows into the data); self-conditioning's first forward counts (LangFlow's embedding-space terms around
-  the head, z E^T and softmax E, do not: its count is below the program's)."""
+  the head, z E^T and softmax E, do not: its count is below the program's). With LoRA (lora.rank > 0) only the
+  targeted weights get weight gradients (the adapters' own rank-r products are not counted)."""
   cfg, mc = run.cfg, run.model_config
   b = cfg.train.batch_size if batch_size is None else batch_size
   length = cfg.data.seq_len
@@ -138,6 +142,11 @@ def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
                 else 0)
   # the one-hot input projection has no gradient with respect to its input (the data): forward + weight gradient
   matmul = 2 * passes * b * (n * layer_params + length * head) + 2 * (passes - 1) * b * n * inp
+  if cfg.lora.rank:  # LoRA: the frozen weights (all but lora.targets, and the head) get no weight gradient
+    per_target = {"q": d * h * hd, "k": d * k * hd, "v": d * k * hd, "o": h * hd * d, "gate": d * f, "up": d * f,
+                  "down": d * f}
+    targeted = mc.num_layers * sum(per_target[t.strip()] for t in cfg.lora.targets.split(","))
+    matmul -= 2 * b * (n * (layer_params - targeted) + length * head)
   attention = passes * b * mc.num_layers * 4 * n * n * h * hd * frac
   total = matmul + attention
   return {"flops_per_step": float(total), "attention_flops_share": round(attention / total, 4), "passes": passes,
@@ -147,12 +156,60 @@ def step_flops(run, batch_size: int | None = None, tile: int = 128) -> dict:
 # --- compiling --------------------------------------------------------------------------------------------------------
 
 
+def post_training_step(run):
+  """(objective, abstract batch, space run, abstract frozen) of the step `dlm-train` runs for cfg.train.objective, from
+  shapes alone (nothing is read: train.init_from and data.path need not exist). SFT: the conditional bound
+  (`posttrain.sft.objective_fn`) over 'tokens', 'target' [B, L] bool and, without sft.train_on_padding, 'segment_ids';
+  grpo / wd1: the rollout batch of `posttrain.rl` (L = rl.prompt_length + rl.completion_length; 'old_logp' when
+  rl.iterations > 1 under grpo, the frozen 'reference' when rl.beta > 0). With lora.rank > 0 the state is the adapters
+  and frozen['lora_base'] the base (`train.abstract_trainable`). Pretraining: (None, None, run, None)."""
+  import jax
+  import jax.numpy as jnp
+
+  from dlm_jax.train import abstract_trainable
+
+  cfg = run.cfg
+  name = cfg.train.objective
+  if name == "pretrain":
+    return None, None, run, None
+  b = cfg.train.batch_size
+  rows = lambda length, dtype: jax.ShapeDtypeStruct((b, length), dtype, sharding=run.batch_sharding())  # noqa: E731
+  per_row = lambda dtype: jax.ShapeDtypeStruct((b,), dtype, sharding=run.batch_sharding(1))  # noqa: E731
+  if name == "sft":
+    from dlm_jax.posttrain import sft
+    sft.check(cfg, run)
+    length = cfg.data.seq_len
+    objective = sft.objective_fn(run.process, cfg.sft.normalize)
+    batch = {"tokens": rows(length, jnp.int32), "target": rows(length, jnp.bool_)}
+    if not cfg.sft.train_on_padding:
+      batch["segment_ids"] = rows(length, jnp.int32)
+    needs_reference = False
+  elif name in ("grpo", "wd1"):
+    from dlm_jax.posttrain import rl
+    rl.check(cfg, run)
+    r = cfg.rl
+    length = r.prompt_length + r.completion_length
+    objective = rl.objective_fn(run.process, name, r.clip, r.beta, r.group_size)
+    batch = {"tokens": rows(length, jnp.int32), "logp_mask": rows(length, jnp.bool_),
+             "scored": rows(length, jnp.bool_), "reward": per_row(jnp.float32)}
+    batch["advantage" if name == "grpo" else "weight"] = per_row(jnp.float32)
+    if name == "grpo" and r.iterations > 1:
+      batch["old_logp"] = rows(length, jnp.float32)
+    needs_reference = r.beta > 0
+  else:
+    raise DLMError(f"dlm-compile covers train.objective = pretrain, sft, grpo and wd1, not {name!r}")
+  space, frozen = abstract_trainable(cfg, run, needs_reference)
+  return objective, batch, space, frozen
+
+
 def lower_train_step(run, lowering_platforms=None):
   """The jit-compiled train step of dlm_jax.train (what `dlm-train` runs), lowered for abstract state and token batch
   in their shardings over `run.mesh` (nothing is allocated). `lowering_platforms`, e.g. ("cuda",): lower for a
   platform this host has no device of (StableHLO only; such a program cannot be compiled here). Call it outside
   `jax.set_mesh` (it sets the mesh for the trace itself; the optimizer's sharding tree is built eagerly, which fails
-  under a mesh of compile-only TPU devices); compile the result under `jax.set_mesh(run.mesh)`."""
+  under a mesh of compile-only TPU devices); compile the result under `jax.set_mesh(run.mesh)`. A post-training
+  objective (train.objective) compiles its own step: its batch fields, and with LoRA the adapters as the state and the
+  base as a frozen argument (`post_training_step`)."""
   import jax
   import jax.numpy as jnp
 
@@ -160,13 +217,19 @@ def lower_train_step(run, lowering_platforms=None):
 
   cfg = run.cfg
   opt = make_optimizer(cfg)
-  abstract = abstract_train_state(run, opt)
-  shardings = state_shardings(run, opt, abstract)
+  objective, post_batch, space, frozen = post_training_step(run)
+  abstract = abstract_train_state(space, opt)
+  shardings = state_shardings(space, opt, abstract)
   state = with_shardings(abstract, shardings)
-  batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32, sharding=run.batch_sharding())
-  step = make_train_step(run, opt, shardings)
+  if objective is None:
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32, sharding=run.batch_sharding())
+    step = make_train_step(run, opt, shardings)
+    args = (state, batch)
+  else:
+    step = make_train_step(space, opt, shardings, objective, frozen)
+    args = (state, post_batch) if frozen is None else (state, post_batch, frozen)
   with jax.set_mesh(run.mesh):
-    traced = step.trace(state, batch)
+    traced = step.trace(*args)
     return traced.lower() if lowering_platforms is None else traced.lower(lowering_platforms=tuple(lowering_platforms))
 
 
@@ -341,6 +404,29 @@ def roofline(report: dict, chip: Chip, batch: int, seq_len: int) -> dict:
           "est_mfu": round(min(1.0, analytic / (roof * peak)), 3), "tokens_per_s": round(batch * seq_len / roof)}
 
 
+def _gib_per_device(tree) -> float:
+  """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs, in GiB."""
+  import jax
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2 ** 30
+
+
+def post_training_figures(run) -> dict:
+  """The objective, LoRA rank, trainable parameters and the per-device GiB of the train state (parameters or adapters,
+  optimizer state, EMA) and of the frozen arguments (LoRA base, reference) of a post-training step."""
+  import jax
+
+  from dlm_jax.train import abstract_train_state, make_optimizer, state_shardings, with_shardings
+  cfg = run.cfg
+  _, _, space, frozen = post_training_step(run)
+  opt = make_optimizer(cfg)
+  abstract = abstract_train_state(space, opt)
+  state = with_shardings(abstract, state_shardings(space, opt, abstract))
+  return {"objective": cfg.train.objective, "lora_rank": int(cfg.lora.rank),
+          "trainable_params": int(sum(x.size for x in jax.tree.leaves(space.abstract_params))),
+          "state_gib_per_device": round(_gib_per_device(state), 4),
+          "frozen_gib_per_device": round(_gib_per_device(frozen or {}), 4)}
+
+
 def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0) -> tuple[dict, object]:
   """Compile the train step of `cfg` over `devices`: (report, compiled). DoesNotFit when XLA runs out of HBM or the
   per-device total exceeds the chip's."""
@@ -355,6 +441,8 @@ def compile_train(cfg, devices, chip: Chip | None, vocab: int = 0) -> tuple[dict
     if key in cfg.model:
       report[key] = cfg.model[key]
   report["compile_s"] = round(seconds, 1)
+  if cfg.train.objective != "pretrain":
+    report.update(post_training_figures(run))
   report.update(figures(compiled, flops_key="xla_flops_per_device"))
   report.update(step_flops(run))
   n = len(devices)
@@ -501,6 +589,10 @@ def _table(report: dict) -> str:
   if "batch" in report:
     rows.append(("batch", f"{report['batch']} ({report.get('per_device_batch')} per device, accum "
                  f"{report.get('grad_accum_steps')}), L {report.get('seq_len')}, {report.get('compute_dtype')}"))
+  if "objective" in report:
+    rows.append(("objective", f"{report['objective']}, lora.rank {report['lora_rank']}: "
+                 f"{report['trainable_params']:,} trainable; train state {report['state_gib_per_device']:.3f} GiB, "
+                 f"frozen {report['frozen_gib_per_device']:.3f} GiB / device"))
   rows += [("arguments / device", gib("per_device_argument_size_in_bytes")),
            ("outputs / device", gib("per_device_output_size_in_bytes")),
            ("temporaries / device", gib("per_device_temp_size_in_bytes")),

@@ -241,3 +241,29 @@ def test_llada_8b_bf16_sampler_fits_on_v5e_8(capsys):
   assert report["devices"] == 8 and report["params_dtype"] == "bfloat16"
   assert 0 < report["sampler"]["per_device_total_gib"] <= 16.0, report
   print(out)
+
+
+@pytest.mark.slow(minutes=2)
+def test_lora_sft_step_fits_on_v5e_2x2_with_a_tiny_train_state(capsys):
+  """configs/sft_llada_8b_lora.py's step as dlm-train runs it (the SFT objective's batch, LoRA adapters as the train
+  state, the bfloat16 base a frozen argument sharded like the parameters; train.init_from is never read), at 4 of
+  LLaDA-8B's 32 layers and L 2048 to keep the compile short (the per-layer cost scales; the full model is README's
+  "LoRA on small slices": 12.5 GiB per chip on v5e:2x2, where full fine-tuning's train state alone is 22.4 GiB;
+  the compile takes 30-75 s on 2 shared cores, about what the full 32 layers take under the scan): it fits, only the
+  adapters are trainable, and their train state (adapters, Adam moments, EMA) is under 5% of the frozen base."""
+  require_libtpu()
+  code, out, err = _run(capsys, "--config", os.path.join(ROOT, "configs", "sft_llada_8b_lora.py"), "--topology",
+                        "v5e:2x2", "--config.model.num_layers=4", "--config.data.seq_len=2048",
+                        "--config.train.batch_size=4", "--config.train.grad_accum_steps=1",
+                        "--config.train.init_from=/nonexistent/llada8b_instruct")
+  assert code == 0, (out, err)
+  report = json.loads(out.strip().splitlines()[-1])
+  assert report["objective"] == "sft" and report["lora_rank"] == 16 and report["devices"] == 4
+  assert report["trainable_params"] == 4 * 4 * 2 * 4096 * 16  # 4 layers x q, k, v, o x (A [4096, 16] + B [16, 4096])
+  assert 0 < report["per_device_total_gib"] <= report["hbm_gib"] == 16.0
+  state, frozen = report["state_gib_per_device"], report["frozen_gib_per_device"]
+  assert frozen == pytest.approx(2 * report["num_params"] / 4 / 2 ** 30, rel=0.01)  # bfloat16 base over 4 chips
+  assert state < 0.05 * frozen
+  # the base is an argument of the step (not rebuilt or copied into the state): arguments = state + base + batch
+  assert report["per_device_argument_size_in_bytes"] / 2 ** 30 == pytest.approx(state + frozen, rel=0.02)
+  assert "lora.rank 16" in out
