@@ -376,3 +376,16 @@ def test_rl_resume_repeats_the_uninterrupted_run(tmp_path, digit_base):
                  rl__completion_length=8, rl__prompt_length=4, rl__reward="test_posttrain:sevens", sampler__steps=8,
                  train__warmup_steps=0)
   train_and_resume(cfg, tmp_path, stop=2, last=4)
+
+
+def test_grpo_without_reference_runs(tmp_path, digit_base):
+  """rl.beta = 0 (no KL term) and no LoRA: the step has no frozen inputs."""
+  from dlm_jax.train import train
+  prompts = tmp_path / "rl.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"q{i}:", "answer": "7"}) + "\n" for i in range(20)))
+  sys.path.insert(0, os.path.dirname(__file__))
+  cfg = make_cfg(tmp_path, "rl", data__path=str(prompts), train__objective="grpo", train__init_from=digit_base,
+                 train__steps=1, train__batch_size=8, rl__group_size=4, rl__completion_length=8, rl__prompt_length=4,
+                 rl__reward="test_posttrain:sevens", rl__beta=0.0, sampler__steps=8)
+  res = train(cfg, str(tmp_path / "rl"), progress=False)
+  assert np.isfinite(res["loss"]) and "kl" not in res

@@ -167,7 +167,7 @@ def objective_fn(process, method: str, clip: float, beta: float, group: int):
   'logp_mask' (the positions the estimate masks), 'scored' (completion tokens up to the first end token),
   'advantage' [B] (grpo) or 'weight' [B] (wd1: w+ - w-), 'reward' [B], 'old_logp' [B, L] when rl.iterations > 1."""
 
-  def objective(apply_fn, params, batch, key, pstate, frozen):
+  def objective(apply_fn, params, batch, key, pstate, frozen=None):  # (frozen: None without reference and LoRA)
     del key
     tokens, scored = batch["tokens"], batch["scored"].astype(jnp.float32)
     logp = token_logp(process, apply_fn, params, tokens, batch["logp_mask"])
