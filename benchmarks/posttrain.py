@@ -1,7 +1,7 @@
 """Post-training speed: the SFT and RL (diffu-GRPO, wd1) train steps against the pretraining step, and RL rollout
 throughput (generated tokens/s) with and without Fast-dLLM's K/V caches.
 
-  python benchmarks/posttrain.py [--num_layers 4] [--d_model 256] [--seq_len 256] [--batch_size 12] [--steps 5]
+  python benchmarks/posttrain.py [--num_layers 4] [--d_model 256] [--seq_len 256] [--batch_size 12] [--steps 10]
                                  [--prompts 4] [--group 6] [--prompt_length 64] [--completion_length 128]
                                  [--block_length 32] [--threshold 0.9] [--repeats 1] [--quick]
 
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
   p.add_argument("--mlp_dim", type=int, default=1024)
   p.add_argument("--seq_len", type=int, default=256, help="train-step rows")
   p.add_argument("--batch_size", type=int, default=12, help="train-step rows per batch (a multiple of --group)")
-  p.add_argument("--steps", type=int, default=5, help="timed train steps per objective (median)")
+  p.add_argument("--steps", type=int, default=10, help="timed train steps per objective (median)")
   p.add_argument("--prompts", type=int, default=4, help="rollout prompts")
   p.add_argument("--group", type=int, default=6, help="completions per prompt (rl.group_size)")
   p.add_argument("--prompt_length", type=int, default=64)
