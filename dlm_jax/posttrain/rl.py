@@ -28,7 +28,7 @@ wd1 (Tang et al. 2025, "wd1: Weighted Policy Optimization for Reasoning in Diffu
 completion's mean per-token log-probability, plus the same beta KL. Why this one as diffu-GRPO's lower-variance
 successor: diffu-GRPO's ratio divides two independently noisy one-step likelihood estimates (the old one from another
 network state), and clipping then acts on that noise; wd1 needs only the current policy's estimate (no old policy, no
-ratio), its group-softmax weights are bounded, and it costs one policy forward per step instead of two. It reports
+ratio), its group-softmax weights are bounded, and with mu > 1 it skips the rollout policy's forwards. It reports
 large gains over d1 with LLaDA-8B-Instruct (GSM8K, MATH500, Countdown, Sudoku).
 
 Resume: the rollout of the current cycle is regenerated from the restored parameters, so with rl.iterations = 1 a
