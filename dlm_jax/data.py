@@ -748,7 +748,7 @@ def train_iterator(corpus: Corpus | Mixture, batch_size: int, seed: int, process
     lo = process_index * per_host
   if isinstance(corpus, Mixture):
     parts = [(c.sequences, c.train_index, {}) for c in corpus.components]
-    draw = _MixtureDraw([len(i) for _, i in parts], corpus.weights, seed)
+    draw = _MixtureDraw([len(i) for _, i, _ in parts], corpus.weights, seed)
     order = grain.MapDataset.range(sys.maxsize).map(draw)
   else:
     parts = [(corpus.sequences, corpus.train_index, corpus.fields)]
