@@ -170,6 +170,7 @@ def test_sft_learns_an_instruction_task_the_base_cannot_do(tmp_path, digit_base)
     toks, st = generate(run, params, ps, num_samples=1, length=32, seed=0, prompts=prompts)
     outs = [run.tokenizer.decode(r[st["gen_start"]:][r[st["gen_start"]:] != run.tokenizer.eos_id]) for r in toks]
     acc[name] = float(np.mean([o == increment(d) for o, d in zip(outs, tests)]))
+  print("greedy accuracy on held-out prompts", acc)
   assert acc["sft"] >= 0.6 and acc["base"] <= 0.1, (acc, outs[:4], tests[:4])
   rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
   ev = [r for r in rows if r["kind"] == "eval"]
@@ -274,6 +275,7 @@ def test_rl_raises_a_verifiable_reward(tmp_path, method, digit_base):
   r = np.array([row["reward"] for row in rows])
   first, last = r[:5].mean(), r[-5:].mean()
   noise = r[:5].std() / np.sqrt(5) + 0.02
+  print(method, "reward: first 5 steps", first, "last 5", last, "max KL", max(row["kl"] for row in rows))
   assert last > max(0.3, first + 10 * noise), (first, last, r)
   assert max(row["kl"] for row in rows) < 4.0  # (per token, k3; beta = 0.04)
 
