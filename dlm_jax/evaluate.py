@@ -65,7 +65,7 @@ def _round_to_batch_shards(run, batch_size: int) -> int:
   return -(-batch_size // run.batch_shards) * run.batch_shards
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
   """The whole array on every host (samples span all processes' devices in multi-host runs)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -161,7 +161,7 @@ def generate(run, params, process_state=None, *, num_samples: int, length: int, 
       except ValueError as err:  # the sampler's own checks (block / step divisibility, ...) run before compiling
         raise DLMError(f"sampler.name={spec.name!r}: {err} (the generated length is sampler.length minus the prompt; "
                        f"adjust {spec.section()}.*, sampler.steps or sampler.length)") from None
-      out.append(_to_host(tokens))
+      out.append(to_host(tokens))
       nfe.append(int(stats["nfe"]))
   return np.concatenate(out)[:n], {"nfe_per_batch": float(np.mean(nfe)), "steps": scfg.steps if uses_steps else None,
                                    "nfe_total": int(np.sum(nfe)), "batches": len(nfe), "gen_start": gen_start}
@@ -295,7 +295,7 @@ def conditional_nll(run, params, process_state, requests: list, *, mc_samples: i
         target[i, n_ctx:len(ids)] = True
         u[i] = strata[r][j]
       put = lambda a: jax.device_put(a, run.batch_sharding(a.ndim))  # noqa: E731
-      out = _to_host(fn(params, put(tokens), put(segments), put(target), put(u), jax.random.fold_in(base, b),
+      out = to_host(fn(params, put(tokens), put(segments), put(target), put(u), jax.random.fold_in(base, b),
                         process_state or {}))
       for i, (_, r, j, _, _) in enumerate(chunk):
         nats[r, j] = out[i]
@@ -350,7 +350,7 @@ def clip_search(run, params, val: np.ndarray, *, batch_size: int, max_batches: i
       tokens = jax.device_put(tokens, run.batch_sharding())
       keep = np.asarray(valid, bool)
       for j, (lo, hi) in enumerate(intervals):
-        losses = _to_host(fn(params, tokens, jax.random.fold_in(base, b), jnp.float32(lo), jnp.float32(hi)))
+        losses = to_host(fn(params, tokens, jax.random.fold_in(base, b), jnp.float32(lo), jnp.float32(hi)))
         sums[j] += float(np.var(losses[keep]))
       batches += 1
   var = sums / batches

@@ -214,17 +214,12 @@ def _trainable(cfg, run: Run, post) -> tuple[Run, Any, dict | None]:
   from train.init_from; with LoRA the state holds the adapters (their own run view, `lora.adapter_run`), the base is
   frozen['lora_base'] and the initial adapters are exactly the base (B = 0). An objective with a reference policy gets
   frozen['reference'] = the initial parameters (with LoRA: the initial adapters, i.e. the base)."""
-  if post is None:
-    if cfg.lora.rank:
-      raise DLMError("lora.rank > 0 needs a post-training objective (train.objective=sft, grpo, wd1 or distill) and "
-                     "train.init_from (the base); set lora.rank=0 to pretrain")
+  if post is None:  # (config.validate refuses lora.rank > 0 without a post-training objective and train.init_from)
     return run, None, None
   frozen = dict(post.frozen)
   space, init = run, post.init_params
   if cfg.lora.rank:
     from dlm_jax import lora
-    if init is None:
-      raise DLMError("lora.rank > 0 adapts a trained base: set train.init_from to its workdir")
     space = lora.adapter_run(run)
     frozen["lora_base"] = init
     init = lora.init_adapter(space, cfg.train.seed)

@@ -46,6 +46,7 @@ import numpy as np
 from dlm_jax import data as data_lib
 from dlm_jax import storage
 from dlm_jax.errors import DLMError
+from dlm_jax.evaluate import to_host
 from dlm_jax.maths import PAD
 from dlm_jax.posttrain import PostTraining, rewards
 
@@ -229,7 +230,7 @@ class Rollouts:
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(rows)))
     with x64:
       tokens, _ = sample(params, keys, jax.device_put(canvas, run.batch_sharding()), pstate)
-    return _to_host(tokens)
+    return to_host(tokens)
 
   def score(self, tokens: np.ndarray, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(rewards [B], scored [B, L] bool: completion positions up to and including the first end token, texts)."""
@@ -281,13 +282,6 @@ class Rollouts:
         self._fns["old"] = jax.jit(old)
       out["old"] = self._fns["old"](params, out["tokens"], out["masks"])
     return out
-
-
-def _to_host(x) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
 
 
 def _global(run, host: dict) -> dict:
